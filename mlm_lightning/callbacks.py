@@ -1,0 +1,186 @@
+"""Callbacks and plugins that make runs safe and observable.
+
+- `AtomicCheckpointIO`: every checkpoint is written aside and renamed (never a truncated .ckpt), and loaded
+  with `weights_only=True` (no arbitrary unpickling).
+- `MLMCheckpoint`: best by `val/loss` plus `last.ckpt` in a fixed directory (so `--ckpt_path last` finds it),
+  `last.ckpt` at the end of every fit, and on SIGINT/SIGTERM.
+- `GracefulInterrupt`: Ctrl-C takes Lightning's SIGTERM path: finish the current batch, checkpoint, exit.
+- `ThroughputLogger`: real tokens/s, padding share and (on GPU) MFU with Lightning's `Throughput`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = str(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+
+
+class MLMCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` with this project's defaults; see the module docstring."""
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "best-{step}",
+        monitor: str = "val/loss",
+        mode: str = "min",
+        save_top_k: int = 1,
+        save_last: bool = True,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        train_time_interval=None,
+        save_on_interrupt: bool = True,
+    ):
+        """Args:
+        dirpath: Where checkpoints go. Unset: `<trainer.default_root_dir>/checkpoints`.
+        filename: Name pattern of the best checkpoint.
+        monitor: Metric that picks the best checkpoint.
+        mode: `min` or `max` of `monitor`.
+        save_top_k: How many best checkpoints to keep.
+        save_last: Keep `last.ckpt` (what `--ckpt_path last` resumes).
+        every_n_train_steps: Also checkpoint every N optimizer steps (periodic checkpoints).
+        every_n_epochs: Checkpoint every N epochs (default: after every validation).
+        train_time_interval: Checkpoint every so often in wall time.
+        save_on_interrupt: Write `last.ckpt` when SIGINT/SIGTERM stops the run.
+        """
+        super().__init__(
+            dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_top_k=save_top_k,
+            save_last=save_last, every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
+            train_time_interval=train_time_interval, auto_insert_metric_name=True,
+        )
+        self.save_on_interrupt = save_on_interrupt
+
+    def last_path(self) -> str:
+        return os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
+    def _save_last(self, trainer) -> None:
+        trainer.save_checkpoint(self.last_path())
+        self._last_global_step_saved = trainer.global_step
+        self.last_model_path = self.last_path()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        # a fit that ends by steps, epochs or time always leaves last.ckpt of its final step
+        if self.save_last and trainer.global_step > 0 and (
+            self._last_global_step_saved != trainer.global_step or not os.path.exists(self.last_path())
+        ):
+            self._save_last(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and self.save_on_interrupt and trainer.global_step > 0:
+            # Lightning raises this at a batch boundary, so the saved state is consistent and resumable
+            self._save_last(trainer)
+        # any other exception (a NaN, a crash mid-step) keeps the last good checkpoint as it is
+        exception.last_checkpoint = self.last_model_path if os.path.exists(self.last_path()) else None
+
+
+class GracefulInterrupt(Callback):
+    """The first Ctrl-C (SIGINT) is handled like SIGTERM: Lightning stops after the current batch and
+    `MLMCheckpoint` writes `last.ckpt`. A second Ctrl-C stops at once. `signum` tells the CLI which
+    signal ended the run, for its exit code. Before and after training (`active` False) the CLI's own
+    handler turns a signal into an immediate, clean exit instead."""
+
+    active = False
+    last_signum: int | None = None
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        GracefulInterrupt.active = True
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        lightning_sigterm = self._previous[signal.SIGTERM]
+
+        def on_sigterm(signum, frame):
+            self.signum = self.signum or signum
+            GracefulInterrupt.last_signum = self.signum
+            if callable(lightning_sigterm):
+                lightning_sigterm(signum, frame)
+
+        def on_sigint(signum, frame):
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            self.signum = signum
+            print("\nmlm-lightning: interrupted; saving a checkpoint after this batch (Ctrl-C again to abort)")
+            on_sigterm(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+        GracefulInterrupt.active = False
+
+
+class ThroughputLogger(Callback):
+    """Logs `perf/tokens_per_s` (real, non-pad tokens), `perf/pad_share` and, on GPU, `perf/mfu`."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        config = pl_module.model.config
+        dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+        if "16" in str(trainer.precision) and "bf16" not in str(trainer.precision):
+            dtype = torch.float16
+        available = get_available_flops(pl_module.device, dtype) if pl_module.device.type == "cuda" else None
+        self.throughput = Throughput(available_flops=available, world_size=trainer.world_size, window_size=self.window)
+        n_layers, width = config.num_hidden_layers, config.hidden_size
+        # training FLOPs = 6 x (matmul params) per token + attention scores, plus the head at masked tokens
+        self.flops_per_token = 6 * 12 * n_layers * width * width
+        self.attn_flops_per_token_per_len = 6 * 2 * n_layers * width
+        self.head_flops_per_masked = 6 * (width * width + width * config.vocab_size)
+        self.dense_head = not pl_module.hparams.sparse_head
+        self.start = time.perf_counter()
+        self.totals = dict(batches=0, samples=0, lengths=0, padded=0, flops=0.0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        t = self.totals
+        n_tokens, real = batch["num_tokens"], batch["num_real_tokens"]
+        batch_size, seq_len = batch["input_ids"].shape
+        n_head = n_tokens if self.dense_head else batch["masked_positions"].numel()
+        t["batches"] += 1
+        t["samples"] += batch_size
+        t["lengths"] += real
+        t["padded"] += n_tokens
+        t["flops"] += (self.flops_per_token + self.attn_flops_per_token_per_len * seq_len) * n_tokens
+        t["flops"] += self.head_flops_per_masked * n_head
+        if trainer.global_step % trainer.log_every_n_steps:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.throughput.update(
+            time=time.perf_counter() - self.start, batches=t["batches"], samples=t["samples"],
+            lengths=t["lengths"], flops=t["flops"],
+        )
+        metrics = self.throughput.compute()
+        out = {"perf/pad_share": 1.0 - t["lengths"] / max(1, t["padded"])}
+        if "device/items_per_sec" in metrics:
+            out["perf/tokens_per_s"] = metrics["device/items_per_sec"] * trainer.world_size
+        if "device/mfu" in metrics:
+            out["perf/mfu"] = metrics["device/mfu"]
+        pl_module.log_dict(out, batch_size=1)

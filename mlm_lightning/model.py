@@ -1,0 +1,202 @@
+"""`MLMModule`: a `transformers.BertForMaskedLM` trained with Lightning.
+
+The network is built in `configure_model()`, after the data module has produced the tokenizer (whose
+vocabulary may have just been trained on the corpus). The MLM head and the loss run only at masked
+positions (`sparse_head`): the same loss as `BertForMaskedLM(labels=...)`, without the vocabulary-sized
+matmul at the ~85% of positions that carry no label. The weights stay a plain `BertForMaskedLM`.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from mlm_lightning.errors import NonFiniteLossError, check
+from mlm_lightning.tokenizer import load_pretrained, quiet_transformers
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class MLMModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: int = 1024,
+        max_position_embeddings: int = 512,
+        dropout: float = 0.1,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int | float = 0.06,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        sparse_head: bool = True,
+        compile: bool = False,
+        skip_nonfinite: bool = False,
+    ):
+        """A BERT masked-language model.
+
+        Args:
+            model_name_or_path: A local Hugging Face directory or a hub id (bert-base-uncased) to start from.
+                Unset: a new BERT with the sizes below, trained from scratch.
+            hidden_size: From scratch: width of the model.
+            num_hidden_layers: From scratch: number of transformer layers.
+            num_attention_heads: From scratch: attention heads per layer.
+            intermediate_size: From scratch: width of the feed-forward layers.
+            max_position_embeddings: From scratch: the longest sequence the model can take.
+            dropout: From scratch: hidden and attention dropout.
+            learning_rate: Peak AdamW learning rate.
+            weight_decay: AdamW weight decay (never on biases and LayerNorm weights).
+            warmup_steps: Linear warmup: a number of steps, or a float below 1 for a share of all steps.
+                Then linear decay to zero.
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            sparse_head: Run the MLM head and loss only at masked positions (same loss, less compute).
+            compile: `torch.compile` the encoder.
+            skip_nonfinite: Skip optimizer steps whose loss is NaN/inf instead of stopping the run.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        check(learning_rate > 0, f"learning_rate must be positive, got {learning_rate}")
+        check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.model = None
+        self.tokenizer = None
+        self.val_ppl_history: list[tuple[int, float]] = []  # (step, ppl) of each validation in this process
+
+    # -- building ---------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.tokenizer is None and self._trainer is not None and self.trainer.datamodule is not None:
+            self.tokenizer = self.trainer.datamodule.load_tokenizer()
+        check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule or set .tokenizer")
+        self.model = build_model(self.hparams, self.tokenizer)
+        vocab = self.model.config.vocab_size
+        self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100)
+        self.val_ppl = Perplexity(ignore_index=-100)
+        if self.hparams.compile:
+            self.model.bert.compile(dynamic=None)
+
+    # -- steps ------------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels at the masked positions only (sparse) or everywhere (dense, -100 elsewhere)."""
+        hidden = self.model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
+        if self.hparams.sparse_head:
+            hidden = hidden.flatten(0, 1).index_select(0, batch["masked_positions"])
+            return self.model.cls(hidden), batch["masked_labels"]
+        return self.model.cls(hidden).flatten(0, 1), batch["labels"].flatten()
+
+    def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits, labels = self(batch)
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        n_masked = batch["masked_positions"].numel()
+        self.log(f"{stage}/loss", loss, batch_size=n_masked, prog_bar=True, sync_dist=stage != "train")
+        if stage != "train":
+            self.val_acc(logits, labels)
+            self.val_ppl(logits.float().unsqueeze(0), labels.unsqueeze(0))
+            self.log(f"{stage}/acc", self.val_acc, batch_size=n_masked)
+            self.log(f"{stage}/ppl", self.val_ppl, batch_size=n_masked, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss = self._shared_step(batch, "train")
+        if not torch.isfinite(loss):
+            step = self.global_step + 1
+            if self.hparams.skip_nonfinite:
+                self.print(f"mlm-lightning: skipping step {step}: the loss is {loss.item()}")
+                return None  # Lightning skips the optimizer step
+            raise NonFiniteLossError(
+                f"the loss became {loss.item()} at step {step}; the last good checkpoint is kept."
+                " Lower --model.learning_rate, check the data, or pass --model.skip_nonfinite true"
+            )
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        return self._shared_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and self.val_ppl.update_count:
+            self.val_ppl_history.append((self.global_step, float(self.val_ppl.compute())))
+
+    def test_step(self, batch: dict, batch_idx: int):
+        return self._shared_step(batch, "test")
+
+    # -- optimization -----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(param)
+        h = self.hparams
+        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda" or None
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(h.warmup_steps * total) if isinstance(h.warmup_steps, float) and h.warmup_steps < 1 else int(h.warmup_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints carry the architecture and tokenizer, so any .ckpt exports on its own ---------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mlm_lightning"] = {
+            "bert_config": self.model.config.to_dict(),
+            "tokenizer_files": tokenizer_files(self.tokenizer),
+        }
+
+
+def build_model(hparams, tokenizer):
+    """A `BertForMaskedLM` from `model_name_or_path`, or from scratch with the sizes in `hparams`."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    quiet_transformers()
+    vocab = len(tokenizer)
+    if hparams.model_name_or_path:
+        model = load_pretrained(
+            BertForMaskedLM, hparams.model_name_or_path, "model_name_or_path", attn_implementation="sdpa"
+        )
+        check(
+            vocab <= model.config.vocab_size,
+            f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}; use the model's"
+            " own tokenizer (leave --data.tokenizer unset)",
+        )
+        return model
+    check(
+        hparams.hidden_size % hparams.num_attention_heads == 0,
+        f"hidden_size {hparams.hidden_size} must be a multiple of num_attention_heads {hparams.num_attention_heads}",
+    )
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hparams.hidden_size,
+        num_hidden_layers=hparams.num_hidden_layers,
+        num_attention_heads=hparams.num_attention_heads,
+        intermediate_size=hparams.intermediate_size,
+        max_position_embeddings=hparams.max_position_embeddings,
+        hidden_dropout_prob=hparams.dropout,
+        attention_probs_dropout_prob=hparams.dropout,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The tokenizer's saved files as strings (small; stored in checkpoints)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        out = {}
+        for name in TOKENIZER_FILES:
+            try:
+                with open(f"{tmp}/{name}", encoding="utf-8") as f:
+                    out[name] = f.read()
+            except FileNotFoundError:
+                pass
+        return out

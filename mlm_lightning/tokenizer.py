@@ -1,0 +1,112 @@
+"""Tokenizers: load one (local dir or hub id, offline-aware) or train a WordPiece vocabulary on the corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable
+
+from mlm_lightning.errors import MLMError, check
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def quiet_transformers() -> None:
+    """Silence progress bars and info chatter; warnings and errors still show."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_pretrained(cls, name_or_path: str, what: str, **kwargs):
+    """`cls.from_pretrained`, with a one-line error when a hub id is not available offline.
+
+    A local directory is used as is. A hub id is looked up in the local Hugging Face cache first, then
+    on the network; when both fail the message says a network or a local directory is needed.
+    """
+    quiet_transformers()
+    if os.path.isdir(name_or_path):
+        try:
+            return cls.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise MLMError(f"{what}: {name_or_path!r} is not a valid Hugging Face directory ({_first_line(e)})") from e
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    check(
+        not looks_like_path,
+        f"{what}: {name_or_path!r} does not exist; pass a local directory or a hub id like bert-base-uncased",
+    )
+    try:
+        return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        try:
+            return cls.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError):
+            pass
+    raise MLMError(
+        f"{what}: {name_or_path!r} is not a local directory and is not in the Hugging Face cache, and it could"
+        " not be downloaded; it needs a network, or pass a local directory (save_pretrained output)"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, name_or_path, "tokenizer")
+    validate_tokenizer(tokenizer, name_or_path)
+    return tokenizer
+
+
+def validate_tokenizer(tokenizer, source: str) -> None:
+    check(tokenizer.is_fast, f"tokenizer {source!r} is not a fast tokenizer; use one with a tokenizer.json")
+    check(
+        tokenizer.mask_token is not None,
+        f"tokenizer {source!r} has no mask token, so it cannot be used for masked-language modeling;"
+        " use a BERT-style tokenizer (with [MASK]) or train one (leave --data.tokenizer unset)",
+    )
+    check(tokenizer.pad_token is not None, f"tokenizer {source!r} has no pad token; set one in its special tokens")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_max_length: int, lowercase: bool = True):
+    """Train a BERT WordPiece tokenizer with the `tokenizers` library and save it as a transformers dir.
+
+    Written to a temporary directory and renamed, so an interrupted training never leaves a half tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizer
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    quiet_transformers()
+    tokenizer = BertTokenizer(tokenizer_object=tok, model_max_length=model_max_length, do_lower_case=lowercase)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process (a DDP rank) finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(out_dir)
