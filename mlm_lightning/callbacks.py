@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import signal
 import time
@@ -17,7 +19,7 @@ import time
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -184,3 +186,39 @@ class ThroughputLogger(Callback):
         if "device/mfu" in metrics:
             out["perf/mfu"] = metrics["device/mfu"]
         pl_module.log_dict(out, batch_size=1)
+
+
+class JSONLPredictionWriter(BasePredictionWriter):
+    """`predict` writes one JSON object per input line, in input order, whatever the number of processes."""
+
+    def __init__(self, output: str | None = None):
+        """Args:
+        output: The JSONL file to write (default: <trainer.default_root_dir>/predictions.jsonl).
+        """
+        super().__init__(write_interval="batch")
+        self.output = output
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.output = self.output or os.path.join(trainer.default_root_dir, "predictions.jsonl")
+        os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
+        self._part = open(f"{self.output}.part{trainer.global_rank}", "w", encoding="utf-8")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for record in prediction:
+            self._part.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._part.close()
+        trainer.strategy.barrier("predictions-written")
+        if trainer.is_global_zero:
+            records = []
+            for part in sorted(glob.glob(f"{glob.escape(self.output)}.part*")):
+                with open(part, encoding="utf-8") as f:
+                    records += [json.loads(line) for line in f]
+                os.remove(part)
+            records.sort(key=lambda r: r["index"])
+            tmp = f"{self.output}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            os.replace(tmp, self.output)
+            print(f"mlm-lightning: wrote {len(records)} predictions to {self.output}")

@@ -55,7 +55,13 @@ def build_cli_class():
     import torch
     from lightning.pytorch.cli import LightningCLI
 
-    from mlm_lightning.callbacks import AtomicCheckpointIO, GracefulInterrupt, MLMCheckpoint, ThroughputLogger
+    from mlm_lightning.callbacks import (
+        AtomicCheckpointIO,
+        GracefulInterrupt,
+        JSONLPredictionWriter,
+        MLMCheckpoint,
+        ThroughputLogger,
+    )
     from mlm_lightning.data import MLMDataModule
     from mlm_lightning.export import check_checkpoint_path, save_hf
     from mlm_lightning.model import MLMModule
@@ -63,6 +69,7 @@ def build_cli_class():
     class MLMCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(MLMCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(JSONLPredictionWriter, "prediction_writer")
             parser.add_argument("--export_dir", type=str | None, default=None,
                                 help="fit: where the best model is exported in Hugging Face format"
                                 " (default: <trainer.default_root_dir>/export)")

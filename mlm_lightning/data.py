@@ -17,7 +17,8 @@ import shutil
 
 import lightning as L
 import numpy as np
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from mlm_lightning import corpus
 from mlm_lightning.collator import MaskingCollator, mask_seed
@@ -172,6 +173,8 @@ class MLMDataModule(L.LightningDataModule):
         self.predict_paths = corpus.resolve_files(predict_files, "predict_files") if predict_files else None
         self.tokenizer = None
         self.datasets: dict[str, MLMDataset] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_state: dict | None = None
 
     # -- preparation (rank 0) and loading (every rank) --------------------------------------------------
     def _train_paths(self) -> list[str]:
@@ -250,6 +253,8 @@ class MLMDataModule(L.LightningDataModule):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return self._setup_predict()
         if self.datasets:
             return
         tok = self.load_tokenizer()
@@ -268,6 +273,15 @@ class MLMDataModule(L.LightningDataModule):
             self.datasets[split] = ds
         self.collator = MaskingCollator(tok, h.mlm_probability, h.mask_replace_prob, h.random_replace_prob)
 
+    def _setup_predict(self) -> None:
+        check(self.predict_paths is not None, "predict needs input: pass --data.predict_files FILE ([MASK] sentences)")
+        mask = self.load_tokenizer().mask_token
+        self.predict_lines = []
+        for path in self.predict_paths:
+            for lineno, line in enumerate(corpus.iter_texts([path], self.hparams.text_column), start=1):
+                check("[MASK]" in line or mask in line, f"{path} line {lineno} has no [MASK]: {line[:60]!r}")
+                self.predict_lines.append(line)
+
     # -- loaders --------------------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> ResumableDataLoader:
         h = self.hparams
@@ -280,16 +294,37 @@ class MLMDataModule(L.LightningDataModule):
             epoch_key=None if train else -1,
         )
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed) if train and trainer else None
+        # a private generator: creating a loader iterator must not draw from the global RNG (dropout's)
         return ResumableDataLoader(
             ds, plan, progress=progress, collate_fn=self.collator, num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0, pin_memory=bool(trainer and trainer.strategy.root_device.type == "cuda"),
+            generator=torch.Generator().manual_seed(h.seed), persistent_workers=h.num_workers > 0,
+            pin_memory=bool(trainer and trainer.strategy.root_device.type == "cuda"),
         )
 
     def train_dataloader(self):
-        return self._loader("train", train=True)
+        self._train_loader = self._loader("train", train=True)
+        if self._resume_state:
+            self._train_loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        return self._train_loader
+
+    # The position in the data (epoch, batches done) is checkpointed here as well as in the loader:
+    # Lightning restores a data module before configure_optimizers() builds the train loader (through
+    # `estimated_stepping_batches`), but restores loader states only for loaders built after that.
+    def state_dict(self) -> dict:
+        return self._train_loader.state_dict() if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_state = state
 
     def val_dataloader(self):
         return self._loader("val", train=False)
 
     def test_dataloader(self):
         return self._loader("val", train=False)
+
+    def predict_dataloader(self):
+        """Batches of (line number, sentence); each process takes every world_size-th line."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        items = list(enumerate(self.predict_lines))[rank::world]
+        return DataLoader(items, batch_size=self.hparams.batch_size, collate_fn=list)

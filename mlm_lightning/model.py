@@ -38,6 +38,8 @@ class MLMModule(L.LightningModule):
         sparse_head: bool = True,
         compile: bool = False,
         skip_nonfinite: bool = False,
+        top_k: int = 5,
+        joint: bool = False,
     ):
         """A BERT masked-language model.
 
@@ -59,6 +61,8 @@ class MLMModule(L.LightningModule):
             sparse_head: Run the MLM head and loss only at masked positions (same loss, less compute).
             compile: `torch.compile` the encoder.
             skip_nonfinite: Skip optimizer steps whose loss is NaN/inf instead of stopping the run.
+            top_k: predict: candidates reported per mask.
+            joint: predict: fill several masks left to right, feeding each choice back.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -66,6 +70,7 @@ class MLMModule(L.LightningModule):
         check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
         self.model = None
         self.tokenizer = None
+        self._tokenizer_files: dict[str, str] | None = None
         self.val_ppl_history: list[tuple[int, float]] = []  # (step, ppl) of each validation in this process
 
     # -- building ---------------------------------------------------------------------------------------
@@ -127,6 +132,14 @@ class MLMModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int):
         return self._shared_step(batch, "test")
 
+    def predict_step(self, batch: list[tuple[int, str]], batch_idx: int) -> list[dict]:
+        from mlm_lightning.predict import FillMasker
+
+        indices, texts = zip(*batch, strict=True)
+        masker = FillMasker(self.model, self.tokenizer, self.device, self.hparams.top_k, len(texts))
+        results = masker(list(texts), joint=self.hparams.joint, indices=list(indices))
+        return [{"index": i, **r} for i, r in zip(indices, results, strict=True)]
+
     # -- optimization -----------------------------------------------------------------------------------
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
@@ -144,12 +157,26 @@ class MLMModule(L.LightningModule):
         scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -- checkpoints carry the architecture and tokenizer, so any .ckpt exports on its own ---------------
+    # -- checkpoints carry the architecture and tokenizer (any .ckpt exports on its own) and the RNG state
+    #    that drives dropout (a resumed run draws the same dropout masks as an uninterrupted one) ----------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._tokenizer_files is None:
+            self._tokenizer_files = tokenizer_files(self.tokenizer)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["mlm_lightning"] = {
             "bert_config": self.model.config.to_dict(),
-            "tokenizer_files": tokenizer_files(self.tokenizer),
+            "tokenizer_files": self._tokenizer_files,
+            "rng": rng,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("mlm_lightning", {}).get("rng")
+        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def build_model(hparams, tokenizer):

@@ -50,6 +50,8 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
         self._cache: tuple[int, list[np.ndarray]] | None = None
+        # Lightning calls set_epoch() on `loader.batch_sampler.sampler`, never on the batch sampler itself
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

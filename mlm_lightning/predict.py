@@ -1,0 +1,200 @@
+"""Fill-mask: the input is a sentence with masked parts; the model completes it.
+
+`FillMasker` serves the `fill-mask` command, the LightningCLI `predict` subcommand and tests. Its output
+per mask uses the keys of transformers' fill-mask pipeline (`score`, `token`, `token_str`, `sequence`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mlm_lightning.errors import MLMError, check
+
+log = logging.getLogger("mlm_lightning")
+
+
+@dataclass
+class Encoded:
+    index: int
+    text: str
+    ids: list[int]
+    masks: list[int]  # positions of the mask tokens in `ids`
+
+
+class FillMasker:
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 64):
+        check(top_k > 0, f"top_k must be positive, got {top_k}")
+        check(tokenizer.mask_token is not None, "the tokenizer has no mask token; it cannot fill masks")
+        self.model, self.tokenizer, self.top_k, self.batch_size = model, tokenizer, top_k, batch_size
+        self.device = torch.device(device)
+        self.max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+
+    # -- input ------------------------------------------------------------------------------------------
+    def encode(self, text: str, index: int = 0) -> Encoded:
+        """Tokenize one sentence; `[MASK]` and the tokenizer's own mask token both work."""
+        where = f"input {index + 1}"
+        check(text.strip() != "", f"{where} is empty; give a sentence with [MASK] where a word should go")
+        tok = self.tokenizer
+        if tok.mask_token != "[MASK]":
+            text = text.replace("[MASK]", tok.mask_token)
+        ids = tok(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        masks = [i for i, t in enumerate(ids) if t == tok.mask_token_id]
+        check(bool(masks), f"{where} has no mask: {text[:80]!r}; write [MASK] where a word should be predicted")
+        if len(ids) > self.max_length:
+            ids, masks = self._window(ids, masks, where)
+        return Encoded(index, text, ids, masks)
+
+    def _window(self, ids: list[int], masks: list[int], where: str) -> tuple[list[int], list[int]]:
+        """Truncate to the model's length, keeping the masks inside the kept window."""
+        body, room = ids[1:-1], self.max_length - 2
+        first, last = masks[0] - 1, masks[-1] - 1
+        check(last - first < room, f"{where}: its masks are more than {room} tokens apart; split the sentence")
+        start = max(0, min(first - (room - (last - first)) // 2, len(body) - room))
+        log.warning(
+            "%s has %d tokens, more than the model's %d: truncated to tokens %d-%d around the masks",
+            where, len(ids), self.max_length, start, start + room,
+        )
+        window = [ids[0]] + body[start : start + room] + [ids[-1]]
+        return window, [m - start for m in masks]
+
+    # -- prediction -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _topk(self, batch: list[Encoded]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """For each sentence, for each mask: (probabilities, token ids) of the top-k."""
+        longest = max(len(e.ids) for e in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, e in enumerate(batch):
+            input_ids[row, : len(e.ids)] = torch.tensor(e.ids)
+            attention[row, : len(e.ids)] = 1
+        rows = torch.tensor([r for r, e in enumerate(batch) for _ in e.masks])
+        cols = torch.tensor([m for e in batch for m in e.masks])
+        hidden = self.model.bert(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device))[0]
+        logits = self.model.cls(hidden[rows.to(self.device), cols.to(self.device)]).float()
+        probs, tokens = logits.softmax(-1).topk(self.top_k, dim=-1)
+        probs, tokens = probs.cpu(), tokens.cpu()
+        out, k = [], 0
+        for e in batch:
+            out.append([(probs[k + j], tokens[k + j]) for j in range(len(e.masks))])
+            k += len(e.masks)
+        return out
+
+    def _result(self, e: Encoded, per_mask) -> dict:
+        tok = self.tokenizer
+        predictions = []
+        for j, (probs, tokens) in enumerate(per_mask):
+            candidates = []
+            for p, t in zip(probs.tolist(), tokens.tolist(), strict=True):
+                ids = list(e.ids)
+                ids[e.masks[j]] = t
+                if len(e.masks) == 1:  # same text as transformers' pipeline
+                    sequence = tok.decode(ids, skip_special_tokens=True)
+                else:
+                    sequence = tok.decode(ids[1:-1])
+                candidates.append({"score": p, "token": t, "token_str": tok.decode([t]), "sequence": sequence})
+            predictions.append(candidates)
+        filled = list(e.ids)
+        for m, candidates in zip(e.masks, predictions, strict=True):
+            filled[m] = candidates[0]["token"]
+        return {"text": e.text, "filled": tok.decode(filled, skip_special_tokens=True), "predictions": predictions}
+
+    def __call__(self, texts: list[str], joint: bool = False, indices: list[int] | None = None) -> list[dict]:
+        """Fill every sentence. `joint`: fill masks left to right, each choice fed back for the next.
+
+        `indices` number the inputs in error messages (default 0, 1, ...)."""
+        check(len(texts) > 0, "no input sentences; pass sentences, --file FILE, or lines on stdin")
+        indices = list(range(len(texts))) if indices is None else indices
+        encoded = [self.encode(t, i) for t, i in zip(texts, indices, strict=True)]  # validate all first
+        for position, e in enumerate(encoded):
+            e.index = position
+        results: list[dict | None] = [None] * len(encoded)
+        order = sorted(encoded, key=lambda e: len(e.ids))  # similar lengths per batch: little padding
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            per_mask = self._joint(batch) if joint else self._topk(batch)
+            for e, pm in zip(batch, per_mask, strict=True):
+                results[e.index] = self._result(e, pm)
+        return results
+
+    def _joint(self, batch: list[Encoded]):
+        out = [[] for _ in batch]
+        current = [Encoded(e.index, e.text, list(e.ids), list(e.masks)) for e in batch]
+        for step in range(max(len(e.masks) for e in batch)):
+            live = [(i, e) for i, e in enumerate(current) if step < len(e.masks)]
+            single = [Encoded(e.index, e.text, e.ids, [e.masks[step]]) for _, e in live]
+            for (i, e), [(probs, tokens)] in zip(live, self._topk(single), strict=True):
+                out[i].append((probs, tokens))
+                e.ids[e.masks[step]] = int(tokens[0])
+        return out
+
+
+def format_text(result: dict) -> str:
+    lines = [result["filled"]]
+    for j, candidates in enumerate(result["predictions"], start=1):
+        tops = ", ".join(f"{c['token_str']} {c['score']:.3f}" for c in candidates)
+        lines.append(f"  mask {j}: {tops}")
+    return "\n".join(lines)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for but no CUDA GPU is available")
+    return device
+
+
+def fill_mask_main(argv: list[str]) -> None:
+    from mlm_lightning.export import load_model
+
+    parser = argparse.ArgumentParser(
+        prog="mlm-lightning fill-mask", description="Complete sentences with [MASK] in them.",
+    )
+    parser.add_argument("sentences", nargs="*", help="sentences with [MASK]; none: read --file or stdin")
+    parser.add_argument("--model", required=True, help="an exported/Hugging Face model dir or a .ckpt")
+    parser.add_argument("--file", help="a text file with one sentence per line")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--joint", action="store_true", help="fill several masks left to right, feeding back")
+    parser.add_argument("--json", action="store_true", help="one JSON object per input (pipeline keys)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--batch_size", type=int, default=64)
+    args = parser.parse_args(argv)
+    texts = list(args.sentences)
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise MLMError(f"--file {args.file!r} cannot be read as UTF-8 text ({type(e).__name__})") from None
+    if not args.sentences and not args.file:
+        check(not sys.stdin.isatty(), "no input: pass sentences with [MASK], --file FILE, or pipe lines on stdin")
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    device = pick_device(args.device)
+    model, tokenizer = load_model(args.model)
+    masker = FillMasker(model.to(device), tokenizer, device, args.top_k, args.batch_size)
+    start = time.perf_counter()
+    results = masker(texts, joint=args.joint)
+    elapsed = time.perf_counter() - start
+    for r in results:
+        print(json.dumps(r, ensure_ascii=False) if args.json else format_text(r))
+    if len(texts) > 1:
+        log.info("filled %d lines in %.2f s (%.0f lines/s on %s)", len(texts), elapsed, len(texts) / elapsed, device)
+
+
+def export_main(argv: list[str]) -> None:
+    from mlm_lightning.export import export
+
+    parser = argparse.ArgumentParser(prog="mlm-lightning export", description="Checkpoint -> Hugging Face dir.")
+    parser.add_argument("--ckpt_path", required=True, help="a .ckpt written by mlm-lightning fit")
+    parser.add_argument("--export_dir", required=True, help="the Hugging Face directory to write")
+    args = parser.parse_args(argv)
+    path = export(args.ckpt_path, args.export_dir)
+    log.info("exported %s to %s", args.ckpt_path, path)
+    print(path)

@@ -1,0 +1,31 @@
+"""Test-only callbacks, importable by class path from the CLI (`--trainer.callbacks+=tests.helpers.X`)."""
+
+import os
+import signal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SignalAt(Callback):
+    """Send this process a signal after optimizer step `step` (simulates a preemption or Ctrl-C)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class NanAt(Callback):
+    """Poison the MLM head before step `step` so that step's loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            with torch.no_grad():
+                pl_module.model.cls.predictions.transform.dense.weight.fill_(float("nan"))
+
