@@ -77,9 +77,16 @@ class MLMCheckpoint(ModelCheckpoint):
         return os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
 
     def _save_last(self, trainer) -> None:
-        trainer.save_checkpoint(self.last_path())
+        trainer.save_checkpoint(self.last_path(), weights_only=False)  # full state: resumable
         self._last_global_step_saved = trainer.global_step
         self.last_model_path = self.last_path()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # periodic checkpoints refresh last.ckpt even before the monitored metric exists
+        n = self._every_n_train_steps
+        if self.save_last and n and trainer.global_step % n == 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_last(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)

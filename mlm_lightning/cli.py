@@ -11,9 +11,10 @@ import logging
 import os
 import signal
 import sys
+import traceback
 import warnings
 
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.errors import MLMError, NonFiniteLossError, check
 
 log = logging.getLogger("mlm_lightning")
 DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
@@ -74,6 +75,14 @@ def build_cli_class():
                                 help="fit: where the best model is exported in Hugging Face format"
                                 " (default: <trainer.default_root_dir>/export)")
 
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads the checkpoint's hyperparameters here, before any other hook: check it first
+            subcommand = self.config.get("subcommand")
+            ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt and ckpt not in ("last", "best", "hpc"):
+                check_checkpoint_path(ckpt)
+            super()._parse_ckpt_path()
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand]
             trainer, data, model = cfg.trainer, cfg.data, cfg.model
@@ -82,9 +91,6 @@ def build_cli_class():
             if data.tokenizer is None and model.model_name_or_path:
                 data.tokenizer = model.model_name_or_path
             _check_accelerator(torch, trainer.accelerator, trainer.devices)
-            ckpt = cfg.get("ckpt_path")
-            if ckpt and ckpt not in ("last", "best", "hpc"):
-                check_checkpoint_path(ckpt)
             if model.model_name_or_path:
                 from transformers import AutoConfig
 
@@ -214,15 +220,21 @@ def _describe(e: BaseException) -> tuple[int | None, str]:
         name = signal.Signals(signum).name
         saved = getattr(e, "last_checkpoint", None)
         if saved:
-            return 128 + signum, f"interrupted by {name}; saved {saved}; resume with the same command and --ckpt_path last"
+            return 128 + signum, f"interrupted by {name}; saved {saved}; resume: the same command plus --ckpt_path last"
         return 128 + signum, f"interrupted by {name} before the first training step; nothing to save"
-    if isinstance(e, MLMError):
+    if isinstance(e, NonFiniteLossError):
         saved = getattr(e, "last_checkpoint", None)
-        suffix = f" (last good checkpoint: {saved})" if saved and "checkpoint" in str(e) else ""
-        return e.exit_code, f"error: {e}{suffix}"
+        kept = f"last good checkpoint kept: {saved}" if saved else "no checkpoint had been written yet"
+        return e.exit_code, f"error: {e} ({kept})"
+    if isinstance(e, MLMError):
+        return e.exit_code, f"error: {e}"
     if isinstance(e, ArgumentError):
         text = " ".join(str(e).split())
         return 2, f"error: {text[:400]}; see mlm-lightning fit --help"
+    if isinstance(e, ValueError) and e.__traceback__ is not None:
+        where = traceback.extract_tb(e.__traceback__)[-1].filename
+        if f"{os.sep}lightning{os.sep}" in where:  # Lightning's own check of a trainer option
+            return 2, f"error: {' '.join(str(e).split())}"
     if isinstance(e, MisconfigurationException):
         return 2, f"error: {str(e).splitlines()[0]}"
     return None, ""

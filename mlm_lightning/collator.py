@@ -62,7 +62,7 @@ class MaskingCollator:
         select = torch.ones(len(examples), longest)  # uniform draw deciding "mask this token"
         replace = torch.ones(len(examples), longest)  # uniform draw deciding [MASK]/random/keep
         random_tokens = torch.zeros(len(examples), longest, dtype=torch.long)
-        for row, (example, n) in enumerate(zip(examples, lengths)):
+        for row, (example, n) in enumerate(zip(examples, lengths, strict=True)):
             input_ids[row, :n] = torch.as_tensor(np.asarray(example["input_ids"], dtype=np.int64))
             self._gen.manual_seed(int(example["mask_seed"]))
             select[row, :n] = torch.rand(n, generator=self._gen)

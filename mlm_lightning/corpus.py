@@ -114,7 +114,9 @@ def _records(path: str, text_column: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise MLMError(f"{path} line {lineno} is not valid JSON ({e.msg}); write one JSON object per line") from None
+                raise MLMError(
+                    f"{path} line {lineno} is not valid JSON ({e.msg}); write one JSON object per line"
+                ) from None
             if not isinstance(record, dict) or text_column not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise MLMError(

@@ -116,8 +116,8 @@ class MLMModule(L.LightningModule):
                 self.print(f"mlm-lightning: skipping step {step}: the loss is {loss.item()}")
                 return None  # Lightning skips the optimizer step
             raise NonFiniteLossError(
-                f"the loss became {loss.item()} at step {step}; the last good checkpoint is kept."
-                " Lower --model.learning_rate, check the data, or pass --model.skip_nonfinite true"
+                f"the loss became {loss.item()} at step {step}; lower --model.learning_rate, check the data,"
+                " or pass --model.skip_nonfinite true to skip such steps"
             )
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
@@ -153,7 +153,8 @@ class MLMModule(L.LightningModule):
         fused = self.device.type == "cuda" or None
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(h.warmup_steps * total) if isinstance(h.warmup_steps, float) and h.warmup_steps < 1 else int(h.warmup_steps)
+        ratio = isinstance(h.warmup_steps, float) and h.warmup_steps < 1
+        warmup = int(h.warmup_steps * total) if ratio else int(h.warmup_steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,0 +1,103 @@
+"""The `mlm-lightning` command: a short fit, validate from its checkpoint, and one-line errors."""
+
+import csv
+import glob
+import os
+
+import pytest
+
+from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
+
+
+def fit_args(corpus, root, *extra):
+    return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.accelerator", "cpu",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_model_summary", "false", *extra]
+
+
+def metrics(root):
+    rows = []
+    for f in sorted(glob.glob(f"{root}/lightning_logs/*/metrics.csv")):
+        rows += list(csv.DictReader(open(f)))
+    return rows
+
+
+def column(rows, key):
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """One short fit shared by the tests below (30 steps, validation every 10)."""
+    root = tmp_path_factory.mktemp("run")
+    code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "30", "--trainer.val_check_interval", "10",
+                             "--model.learning_rate", "3e-3"))
+    assert code == 0
+    return root
+
+
+def test_fit_writes_checkpoints_metrics_and_export(trained):
+    names = sorted(os.listdir(trained / "checkpoints"))
+    assert "last.ckpt" in names and any(n.startswith("best-step=") for n in names)
+    assert not [n for n in names if ".tmp" in n]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(trained / "export"))
+    rows = metrics(trained)
+    ppl = column(rows, "val/ppl")
+    assert len(ppl) >= 2 and ppl[-1] < ppl[0]  # validation perplexity dropped
+    assert len(column(rows, "train/loss")) == 30 and column(rows, "train/lr")
+    assert column(rows, "perf/tokens_per_s")[-1] > 0
+    assert 0 <= column(rows, "val/acc")[-1] <= 1
+
+
+def test_validate_from_checkpoint_reports_ppl(trained, corpus, capsys):
+    args = fit_args(corpus, trained)[1:]
+    code = run_cli("validate", *args, "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
+    assert code == 0
+    assert "val/ppl" in capsys.readouterr().out
+
+
+def test_print_config(corpus, capsys):
+    assert run_cli("fit", "--data.train_files", corpus, "--print_config") == 0
+    out = capsys.readouterr().out
+    assert "train_files:" in out and "mlm_probability: 0.15" in out and "every_n_train_steps" in out
+
+
+def test_help_shows_docstrings(capsys):
+    assert run_cli("fit", "--help") == 0
+    assert "Share of (non-special) tokens to predict" in capsys.readouterr().out
+
+
+def _no_mask_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "hello": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(
+        tmp_path / "nomask")
+    return str(tmp_path / "nomask")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data.train_files", "no/such/file.txt"], "does not exist"),
+        (["--trainer.accelerator", "gpu"], "no usable CUDA GPU"),
+        (["--ckpt_path", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+        (["--ckpt_path", "CORPUS"], "is not a checkpoint"),
+        (["--data.max_length", "100"], "beyond the model's 64 position embeddings"),
+        (["--model.model_name_or_path", "no-such-org/no-such-model"], "needs a network, or pass a local directory"),
+        (["--data.max_length", "abc"], "data.max_length"),
+        (["--data.mlm_probability", "0"], "mlm_probability must be in (0, 1)"),
+        (["--data.tokenizer", "NOMASK"], "has no mask token"),
+    ],
+)
+def test_bad_input_is_one_line(corpus, tmp_path, capsys, extra, message):
+    extra = [corpus if e == "CORPUS" else _no_mask_tokenizer(tmp_path) if e == "NOMASK" else e for e in extra]
+    code = run_cli(*fit_args(corpus, tmp_path / "run", "--trainer.max_steps", "2"), *extra)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("mlm-lightning: error")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err and "usage:" not in err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before any work

@@ -1,0 +1,88 @@
+"""Fill-mask: our command vs transformers' pipeline, several masks, bad input, a model that learned."""
+
+import json
+
+import pytest
+import torch
+from transformers import pipeline
+
+from mlm_lightning.errors import MLMError
+from mlm_lightning.export import load_model, save_hf
+from mlm_lightning.model import MLMModule
+from mlm_lightning.predict import FillMasker
+from mlm_lightning.tokenizer import train_wordpiece
+from tests.conftest import TINY_DATA, TINY_MODEL, run_cli, sentences
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random tiny BERT exported in Hugging Face format."""
+    tmp = tmp_path_factory.mktemp("fm")
+    tok = train_wordpiece(sentences(300), str(tmp / "tok"), 200, 24)
+    m = MLMModule(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=64)
+    m.tokenizer = tok
+    torch.manual_seed(0)
+    m.configure_model()
+    return save_hf(m.model.eval(), tok, str(tmp / "export"))
+
+
+def test_matches_transformers_pipeline(exported, capsys):
+    sentence = "the cat [MASK] the river ."
+    expected = pipeline("fill-mask", model=exported, top_k=5)(sentence)
+    assert run_cli("fill-mask", "--model", exported, "--json", "--top_k", "5", sentence) == 0
+    ours = json.loads(capsys.readouterr().out)["predictions"][0]
+    assert [p["token"] for p in ours] == [p["token"] for p in expected]
+    for a, b in zip(ours, expected, strict=True):
+        assert abs(a["score"] - b["score"]) < 1e-5
+        assert a["token_str"] == b["token_str"] and a["sequence"] == b["sequence"]
+
+
+def test_several_masks_and_joint_mode(exported):
+    masker = FillMasker(*load_model(exported), top_k=3)
+    [independent] = masker(["the [MASK] likes [MASK] river ."])
+    assert len(independent["predictions"]) == 2 and all(len(p) == 3 for p in independent["predictions"])
+    [joint] = masker(["the [MASK] likes [MASK] river ."], joint=True)
+    assert joint["predictions"][0] == independent["predictions"][0]  # the first mask sees the same input
+    assert "[MASK]" not in joint["filled"]
+
+
+def test_batches_keep_input_order(exported):
+    masker = FillMasker(*load_model(exported), batch_size=2)
+    texts = [f"{s[:-2]} [MASK] ." for s in sentences(7)] + ["[MASK]"]
+    assert [r["text"] for r in masker(texts)] == texts
+
+
+def test_bad_inputs(exported, caplog):
+    masker = FillMasker(*load_model(exported))
+    with pytest.raises(MLMError, match="input 2 has no mask"):
+        masker(["the [MASK] .", "no mask here"])
+    with pytest.raises(MLMError, match="input 1 is empty"):
+        masker([""])
+    with pytest.raises(MLMError, match="no input sentences"):
+        masker([])
+    long = " ".join(sentences(20)) + " the [MASK] likes the river ."
+    [result] = masker([long])  # longer than the model's 24 tokens: truncated around the mask, no crash
+    assert len(result["predictions"]) == 1
+    assert "truncated" in caplog.text
+
+
+def test_cli_no_mask_exit_code(exported, capsys):
+    assert run_cli("fill-mask", "--model", exported, "nothing to fill") == 2
+    assert "has no mask" in capsys.readouterr().err
+
+
+def test_trained_model_predicts_the_obvious_token(tmp_path, capsys):
+    corpus = tmp_path / "rep.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog .\n" * 200 + "a b c d e f g h .\n" * 200)
+    root = tmp_path / "run"
+    assert run_cli("fit", "--data.train_files", str(corpus), *TINY_MODEL, *TINY_DATA, "--data.line_by_line", "true",
+                   "--trainer.max_steps", "150", "--model.learning_rate", "3e-3", "--trainer.default_root_dir",
+                   str(root), "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+                   "false") == 0
+    capsys.readouterr()
+    assert run_cli("fill-mask", "--model", str(root / "export"), "--json",
+                   "the quick brown [MASK] jumps over the lazy dog .", "a b c [MASK] e f g h .") == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0]["predictions"][0][0]["token_str"] == "fox"
+    assert lines[1]["predictions"][0][0]["token_str"] == "d"

@@ -1,0 +1,167 @@
+"""Interrupts lose nothing, resume is exact, NaNs stop cleanly, checkpoints are written atomically."""
+
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mlm_lightning.callbacks import AtomicCheckpointIO
+from mlm_lightning.errors import MLMError
+from mlm_lightning.export import load_checkpoint
+from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
+
+STEPS = "40"
+
+
+def args(corpus, root, *extra):
+    return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.max_steps", STEPS,
+            "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(root),
+            "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "10",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+
+
+def losses(root) -> dict[int, float]:
+    out = {}
+    for f in sorted(glob.glob(f"{root}/lightning_logs/*/metrics.csv")):
+        for row in csv.DictReader(open(f)):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def weights(root):
+    return torch.load(f"{root}/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+
+
+def assert_same_run(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    la, lb = losses(a), losses(b)
+    assert len(la) == int(STEPS) and la.keys() == lb.keys()
+    assert max(abs(la[k] - lb[k]) for k in la) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    assert run_cli(*args(corpus, root)) == 0
+    return root
+
+
+# the corpus gives 18 batches per epoch: step 13 is mid-epoch 0, step 25 mid-epoch 1
+@pytest.mark.parametrize("signum, step", [(signal.SIGTERM, 13), (signal.SIGINT, 25)])
+def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted, signum, step):
+    root = tmp_path / "run"
+    code = run_cli(*args(corpus, root, "--trainer.callbacks+=tests.helpers.SignalAt",
+                         "--trainer.callbacks.step", str(step), "--trainer.callbacks.signum", str(int(signum))))
+    err = capsys.readouterr().err
+    assert code == 128 + signum, err
+    assert f"interrupted by {signal.Signals(signum).name}" in err and "last.ckpt" in err
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+    assert max(losses(root)) == step - 1  # stopped right after that step
+    assert run_cli(*args(corpus, root, "--ckpt_path", "last")) == 0
+    assert_same_run(uninterrupted, root)
+
+
+def test_ckpt_path_last_without_checkpoint_starts_fresh(corpus, tmp_path, uninterrupted):
+    root = tmp_path / "fresh"
+    assert run_cli(*args(corpus, root, "--ckpt_path", "last")) == 0
+    assert_same_run(uninterrupted, root)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
+    root = tmp_path / "nan"
+    code = run_cli(*args(corpus, root, "--checkpoint.every_n_train_steps", "5",
+                         "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "8"))
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "the loss became nan at step 8" in err and "last good checkpoint kept: " in err
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_nan_step_can_be_skipped(corpus, tmp_path, capsys):
+    root = tmp_path / "skip"
+    code = run_cli(*args(corpus, root, "--model.skip_nonfinite", "true",
+                         "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "8"))
+    assert code == 0
+    assert "skipping step 8" in capsys.readouterr().out
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "a.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["a.ckpt"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoints_are_loaded_without_unpickling_code(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "mlm_lightning": Evil()}, path)
+    with pytest.raises(MLMError, match="could not be read as a checkpoint"):
+        load_checkpoint(str(path))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def _cli(*a):
+    return [sys.executable, "-m", "mlm_lightning.cli", *a]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_process_then_resume(corpus, tmp_path, uninterrupted):
+    root = tmp_path / "proc"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli(*args(corpus, root)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(losses(root)) < 5 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert os.path.exists(root / "checkpoints" / "last.ckpt")
+    done = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < done < int(STEPS)
+    resumed = subprocess.run(_cli(*args(corpus, root, "--ckpt_path", "last")), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(uninterrupted, root)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(corpus, tmp_path):
+    root = tmp_path / "ddp"
+    result = subprocess.run(
+        _cli(*args(corpus, root, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "12",
+                  "--trainer.val_check_interval", "4")),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 12
+    assert os.path.isdir(root / "export")
