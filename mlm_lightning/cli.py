@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     _quiet_logging()
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, _early_signal_handler)
+    previous = {s: signal.signal(s, _early_signal_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if argv[:1] == ["export"]:
             from mlm_lightning.predict import export_main
@@ -203,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"mlm-lightning: {message}", file=sys.stderr)
         sys.exit(code)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _describe(e: BaseException) -> tuple[int | None, str]:

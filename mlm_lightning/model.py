@@ -80,7 +80,8 @@ class MLMModule(L.LightningModule):
         if self.tokenizer is None and self._trainer is not None and self.trainer.datamodule is not None:
             self.tokenizer = self.trainer.datamodule.load_tokenizer()
         check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule or set .tokenizer")
-        self.model = build_model(self.hparams, self.tokenizer)
+        # from_pretrained() returns eval mode and Lightning keeps module modes: train (dropout on) explicitly
+        self.model = build_model(self.hparams, self.tokenizer).train()
         vocab = self.model.config.vocab_size
         self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100)
         self.val_ppl = Perplexity(ignore_index=-100)

@@ -5,6 +5,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
 
@@ -101,3 +102,34 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys, extra, message):
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err and "usage:" not in err
     assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before any work
+
+
+def test_continue_from_a_local_model_dir(trained, corpus, tmp_path):
+    """`model_name_or_path` = a save_pretrained directory: its weights and its tokenizer are used."""
+    root = tmp_path / "continued"
+    code = run_cli("fit", "--data.train_files", corpus, "--model.model_name_or_path", str(trained / "export"),
+                   "--data.max_length", "32", "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root),
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
+    assert code == 0
+    assert (root / "export" / "model.safetensors").exists()
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["mlm_lightning"]["bert_config"]["hidden_size"] == 32  # the directory's model, not a new one
+
+
+def test_hub_id_resolves_from_the_local_hf_cache(trained, corpus, tmp_path, monkeypatch):
+    """The code path of `--model.model_name_or_path bert-base-uncased`, offline: a hub id found in the cache."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--local-org--tiny-bert"
+    shutil.copytree(trained / "export", repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    root = tmp_path / "from-hub"
+    code = run_cli("fit", "--data.train_files", corpus, "--model.model_name_or_path", "local-org/tiny-bert",
+                   "--data.max_length", "32", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root),
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
+    assert code == 0

@@ -165,3 +165,25 @@ def test_ddp_two_processes_on_cpu(corpus, tmp_path):
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12
     assert os.path.isdir(root / "export")
+
+
+def test_interrupt_during_tokenization_leaves_no_half_cache(write, tmp_path, capsys, monkeypatch):
+    from mlm_lightning import data as data_module
+
+    real = data_module.tokenize
+
+    def interrupted(texts, tokenizer, sep_id, batch_lines=1000):
+        real(texts, tokenizer, sep_id, batch_lines=8)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the cache is being written
+        time.sleep(5)
+
+    monkeypatch.setattr(data_module, "tokenize", interrupted)
+    cache = tmp_path / "cache"
+    corpus = write("c.txt", [f"line {i} of text ." for i in range(200)])
+    code = run_cli(*args(corpus, tmp_path / "run", "--data.cache_dir", str(cache)))
+    assert code == 130
+    assert "interrupted by SIGINT before the first training step" in capsys.readouterr().err
+    assert os.listdir(cache / "data") == []  # nothing half-written; the next run tokenizes from scratch
+    monkeypatch.undo()
+    assert run_cli(*args(corpus, tmp_path / "run", "--data.cache_dir", str(cache), "--trainer.max_steps", "2",
+                        "--trainer.val_check_interval", "2")) == 0
