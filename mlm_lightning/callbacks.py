@@ -84,8 +84,8 @@ class MLMCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # periodic checkpoints refresh last.ckpt even before the monitored metric exists
-        n = self._every_n_train_steps
-        if self.save_last and n and trainer.global_step % n == 0 and self._last_global_step_saved != trainer.global_step:
+        n, step = self._every_n_train_steps, trainer.global_step
+        if self.save_last and n and step % n == 0 and self._last_global_step_saved != step:
             self._save_last(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -164,12 +164,12 @@ def default_corpus(cache_dir: str) -> str:
         from pydoc_data.topics import topics
     except ImportError as e:  # pragma: no cover - some distro Pythons strip it
         raise MLMError("this Python has no pydoc_data module; pass your own corpus with --data.train_files") from e
-    path = os.path.join(cache_dir, "corpus", "python-language-reference.txt")
+    path = os.path.join(cache_dir, "corpus", "python-language-reference-v2.txt")
     if not os.path.exists(path):
         paragraphs = []
         for key in sorted(topics):
             for para in re.split(r"\n\s*\n", topics[key]):
-                para = " ".join(para.split())
+                para = " ".join(para.replace('"', "").split())  # pydoc quotes every keyword: "break"
                 if len(para) > 20:
                     paragraphs.append(para)
         os.makedirs(os.path.dirname(path), exist_ok=True)

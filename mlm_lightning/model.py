@@ -65,7 +65,10 @@ class MLMModule(L.LightningModule):
             joint: predict: fill several masks left to right, feeding each choice back.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # prediction options are not saved: LightningCLI re-applies a checkpoint's hyperparameters over the
+        # command line, which would make `predict --ckpt_path X --model.top_k 2` ignore the 2
+        self.save_hyperparameters(ignore=["top_k", "joint"])
+        self.top_k, self.joint = top_k, joint
         check(learning_rate > 0, f"learning_rate must be positive, got {learning_rate}")
         check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
         self.model = None
@@ -137,8 +140,8 @@ class MLMModule(L.LightningModule):
         from mlm_lightning.predict import FillMasker
 
         indices, texts = zip(*batch, strict=True)
-        masker = FillMasker(self.model, self.tokenizer, self.device, self.hparams.top_k, len(texts))
-        results = masker(list(texts), joint=self.hparams.joint, indices=list(indices))
+        masker = FillMasker(self.model, self.tokenizer, self.device, self.top_k, len(texts))
+        results = masker(list(texts), joint=self.joint, indices=list(indices))
         return [{"index": i, **r} for i, r in zip(indices, results, strict=True)]
 
     # -- optimization -----------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ def build_model(hparams, tokenizer):
         f"hidden_size {hparams.hidden_size} must be a multiple of num_attention_heads {hparams.num_attention_heads}",
     )
     config = BertConfig(
-        vocab_size=vocab,
+        vocab_size=-(-vocab // 8) * 8,  # a multiple of 8 keeps the (tied) head matmul on fast GPU kernels
         hidden_size=hparams.hidden_size,
         num_hidden_layers=hparams.num_hidden_layers,
         num_attention_heads=hparams.num_attention_heads,
@@ -212,7 +215,10 @@ def build_model(hparams, tokenizer):
         attention_probs_dropout_prob=hparams.dropout,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+    model = BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():  # the padding ids are no tokens: never predicted, by fill-mask or a pipeline
+        model.cls.predictions.bias[vocab:] = -1e4
+    return model
 
 
 def tokenizer_files(tokenizer) -> dict[str, str]:

@@ -8,6 +8,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 mlm-lightning fit --trainer.default_root_dir runs/demo "$@"
 mlm-lightning fill-mask --model runs/demo/export \
+  "break may only occur syntactically nested in a for or [MASK] loop." \
+  "a class definition defines a [MASK] object." \
   "the [MASK] statement is used to leave a loop." \
-  "a function is defined with the [MASK] keyword." \
-  "if the condition is true, the [MASK] clause is skipped."
+  "if the condition is false, the [MASK] clause is executed."

@@ -133,3 +133,28 @@ def test_hub_id_resolves_from_the_local_hf_cache(trained, corpus, tmp_path, monk
                    "--data.max_length", "32", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root),
                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
     assert code == 0
+
+
+def test_predict_subcommand_writes_jsonl_in_order(trained, corpus, tmp_path):
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("the cat [MASK] the river .\n\n[MASK] dog sees a tree .\na bird [MASK] the ball .\n")
+    out = tmp_path / "pred.jsonl"
+    code = run_cli("predict", *fit_args(corpus, trained)[1:], "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
+                   "--data.predict_files", str(inputs), "--prediction_writer.output", str(out), "--model.top_k", "2")
+    assert code == 0
+    import json
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert rows[1]["text"] == "[MASK] dog sees a tree ."
+    assert all(len(r["predictions"][0]) == 2 and {"score", "token", "token_str", "sequence"} <= set(
+        r["predictions"][0][0]) for r in rows)
+
+
+def test_fill_mask_reads_stdin(trained, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat [MASK] the river .\n\na [MASK] sees the ball .\n"))
+    assert run_cli("fill-mask", "--model", str(trained / "export")) == 0
+    out = capsys.readouterr().out
+    assert out.count("mask 1:") == 2

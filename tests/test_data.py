@@ -178,3 +178,12 @@ def test_bad_input_messages(tmp_path, files, kwargs, message):
         make(str(tmp_path / files), tmp_path, **kwargs)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_huge_line_is_split_not_fatal(write, tmp_path):
+    from mlm_lightning.corpus import MAX_CHARS_PER_EXAMPLE
+
+    huge = " ".join(sentences(12_000))  # ~330k characters on one line
+    assert len(huge) > 3 * MAX_CHARS_PER_EXAMPLE
+    dm = make(write("t.txt", sentences(60) + [huge]), tmp_path, line_by_line=True)
+    assert len(dm.datasets["train"]) + len(dm.datasets["val"]) >= 60 + 3

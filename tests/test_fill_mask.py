@@ -43,7 +43,10 @@ def test_several_masks_and_joint_mode(exported):
     [independent] = masker(["the [MASK] likes [MASK] river ."])
     assert len(independent["predictions"]) == 2 and all(len(p) == 3 for p in independent["predictions"])
     [joint] = masker(["the [MASK] likes [MASK] river ."], joint=True)
-    assert joint["predictions"][0] == independent["predictions"][0]  # the first mask sees the same input
+    # the first mask sees the same input either way (scores to float precision: other matmul shapes)
+    first_joint, first_independent = joint["predictions"][0], independent["predictions"][0]
+    assert [p["token"] for p in first_joint] == [p["token"] for p in first_independent]
+    assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(first_joint, first_independent, strict=True))
     assert "[MASK]" not in joint["filled"]
 
 
