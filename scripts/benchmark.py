@@ -73,7 +73,10 @@ def build(args, tokenizer):
     module.tokenizer = tokenizer
     module.configure_model()
     if args.vocab_size > len(tokenizer):  # e.g. 30522: the head costs what it costs with bert-base's vocabulary
+        from torchmetrics.classification import MulticlassAccuracy
+
         module.model.resize_token_embeddings(args.vocab_size)
+        module.val_acc = MulticlassAccuracy(num_classes=args.vocab_size, average="micro", ignore_index=-100)
     return module
 
 
@@ -252,7 +255,8 @@ def quality(args, tokenizer_dm, lines, train_file, val_file):
             self.t0 = time.perf_counter()
 
     to_target = ToTarget()
-    run_ours(args, dm, max_steps=10**6, extra_callbacks=[to_target], val_every=args.eval_every_ours)
+    # a real step budget: the warmup/decay schedule is a share of max_steps
+    run_ours(args, dm, max_steps=args.max_steps_ours, extra_callbacks=[to_target], val_every=args.eval_every_ours)
     print(f"\ntarget val loss {target:.3f} (best of the seed recipe in {seed_time:.0f} s of training)")
     if to_target.reached is None:
         print("ours did not reach it")
@@ -280,6 +284,7 @@ def main():
     p.add_argument("--quality_seconds", type=float, default=120)
     p.add_argument("--eval_every", type=int, default=100, help="quality: seed-recipe steps between evaluations")
     p.add_argument("--eval_every_ours", type=int, default=20, help="quality: our steps between evaluations")
+    p.add_argument("--max_steps_ours", type=int, default=600, help="quality: our schedule's length in steps")
     p.add_argument("--cache_dir", default=None)
     args = p.parse_args()
     quiet_transformers()
