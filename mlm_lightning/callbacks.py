@@ -3,8 +3,7 @@
 - `AtomicCheckpointIO`: every checkpoint is written aside and renamed (never a truncated .ckpt), and loaded
   with `weights_only=True` (no arbitrary unpickling).
 - `MLMCheckpoint`: best by `val/loss` plus `last.ckpt` in a fixed directory (so `--ckpt_path last` finds it),
-  `last.ckpt` at the end of every fit, and on SIGINT/SIGTERM.
-- `GracefulInterrupt`: Ctrl-C takes Lightning's SIGTERM path: finish the current batch, checkpoint, exit.
+  `last.ckpt` at the end of every fit, periodically, and on SIGINT/SIGTERM (then a clean stop).
 - `ThroughputLogger`: real tokens/s, padding share and (on GPU) MFU with Lightning's `Throughput`.
 """
 
@@ -20,7 +19,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -39,7 +37,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class MLMCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` with this project's defaults; see the module docstring."""
+    """`ModelCheckpoint` with this project's defaults, and the owner of "nothing lost on interruption".
+
+    SIGINT (the first Ctrl-C) and SIGTERM during `fit` finish the current batch, write `last.ckpt` and stop;
+    a second Ctrl-C aborts at once. The checkpoint is written only where Lightning's restart logic expects
+    one: at `on_train_batch_end`, or at `on_validation_end` when the signal came during validation (which
+    is left to finish). Lightning's own SIGTERM handler is then notified, so it stops the loop cleanly.
+    """
+
+    running = False  # a fit with these handlers is under way (the CLI's own handler stands aside)
+    last_signum: int | None = None
 
     def __init__(
         self,
@@ -64,7 +71,7 @@ class MLMCheckpoint(ModelCheckpoint):
         every_n_train_steps: Also checkpoint every N optimizer steps (periodic checkpoints).
         every_n_epochs: Checkpoint every N epochs (default: after every validation).
         train_time_interval: Checkpoint every so often in wall time.
-        save_on_interrupt: Write `last.ckpt` when SIGINT/SIGTERM stops the run.
+        save_on_interrupt: On SIGINT/SIGTERM, finish the batch, write `last.ckpt` and stop.
         """
         super().__init__(
             dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_top_k=save_top_k,
@@ -72,77 +79,87 @@ class MLMCheckpoint(ModelCheckpoint):
             train_time_interval=train_time_interval, auto_insert_metric_name=True,
         )
         self.save_on_interrupt = save_on_interrupt
+        self.signum: int | None = None
+        self._deferred = False
+        self._previous: dict[int, object] = {}
 
     def last_path(self) -> str:
         return os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
 
     def _save_last(self, trainer) -> None:
+        if self._last_global_step_saved == trainer.global_step and os.path.exists(self.last_path()):
+            return
         trainer.save_checkpoint(self.last_path(), weights_only=False)  # full state: resumable
         self._last_global_step_saved = trainer.global_step
         self.last_model_path = self.last_path()
 
+    # -- signals ----------------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self.save_on_interrupt:
+            return
+        MLMCheckpoint.running, MLMCheckpoint.last_signum = True, None
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):
+            if self.signum is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            if self.signum is None and signum == signal.SIGINT and trainer.is_global_zero:
+                print("\nmlm-lightning: interrupted; saving a checkpoint after this batch (Ctrl-C again to abort)")
+            self.signum = MLMCheckpoint.last_signum = self.signum or signum
+            if trainer.validating or trainer.sanity_checking:
+                self._deferred = True  # let the (short) validation finish; see on_validation_end
+            else:
+                self._notify_lightning(signum)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def _notify_lightning(self, signum: int) -> None:
+        """Lightning's SIGTERM handler: it stops the loop at the next batch boundary (and relays to DDP ranks)."""
+        handler = self._previous.get(signal.SIGTERM)
+        if callable(handler):
+            handler(signum, None)
+
+    def _interrupted(self, trainer) -> bool:
+        """Whether any process got a signal (all processes must agree on the step they stop at)."""
+        if trainer.world_size > 1:
+            return trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+        return self.signum is not None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+        MLMCheckpoint.running = False
+
+    # -- when to save -----------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # periodic checkpoints refresh last.ckpt even before the monitored metric exists
         n, step = self._every_n_train_steps, trainer.global_step
-        if self.save_last and n and step % n == 0 and self._last_global_step_saved != step:
+        periodic = self.save_last and n and step % n == 0  # even before the monitored metric exists
+        if periodic or (self.save_on_interrupt and self._interrupted(trainer) and not self._deferred):
             self._save_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._deferred:
+            self._deferred = False
+            if trainer.global_step > 0:
+                self._save_last(trainer)
+            self._notify_lightning(self.signum)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         # a fit that ends by steps, epochs or time always leaves last.ckpt of its final step
-        if self.save_last and trainer.global_step > 0 and (
-            self._last_global_step_saved != trainer.global_step or not os.path.exists(self.last_path())
-        ):
+        if self.save_last and trainer.global_step > 0:
             self._save_last(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and self.save_on_interrupt and trainer.global_step > 0:
-            # Lightning raises this at a batch boundary, so the saved state is consistent and resumable
-            self._save_last(trainer)
-        # any other exception (a NaN, a crash mid-step) keeps the last good checkpoint as it is
-        exception.last_checkpoint = self.last_model_path if os.path.exists(self.last_path()) else None
-
-
-class GracefulInterrupt(Callback):
-    """The first Ctrl-C (SIGINT) is handled like SIGTERM: Lightning stops after the current batch and
-    `MLMCheckpoint` writes `last.ckpt`. A second Ctrl-C stops at once. `signum` tells the CLI which
-    signal ended the run, for its exit code. Before and after training (`active` False) the CLI's own
-    handler turns a signal into an immediate, clean exit instead."""
-
-    active = False
-    last_signum: int | None = None
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        GracefulInterrupt.active = True
-        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        lightning_sigterm = self._previous[signal.SIGTERM]
-
-        def on_sigterm(signum, frame):
-            self.signum = self.signum or signum
-            GracefulInterrupt.last_signum = self.signum
-            if callable(lightning_sigterm):
-                lightning_sigterm(signum, frame)
-
-        def on_sigint(signum, frame):
-            if self.signum is not None:
-                raise KeyboardInterrupt
-            self.signum = signum
-            print("\nmlm-lightning: interrupted; saving a checkpoint after this batch (Ctrl-C again to abort)")
-            on_sigterm(signum, frame)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        signal.signal(signal.SIGINT, on_sigint)
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
-        GracefulInterrupt.active = False
+        # after an interrupt last.ckpt was written at the batch boundary; after any other exception (a NaN,
+        # a crash mid-step) the last good checkpoint stays as it is
+        saved = os.path.exists(self.last_path()) and self.last_model_path
+        exception.last_checkpoint = self.last_path() if saved else None
 
 
 class ThroughputLogger(Callback):

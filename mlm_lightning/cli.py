@@ -46,9 +46,9 @@ class Interrupted(BaseException):
 
 
 def _early_signal_handler(signum, frame):
-    from mlm_lightning.callbacks import GracefulInterrupt
+    from mlm_lightning.callbacks import MLMCheckpoint
 
-    if not GracefulInterrupt.active:  # during training, Lightning and GracefulInterrupt handle signals
+    if not MLMCheckpoint.running:  # during training, MLMCheckpoint and Lightning handle signals
         raise Interrupted(signum)
 
 
@@ -56,13 +56,7 @@ def build_cli_class():
     import torch
     from lightning.pytorch.cli import LightningCLI
 
-    from mlm_lightning.callbacks import (
-        AtomicCheckpointIO,
-        GracefulInterrupt,
-        JSONLPredictionWriter,
-        MLMCheckpoint,
-        ThroughputLogger,
-    )
+    from mlm_lightning.callbacks import AtomicCheckpointIO, JSONLPredictionWriter, MLMCheckpoint, ThroughputLogger
     from mlm_lightning.data import MLMDataModule
     from mlm_lightning.export import check_checkpoint_path, save_hf
     from mlm_lightning.model import MLMModule
@@ -107,10 +101,8 @@ def build_cli_class():
             )
 
         def instantiate_trainer(self, **kwargs):
-            self.interrupt = GracefulInterrupt()
-            self.throughput = ThroughputLogger()
             trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks += [self.interrupt, self.throughput]
+            trainer.callbacks.append(ThroughputLogger())
             if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
             return trainer
@@ -216,9 +208,9 @@ def _describe(e: BaseException) -> tuple[int | None, str]:
     if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException):
         return None, ""
     if isinstance(e, (SIGTERMException, Interrupted, KeyboardInterrupt)):
-        from mlm_lightning.callbacks import GracefulInterrupt
+        from mlm_lightning.callbacks import MLMCheckpoint
 
-        signum = getattr(e, "signum", None) or getattr(GracefulInterrupt, "last_signum", None) or signal.SIGINT
+        signum = getattr(e, "signum", None) or MLMCheckpoint.last_signum or signal.SIGINT
         name = signal.Signals(signum).name
         saved = getattr(e, "last_checkpoint", None)
         if saved:

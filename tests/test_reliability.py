@@ -71,6 +71,17 @@ def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted,
     assert_same_run(uninterrupted, root)
 
 
+def test_signal_during_validation_finishes_it_then_resumes_exactly(corpus, tmp_path, capsys, uninterrupted):
+    root = tmp_path / "val"
+    code = run_cli(*args(corpus, root, "--trainer.callbacks+=tests.helpers.SignalDuringValidation",
+                         "--trainer.callbacks.step", "20"))
+    assert code == 143, capsys.readouterr().err
+    # validation runs at batch 10 of each 18-batch epoch: the first at or after step 20 is at step 28
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 28
+    assert run_cli(*args(corpus, root, "--ckpt_path", "last")) == 0
+    assert_same_run(uninterrupted, root)
+
+
 def test_ckpt_path_last_without_checkpoint_starts_fresh(corpus, tmp_path, uninterrupted):
     root = tmp_path / "fresh"
     assert run_cli(*args(corpus, root, "--ckpt_path", "last")) == 0
@@ -133,13 +144,14 @@ def _cli(*a):
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_real_process_then_resume(corpus, tmp_path, uninterrupted):
+@pytest.mark.parametrize("after", [5, 10])  # 10: around the validation at step 10
+def test_sigterm_to_a_real_process_then_resume(corpus, tmp_path, uninterrupted, after):
     root = tmp_path / "proc"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_cli(*args(corpus, root)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(losses(root)) < 5 and proc.poll() is None:
+    while time.time() < deadline and len(losses(root)) < after and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
