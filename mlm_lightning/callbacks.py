@@ -40,9 +40,10 @@ class MLMCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` with this project's defaults, and the owner of "nothing lost on interruption".
 
     SIGINT (the first Ctrl-C) and SIGTERM during `fit` finish the current batch, write `last.ckpt` and stop;
-    a second Ctrl-C aborts at once. The checkpoint is written only where Lightning's restart logic expects
-    one: at `on_train_batch_end`, or at `on_validation_end` when the signal came during validation (which
-    is left to finish). Lightning's own SIGTERM handler is then notified, so it stops the loop cleanly.
+    a second Ctrl-C aborts at once. The signal handler only records the signal. The checkpoint is written
+    where Lightning's restart logic expects one: at the next `on_train_batch_end`, or at `on_validation_end`
+    when the signal came during validation (which is left to finish). Only then is Lightning's own SIGTERM
+    handler told, so it stops the loop (and relays to DDP ranks): a stop never comes without a checkpoint.
     """
 
     running = False  # a fit with these handlers is under way (the CLI's own handler stands aside)
@@ -89,9 +90,10 @@ class MLMCheckpoint(ModelCheckpoint):
     def _save_last(self, trainer) -> None:
         if self._last_global_step_saved == trainer.global_step and os.path.exists(self.last_path()):
             return
+        # set first: the saved callback state must name last.ckpt, or a resumed run would write last-v1.ckpt
+        self.last_model_path = self.last_path()
         trainer.save_checkpoint(self.last_path(), weights_only=False)  # full state: resumable
         self._last_global_step_saved = trainer.global_step
-        self.last_model_path = self.last_path()
 
     # -- signals ----------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -106,10 +108,8 @@ class MLMCheckpoint(ModelCheckpoint):
             if self.signum is None and signum == signal.SIGINT and trainer.is_global_zero:
                 print("\nmlm-lightning: interrupted; saving a checkpoint after this batch (Ctrl-C again to abort)")
             self.signum = MLMCheckpoint.last_signum = self.signum or signum
-            if trainer.validating or trainer.sanity_checking:
-                self._deferred = True  # let the (short) validation finish; see on_validation_end
-            else:
-                self._notify_lightning(signum)
+            # during validation, let the (short) validation finish: see on_validation_end
+            self._deferred = self._deferred or trainer.validating or trainer.sanity_checking
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
@@ -120,11 +120,10 @@ class MLMCheckpoint(ModelCheckpoint):
         if callable(handler):
             handler(signum, None)
 
-    def _interrupted(self, trainer) -> bool:
-        """Whether any process got a signal (all processes must agree on the step they stop at)."""
-        if trainer.world_size > 1:
-            return trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
-        return self.signum is not None
+    @staticmethod
+    def _agree(trainer, flag: bool) -> bool:
+        """True on every process if it is true on any: saving is collective, so all must decide alike."""
+        return trainer.strategy.reduce_boolean_decision(flag, all=False) if trainer.world_size > 1 else flag
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
@@ -138,16 +137,19 @@ class MLMCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         n, step = self._every_n_train_steps, trainer.global_step
         periodic = self.save_last and n and step % n == 0  # even before the monitored metric exists
-        if periodic or (self.save_on_interrupt and self._interrupted(trainer) and not self._deferred):
+        interrupted = self.save_on_interrupt and self._agree(trainer, self.signum is not None and not self._deferred)
+        if periodic or interrupted:
             self._save_last(trainer)
+        if interrupted:
+            self._notify_lightning(self.signum or signal.SIGTERM)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self._deferred:
+        if self.save_on_interrupt and self._agree(trainer, self._deferred):
             self._deferred = False
             if trainer.global_step > 0:
                 self._save_last(trainer)
-            self._notify_lightning(self.signum)
+            self._notify_lightning(self.signum or signal.SIGTERM)  # (after a sanity check: after batch 1, saved)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         code, message = _describe(e)
         if code is None or debug:
             raise
-        print(f"mlm-lightning: {message}", file=sys.stderr)
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # once, not once per DDP process
+            print(f"mlm-lightning: {message}", file=sys.stderr)
         sys.exit(code)
     finally:
         for s, handler in previous.items():

@@ -287,6 +287,12 @@ class MLMDataModule(L.LightningDataModule):
         h = self.hparams
         ds = self.datasets[split]
         trainer = self.trainer
+        world = trainer.world_size if trainer else 1
+        check(
+            len(ds) >= world or train,
+            f"the {split} split has {len(ds)} examples, fewer than the {world} processes;"
+            " add validation text (--data.val_fraction or --data.val_files)",
+        )
         plan = BatchPlan(
             ds.lengths, h.batch_size, max_tokens=h.max_tokens if h.line_by_line else None,
             group_by_length=h.group_by_length and h.line_by_line, shuffle=train, seed=h.seed,

@@ -22,7 +22,8 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
     - `group_by_length`: shuffle, then sort within mega-batches of `50 * batch_size`, then shuffle batches:
       similar lengths share a batch so little compute goes to padding.
     - `max_tokens`: instead of a fixed batch size, fill each batch up to `max_tokens` padded tokens.
-    - `num_replicas`/`rank`: each process takes every `num_replicas`-th batch (DDP).
+    - `num_replicas`/`rank` (DDP): in training each process takes every `num_replicas`-th batch (all take the
+      same number); in evaluation every `num_replicas`-th example (all examples are evaluated).
     """
 
     def __init__(
@@ -67,6 +68,10 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.lengths)
         order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.num_replicas > 1 and not self.shuffle:
+            # evaluation: every process takes every num_replicas-th example, none is dropped
+            order = order[self.rank :: self.num_replicas]
+            n = len(order)
         if self.group_by_length:
             window = n if not self.shuffle else self.batch_size * MEGABATCH_FACTOR
             if self.max_tokens:
@@ -87,7 +92,8 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
             batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
         if self.shuffle and self.group_by_length:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.num_replicas > 1:
+        if self.num_replicas > 1 and self.shuffle:
+            # training: every process takes every num_replicas-th batch, as many as the others (lockstep)
             per_rank = len(batches) // self.num_replicas
             batches = batches[self.rank :: self.num_replicas][:per_rank]
         self._cache = (epoch, batches)

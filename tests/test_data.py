@@ -187,3 +187,10 @@ def test_a_huge_line_is_split_not_fatal(write, tmp_path):
     assert len(huge) > 3 * MAX_CHARS_PER_EXAMPLE
     dm = make(write("t.txt", sentences(60) + [huge]), tmp_path, line_by_line=True)
     assert len(dm.datasets["train"]) + len(dm.datasets["val"]) >= 60 + 3
+
+
+def test_evaluation_shards_cover_every_example():
+    lengths = np.arange(4, 25)  # 21 examples, 2 processes
+    shards = [list(BatchPlan(lengths, 4, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
+    seen = sorted(i for shard in shards for b in shard for _, i in b)
+    assert seen == list(range(21))
