@@ -24,12 +24,12 @@ class MLMModule(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str | None = None,
-        hidden_size: int = 256,
-        num_hidden_layers: int = 4,
-        num_attention_heads: int = 4,
-        intermediate_size: int = 1024,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 2,
+        intermediate_size: int = 512,
         max_position_embeddings: int = 512,
-        dropout: float = 0.1,
+        dropout: float = 0.0,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int | float = 0.06,
@@ -45,13 +45,15 @@ class MLMModule(L.LightningModule):
 
         Args:
             model_name_or_path: A local Hugging Face directory or a hub id (bert-base-uncased) to start from.
-                Unset: a new BERT with the sizes below, trained from scratch.
+                Unset: a new BERT with the sizes below, trained from scratch (the defaults: a tiny BERT sized
+                for the offline default run on a CPU).
             hidden_size: From scratch: width of the model.
             num_hidden_layers: From scratch: number of transformer layers.
             num_attention_heads: From scratch: attention heads per layer.
             intermediate_size: From scratch: width of the feed-forward layers.
             max_position_embeddings: From scratch: the longest sequence the model can take.
-            dropout: From scratch: hidden and attention dropout.
+            dropout: From scratch: hidden and attention dropout (0 suits the few-minute offline default, where
+                regularization only slows fitting; BERT's own is 0.1).
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay (never on biases and LayerNorm weights).
             warmup_steps: Linear warmup: a number of steps, or a float below 1 for a share of all steps.
