@@ -8,6 +8,8 @@ matmul at the ~85% of positions that carry no label. The weights stay a plain `B
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -179,6 +181,15 @@ class MLMModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("mlm_lightning", {}).get("tokenizer_files", {}).get("tokenizer.json")
+        if saved is not None and self.tokenizer is not None:
+            # (runs before the weights are loaded, so a mismatch never surfaces as a tensor-shape error)
+            check(
+                _vocab(saved) == _vocab(self.tokenizer.backend_tokenizer.to_str()),
+                "the checkpoint was trained with another tokenizer than this data module's (a WordPiece"
+                " vocabulary is trained once per corpus and cached: another cache or corpus gives another);"
+                " export the checkpoint (mlm-lightning export) and pass --data.tokenizer EXPORT_DIR",
+            )
         rng = checkpoint.get("mlm_lightning", {}).get("rng")
         if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])
@@ -221,6 +232,10 @@ def build_model(hparams, tokenizer):
     with torch.no_grad():  # the padding ids are no tokens: never predicted, by fill-mask or a pipeline
         model.cls.predictions.bias[vocab:] = -1e4
     return model
+
+
+def _vocab(tokenizer_json: str) -> dict:
+    return json.loads(tokenizer_json).get("model", {}).get("vocab", {})
 
 
 def tokenizer_files(tokenizer) -> dict[str, str]:

@@ -221,3 +221,12 @@ def test_interrupt_during_tokenization_leaves_no_half_cache(write, tmp_path, cap
     monkeypatch.undo()
     assert run_cli(*args(corpus, tmp_path / "run", "--data.cache_dir", str(cache), "--trainer.max_steps", "2",
                         "--trainer.val_check_interval", "2")) == 0
+
+
+def test_resume_with_another_tokenizer_is_refused(corpus, tmp_path, capsys):
+    root = tmp_path / "tok"
+    assert run_cli(*args(corpus, root, "--trainer.max_steps", "3")) == 0
+    capsys.readouterr()
+    code = run_cli(*args(corpus, root, "--data.vocab_size", "250", "--ckpt_path", "last"))
+    err = capsys.readouterr().err
+    assert code == 2 and "trained with another tokenizer" in err and "Traceback" not in err
