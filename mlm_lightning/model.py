@@ -89,6 +89,9 @@ class MLMModule(L.LightningModule):
         check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule or set .tokenizer")
         # from_pretrained() returns eval mode and Lightning keeps module modes: train (dropout on) explicitly
         self.model = build_model(self.hparams, self.tokenizer).train()
+        if not self.hparams.model_name_or_path and self._trainer is not None and self.trainer.datamodule is not None:
+            # a new model only ever saw max_length positions: exported tokenizers truncate there
+            self.tokenizer.model_max_length = self.trainer.datamodule.hparams.max_length
         vocab = self.model.config.vocab_size
         self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100)
         self.val_ppl = Perplexity(ignore_index=-100)

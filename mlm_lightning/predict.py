@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class FillMasker:
         check(tokenizer.mask_token is not None, "the tokenizer has no mask token; it cannot fill masks")
         self.model, self.tokenizer, self.top_k, self.batch_size = model, tokenizer, top_k, batch_size
         self.device = torch.device(device)
+        self.truncated: list[int] = []
         self.max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
 
     # -- input ------------------------------------------------------------------------------------------
@@ -49,6 +51,7 @@ class FillMasker:
         check(bool(masks), f"{where} has no mask: {text[:80]!r}; write [MASK] where a word should be predicted")
         if len(ids) > self.max_length:
             ids, masks = self._window(ids, masks, where)
+            self.truncated.append(index + 1)
         return Encoded(index, text, ids, masks)
 
     def _window(self, ids: list[int], masks: list[int], where: str) -> tuple[list[int], list[int]]:
@@ -57,10 +60,6 @@ class FillMasker:
         first, last = masks[0] - 1, masks[-1] - 1
         check(last - first < room, f"{where}: its masks are more than {room} tokens apart; split the sentence")
         start = max(0, min(first - (room - (last - first)) // 2, len(body) - room))
-        log.warning(
-            "%s has %d tokens, more than the model's %d: truncated to tokens %d-%d around the masks",
-            where, len(ids), self.max_length, start, start + room,
-        )
         window = [ids[0]] + body[start : start + room] + [ids[-1]]
         return window, [m - start for m in masks]
 
@@ -112,7 +111,14 @@ class FillMasker:
         `indices` number the inputs in error messages (default 0, 1, ...)."""
         check(len(texts) > 0, "no input sentences; pass sentences, --file FILE, or lines on stdin")
         indices = list(range(len(texts))) if indices is None else indices
+        self.truncated: list[int] = []
         encoded = [self.encode(t, i) for t, i in zip(texts, indices, strict=True)]  # validate all first
+        if self.truncated:
+            shown = ", ".join(map(str, self.truncated[:5])) + (", ..." if len(self.truncated) > 5 else "")
+            log.warning(
+                "%d input(s) longer than the model's %d tokens were truncated to a window around their masks"
+                " (input %s)", len(self.truncated), self.max_length, shown,
+            )
         for position, e in enumerate(encoded):
             e.index = position
         results: list[dict | None] = [None] * len(encoded)
@@ -168,6 +174,7 @@ def fill_mask_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     texts = list(args.sentences)
     if args.file:
+        check(os.path.isfile(args.file), f"--file {args.file!r} does not exist; check the path")
         try:
             with open(args.file, encoding="utf-8") as f:
                 texts += [line.rstrip("\n") for line in f if line.strip()]

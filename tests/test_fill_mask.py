@@ -67,7 +67,7 @@ def test_bad_inputs(exported, caplog):
     long = " ".join(sentences(20)) + " the [MASK] likes the river ."
     [result] = masker([long])  # longer than the model's 24 tokens: truncated around the mask, no crash
     assert len(result["predictions"]) == 1
-    assert "truncated" in caplog.text
+    assert "1 input(s) longer than the model's 24 tokens were truncated" in caplog.text
 
 
 def test_cli_no_mask_exit_code(exported, capsys):
