@@ -158,3 +158,16 @@ def test_fill_mask_reads_stdin(trained, capsys, monkeypatch):
     assert run_cli("fill-mask", "--model", str(trained / "export")) == 0
     out = capsys.readouterr().out
     assert out.count("mask 1:") == 2
+
+
+@pytest.mark.slow
+def test_bf16_autocast_and_compile(corpus, tmp_path):
+    """The GPU-path options on CPU: bf16-mixed autocast and torch.compile; the export stays a plain model."""
+    from transformers import pipeline
+
+    root = tmp_path / "bf16"
+    code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+                             "--trainer.precision", "bf16-mixed", "--model.compile", "true"))
+    assert code == 0
+    assert column(metrics(root), "val/ppl")
+    assert pipeline("fill-mask", model=str(root / "export"), top_k=2)("the cat [MASK] the river .")
