@@ -216,7 +216,7 @@ def _describe(e: BaseException) -> tuple[int | None, str]:
         saved = getattr(e, "last_checkpoint", None)
         if saved:
             return 128 + signum, f"interrupted by {name}; saved {saved}; resume: the same command plus --ckpt_path last"
-        return 128 + signum, f"interrupted by {name} before the first training step; nothing to save"
+        return 128 + signum, f"interrupted by {name}; no training step to save, nothing left half-written"
     if isinstance(e, NonFiniteLossError):
         saved = getattr(e, "last_checkpoint", None)
         kept = f"last good checkpoint kept: {saved}" if saved else "no checkpoint had been written yet"

@@ -213,6 +213,8 @@ class MLMDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.load_tokenizer(train_if_missing=True)
+        if self.trainer is not None and self.trainer.predicting:
+            return  # predict needs the tokenizer, not the tokenized corpus
         directory = self._data_dir()
         if os.path.isdir(directory):
             log.info("tokenized corpus found in the cache: %s", directory)

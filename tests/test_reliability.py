@@ -216,7 +216,7 @@ def test_interrupt_during_tokenization_leaves_no_half_cache(write, tmp_path, cap
     corpus = write("c.txt", [f"line {i} of text ." for i in range(200)])
     code = run_cli(*args(corpus, tmp_path / "run", "--data.cache_dir", str(cache)))
     assert code == 130
-    assert "interrupted by SIGINT before the first training step" in capsys.readouterr().err
+    assert "interrupted by SIGINT; no training step to save, nothing left half-written" in capsys.readouterr().err
     assert os.listdir(cache / "data") == []  # nothing half-written; the next run tokenizes from scratch
     monkeypatch.undo()
     assert run_cli(*args(corpus, tmp_path / "run", "--data.cache_dir", str(cache), "--trainer.max_steps", "2",
