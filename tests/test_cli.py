@@ -171,3 +171,23 @@ def test_bf16_autocast_and_compile(corpus, tmp_path):
     assert code == 0
     assert column(metrics(root), "val/ppl")
     assert pipeline("fill-mask", model=str(root / "export"), top_k=2)("the cat [MASK] the river .")
+
+
+@pytest.mark.slow
+def test_predict_on_two_processes_keeps_input_order(trained, corpus, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("".join(f"the cat [MASK] the river {i} .\n" for i in range(21)))
+    out = tmp_path / "pred.jsonl"
+    cmd = [sys.executable, "-m", "mlm_lightning.cli", "predict", *fit_args(corpus, trained)[1:], "--trainer.devices",
+           "2", "--trainer.strategy", "ddp", "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
+           "--data.predict_files", str(inputs), "--prediction_writer.output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(21))
+    assert [r["text"] for r in rows] == inputs.read_text().splitlines()
+    assert sorted(os.listdir(tmp_path)) == ["in.txt", "pred.jsonl"]  # the per-process parts are merged away
