@@ -172,9 +172,8 @@ class ThroughputLogger(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         config = pl_module.model.config
-        dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-        if "16" in str(trainer.precision) and "bf16" not in str(trainer.precision):
-            dtype = torch.float16
+        precision = str(trainer.precision)
+        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
         available = get_available_flops(pl_module.device, dtype) if pl_module.device.type == "cuda" else None
         self.throughput = Throughput(available_flops=available, world_size=trainer.world_size, window_size=self.window)
         n_layers, width = config.num_hidden_layers, config.hidden_size

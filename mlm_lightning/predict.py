@@ -119,7 +119,7 @@ class FillMasker:
                 "%d input(s) longer than the model's %d tokens were truncated to a window around their masks"
                 " (input %s)", len(self.truncated), self.max_length, shown,
             )
-        for position, e in enumerate(encoded):
+        for position, e in enumerate(encoded):  # from here on, index is the slot of the result
             e.index = position
         results: list[dict | None] = [None] * len(encoded)
         order = sorted(encoded, key=lambda e: len(e.ids))  # similar lengths per batch: little padding
