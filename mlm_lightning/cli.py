@@ -165,7 +165,7 @@ def run_lightning_cli(argv: list[str]) -> None:
         trainer_defaults={
             "default_root_dir": "runs",
             "max_epochs": 60,  # sized for the offline default corpus (~106k tokens): set yours
-            "log_every_n_steps": 10,
+            "log_every_n_steps": 1,  # short runs log too; the loss is synced every step anyway (NaN check)
             "gradient_clip_val": 1.0,
             "use_distributed_sampler": False,  # our BatchPlan shards batches across processes itself
         },
