@@ -191,3 +191,13 @@ def test_predict_on_two_processes_keeps_input_order(trained, corpus, tmp_path):
     assert [r["index"] for r in rows] == list(range(21))
     assert [r["text"] for r in rows] == inputs.read_text().splitlines()
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "pred.jsonl"]  # the per-process parts are merged away
+
+
+@pytest.mark.parametrize("stop", [["--trainer.max_epochs", "1"], ["--trainer.max_time", "00:00:00:03"]])
+def test_a_fit_ended_by_epochs_or_time_leaves_last_ckpt(corpus, tmp_path, stop):
+    root = tmp_path / "run"
+    code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "-1" if "max_time" not in stop[0] else "100000",
+                             "--trainer.val_check_interval", "10", *stop))
+    assert code == 0
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == max(column(metrics(root), "step")) + 1  # the final step, not an earlier one
