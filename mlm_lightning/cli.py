@@ -28,6 +28,9 @@ def _quiet_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == "0" else logging.WARNING)
     log.propagate = False
+    from mlm_lightning.tokenizer import quiet_transformers
+
+    quiet_transformers()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
                  "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -131,8 +134,9 @@ def build_cli_class():
 
                 model, tokenizer = load_checkpoint(best)
                 path = save_hf(model, tokenizer, export_dir)
-                log.info("best checkpoint: %s", best)
-                log.info("exported the best model (Hugging Face format) to %s", path)
+                which = "best" if ckpt_cb.best_model_path else "last (no validation ran)"
+                log.info("%s checkpoint: %s", which, best)
+                log.info("exported that model (Hugging Face format) to %s", path)
                 print(path)
 
     return MLMCLI, MLMModule, MLMDataModule

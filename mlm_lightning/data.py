@@ -175,6 +175,7 @@ class MLMDataModule(L.LightningDataModule):
         self.datasets: dict[str, MLMDataset] = {}
         self._train_loader: ResumableDataLoader | None = None
         self._resume_state: dict | None = None
+        self._data_dir_path: str | None = None
 
     # -- preparation (rank 0) and loading (every rank) --------------------------------------------------
     def _train_paths(self) -> list[str]:
@@ -203,6 +204,11 @@ class MLMDataModule(L.LightningDataModule):
         return self.tokenizer
 
     def _data_dir(self) -> str:
+        if self._data_dir_path is None:  # hashing the tokenizer serializes it: once is enough
+            self._data_dir_path = self._data_key_dir()
+        return self._data_dir_path
+
+    def _data_key_dir(self) -> str:
         h = self.hparams
         files = self._train_paths() + (self.val_paths or [])
         key = corpus.fingerprint(

@@ -10,7 +10,7 @@ import zipfile
 import torch
 
 from mlm_lightning.errors import MLMError, check
-from mlm_lightning.tokenizer import load_pretrained, quiet_transformers
+from mlm_lightning.tokenizer import load_pretrained
 
 
 def check_checkpoint_path(path: str) -> None:
@@ -26,7 +26,6 @@ def load_checkpoint(path: str):
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
     check_checkpoint_path(path)
-    quiet_transformers()
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

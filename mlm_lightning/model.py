@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from mlm_lightning.errors import NonFiniteLossError, check
-from mlm_lightning.tokenizer import load_pretrained, quiet_transformers
+from mlm_lightning.tokenizer import load_pretrained
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -204,7 +204,6 @@ def build_model(hparams, tokenizer):
     """A `BertForMaskedLM` from `model_name_or_path`, or from scratch with the sizes in `hparams`."""
     from transformers import BertConfig, BertForMaskedLM
 
-    quiet_transformers()
     vocab = len(tokenizer)
     if hparams.model_name_or_path:
         model = load_pretrained(

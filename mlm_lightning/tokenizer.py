@@ -13,7 +13,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def quiet_transformers() -> None:
-    """Silence progress bars and info chatter; warnings and errors still show."""
+    """Silence transformers' progress bars and info chatter (warnings and errors still show): for the CLI."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     import transformers
 
@@ -27,7 +27,6 @@ def load_pretrained(cls, name_or_path: str, what: str, **kwargs):
     A local directory is used as is. A hub id is looked up in the local Hugging Face cache first, then
     on the network; when both fail the message says a network or a local directory is needed.
     """
-    quiet_transformers()
     if os.path.isdir(name_or_path):
         try:
             return cls.from_pretrained(name_or_path, **kwargs)
@@ -99,7 +98,6 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_m
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    quiet_transformers()
     tokenizer = BertTokenizer(tokenizer_object=tok, model_max_length=model_max_length, do_lower_case=lowercase)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
