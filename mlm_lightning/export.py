@@ -1,7 +1,20 @@
-"""Checkpoint -> Hugging Face directory (config.json, model.safetensors, tokenizer files), atomically."""
+"""Checkpoint -> Hugging Face directory (config.json, model.safetensors, tokenizer files), safely.
+
+What export does to an existing directory (the rule, also in the README):
+- a new or empty directory is written into;
+- a directory holding nothing but a previous export (the files named in its `.mlm-lightning-export` manifest)
+  is replaced: the new export is written aside and renamed into place, then the old export's own files are
+  removed by name;
+- anything else (a run directory with checkpoints, a user's own files, `.`) is refused with one line: export
+  never deletes or overwrites what it did not write.
+
+Checkpoints are data: they are read with `weights_only=True`, and the tokenizer files embedded in them are
+taken only under the known file names (never a name from the file that could become a path).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -10,7 +23,12 @@ import zipfile
 import torch
 
 from mlm_lightning.errors import MLMError, check
+from mlm_lightning.network import bert_from_config, load_bert
 from mlm_lightning.tokenizer import load_pretrained
+
+MANIFEST = ".mlm-lightning-export"
+# the only tokenizer files a checkpoint may carry (see model.tokenizer_files), by exact name
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def check_checkpoint_path(path: str) -> None:
@@ -21,59 +39,159 @@ def check_checkpoint_path(path: str) -> None:
     )
 
 
+def _tokenizer_from_files(files: object, source: str):
+    """A tokenizer from the {file name: text} dict stored in a checkpoint, written to a private temp dir."""
+    from transformers import AutoTokenizer
+
+    check(isinstance(files, dict) and "tokenizer.json" in files, f"{source} has no embedded tokenizer")
+    for name, text in files.items():
+        check(
+            name in TOKENIZER_FILES and isinstance(text, str),
+            f"{source} carries an unexpected tokenizer file {str(name)[:80]!r}; refusing it (a checkpoint may only"
+            f" hold {', '.join(TOKENIZER_FILES)})",
+        )
+    config = files.get("tokenizer_config.json")
+    if config is not None:
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError:
+            config = None
+        check(isinstance(config, dict), f"{source} has an invalid tokenizer_config.json")
+        # no remote code, and no file names from the checkpoint (e.g. "vocab_file": "/etc/...")
+        check("auto_map" not in config, f"{source}: its tokenizer asks for custom code (auto_map); refusing it")
+        for key, value in config.items():
+            check(
+                not (key.endswith("_file") and isinstance(value, str) and value),
+                f"{source}: its tokenizer_config.json names a file ({key}); refusing it",
+            )
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        try:
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MLMError(f"{source} has an unreadable tokenizer ({type(e).__name__})") from None
+
+
 def load_checkpoint(path: str):
     """(BertForMaskedLM, tokenizer) from an mlm-lightning .ckpt, loaded with `weights_only=True`."""
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
     check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise MLMError(f"{path!r} could not be read as a checkpoint ({type(e).__name__}); is it complete?") from e
     meta = ckpt.get("mlm_lightning") if isinstance(ckpt, dict) else None
-    check(meta is not None, f"{path!r} is not an mlm-lightning checkpoint (no model config/tokenizer inside)")
-    model = BertForMaskedLM._from_config(BertConfig.from_dict(meta["bert_config"]), attn_implementation="sdpa")
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in meta["tokenizer_files"].items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-    return model.eval(), tokenizer
+    check(isinstance(meta, dict), f"{path!r} is not an mlm-lightning checkpoint (no model config/tokenizer inside)")
+    source = f"checkpoint {path!r}"
+    model = bert_from_config(meta.get("bert_config"), source)
+    weights = ckpt.get("state_dict")
+    check(isinstance(weights, dict), f"{source} holds no weights")
+    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise MLMError(f"{source}: its weights do not fit its model config ({str(e).splitlines()[0]})") from None
+    return model.eval(), _tokenizer_from_files(meta.get("tokenizer_files"), source)
 
 
 def load_model(path: str):
-    """(model, tokenizer) from an exported/Hugging Face directory, a hub id, or a .ckpt file."""
-    from transformers import AutoTokenizer, BertForMaskedLM
+    """(model, tokenizer) from an exported/Hugging Face directory, a hub id, or a .ckpt file. BERT only."""
+    from transformers import AutoTokenizer
 
     if os.path.isfile(path):
         return load_checkpoint(path)
-    model = load_pretrained(BertForMaskedLM, path, "model", attn_implementation="sdpa")
+    model = load_bert(path, "model")
     return model.eval(), load_pretrained(AutoTokenizer, path, "tokenizer")
 
 
-def save_hf(model, tokenizer, export_dir: str) -> str:
-    """Write a Hugging Face directory to a temporary sibling and rename it into place."""
+# -- writing ------------------------------------------------------------------------------------------------
+def _previous_export(directory: str) -> list[str] | None:
+    """The file names of the export in `directory` if it holds nothing else; else None."""
+    try:
+        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(n, str) and os.path.basename(n) == n for n in files):
+        return None
+    entries = set(os.listdir(directory))
+    ours = set(files) | {MANIFEST}
+    plain = all(os.path.isfile(os.path.join(directory, n)) and not os.path.islink(os.path.join(directory, n))
+                for n in entries)
+    return files if entries <= ours and plain else None
+
+
+def check_export_dir(export_dir: str, keep: tuple[str, ...] = ()) -> None:
+    """Refuse an export dir that export would not write safely, before any work is done.
+
+    `keep`: directories the export must never contain (the run's checkpoints and logs).
+    """
+    target = os.path.realpath(export_dir)
+    for path in keep:
+        inside = os.path.realpath(path)
+        check(
+            os.path.commonpath([target, inside]) != target,
+            f"--export_dir {export_dir!r} would contain {path!r} (checkpoints/logs); export into a directory of"
+            f" its own, e.g. {os.path.join(export_dir, 'export')!r}",
+        )
+    if os.path.islink(export_dir) or (os.path.exists(export_dir) and not os.path.isdir(export_dir)):
+        raise MLMError(f"--export_dir {export_dir!r} exists and is not a directory; pick another path")
+    if os.path.isdir(export_dir) and os.listdir(export_dir) and _previous_export(export_dir) is None:
+        example = sorted(os.listdir(export_dir))[0]
+        raise MLMError(
+            f"--export_dir {export_dir!r} already holds files that no export wrote (e.g. {example!r}); export"
+            " replaces only a previous export: pick a new or empty directory"
+        )
+
+
+def save_hf(model, tokenizer, export_dir: str, keep: tuple[str, ...] = ()) -> str:
+    """Write a Hugging Face directory aside, then move it into place (see the module docstring for the rule)."""
+    check_export_dir(export_dir, keep)
     export_dir = os.path.abspath(export_dir)
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # ours: removed whatever happens
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if os.path.isdir(export_dir):
-            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
-            os.replace(export_dir, os.path.join(old, "x"))
-            os.replace(tmp, export_dir)
-            shutil.rmtree(old, ignore_errors=True)
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"files": sorted(os.listdir(tmp))}, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: an export is meant to be shared
+        if os.path.isdir(export_dir) and os.listdir(export_dir):
+            _replace_export(tmp, export_dir, parent)
         else:
-            os.replace(tmp, export_dir)
+            if os.path.isdir(export_dir):
+                os.rmdir(export_dir)  # empty: nothing lost (rmdir refuses a directory that is not)
+            os.rename(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return export_dir
 
 
+def _replace_export(tmp: str, export_dir: str, parent: str) -> None:
+    old_files = _previous_export(export_dir)
+    check(old_files is not None, f"--export_dir {export_dir!r} changed during the export; nothing was replaced")
+    aside = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
+    old = os.path.join(aside, "export")
+    os.rename(export_dir, old)
+    os.rename(tmp, export_dir)
+    # remove only what the previous export wrote, by name; anything that appeared meanwhile stays in `aside`
+    for name in [*old_files, MANIFEST]:
+        try:
+            os.remove(os.path.join(old, name))
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(old)
+        os.rmdir(aside)
+    except OSError:
+        raise MLMError(f"files appeared in the previous export during the export; they were kept in {old!r}") from None
+
+
 def export(ckpt_path: str, export_dir: str) -> str:
     model, tokenizer = load_checkpoint(ckpt_path)
-    return save_hf(model, tokenizer, export_dir)
+    keep = (os.path.abspath(ckpt_path),)  # e.g. `--export_dir r` for r/checkpoints/last.ckpt is refused
+    return save_hf(model, tokenizer, export_dir, keep)

@@ -17,9 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from mlm_lightning.errors import NonFiniteLossError, check
-from mlm_lightning.tokenizer import load_pretrained
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from mlm_lightning.export import TOKENIZER_FILES
+from mlm_lightning.network import load_bert, new_bert
 
 
 class MLMModule(L.LightningModule):
@@ -201,39 +200,19 @@ class MLMModule(L.LightningModule):
 
 
 def build_model(hparams, tokenizer):
-    """A `BertForMaskedLM` from `model_name_or_path`, or from scratch with the sizes in `hparams`."""
-    from transformers import BertConfig, BertForMaskedLM
-
+    """A `BertForMaskedLM` from `model_name_or_path` (BERT only), or from scratch with the sizes in `hparams`."""
     vocab = len(tokenizer)
     if hparams.model_name_or_path:
-        model = load_pretrained(
-            BertForMaskedLM, hparams.model_name_or_path, "model_name_or_path", attn_implementation="sdpa"
-        )
+        model = load_bert(hparams.model_name_or_path)
         check(
             vocab <= model.config.vocab_size,
             f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}; use the model's"
             " own tokenizer (leave --data.tokenizer unset)",
         )
         return model
-    check(
-        hparams.hidden_size % hparams.num_attention_heads == 0,
-        f"hidden_size {hparams.hidden_size} must be a multiple of num_attention_heads {hparams.num_attention_heads}",
-    )
-    config = BertConfig(
-        vocab_size=-(-vocab // 8) * 8,  # a multiple of 8 keeps the (tied) head matmul on fast GPU kernels
-        hidden_size=hparams.hidden_size,
-        num_hidden_layers=hparams.num_hidden_layers,
-        num_attention_heads=hparams.num_attention_heads,
-        intermediate_size=hparams.intermediate_size,
-        max_position_embeddings=hparams.max_position_embeddings,
-        hidden_dropout_prob=hparams.dropout,
-        attention_probs_dropout_prob=hparams.dropout,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = BertForMaskedLM._from_config(config, attn_implementation="sdpa")
-    with torch.no_grad():  # the padding ids are no tokens: never predicted, by fill-mask or a pipeline
-        model.cls.predictions.bias[vocab:] = -1e4
-    return model
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings", "dropout")
+    return new_bert(vocab, tokenizer.pad_token_id, **{k: hparams[k] for k in sizes})
 
 
 def _vocab(tokenizer_json: str) -> dict:
