@@ -14,7 +14,7 @@ import sys
 import traceback
 import warnings
 
-from mlm_lightning.errors import MLMError, NonFiniteLossError, check
+from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, check
 
 log = logging.getLogger("mlm_lightning")
 DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
@@ -40,18 +40,9 @@ def _quiet_logging() -> None:
         warnings.filterwarnings("ignore", pattern)
 
 
-class Interrupted(BaseException):
-    """SIGINT/SIGTERM before training started (e.g. during tokenization): caches are never half-written."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 def _early_signal_handler(signum, frame):
-    from mlm_lightning.callbacks import MLMCheckpoint
-
-    if not MLMCheckpoint.running:  # during training, MLMCheckpoint and Lightning handle signals
+    stopping = sys.modules.get("mlm_lightning.stopping")
+    if stopping is None or not stopping.GracefulStop.running:  # during a fit, GracefulStop handles signals
         raise Interrupted(signum)
 
 
@@ -59,10 +50,12 @@ def build_cli_class():
     import torch
     from lightning.pytorch.cli import LightningCLI
 
-    from mlm_lightning.callbacks import AtomicCheckpointIO, JSONLPredictionWriter, MLMCheckpoint, ThroughputLogger
+    from mlm_lightning.callbacks import JSONLPredictionWriter, ThroughputLogger
+    from mlm_lightning.checkpointing import AtomicCheckpointIO, MLMCheckpoint
     from mlm_lightning.data import MLMDataModule
-    from mlm_lightning.export import check_checkpoint_path, save_hf
+    from mlm_lightning.export import check_checkpoint_path, check_export_dir, save_hf
     from mlm_lightning.model import MLMModule
+    from mlm_lightning.stopping import GracefulStop
 
     class MLMCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -89,12 +82,9 @@ def build_cli_class():
                 data.tokenizer = model.model_name_or_path
             _check_accelerator(torch, trainer.accelerator, trainer.devices)
             if model.model_name_or_path:
-                from transformers import AutoConfig
+                from mlm_lightning.network import bert_config
 
-                from mlm_lightning.tokenizer import load_pretrained
-
-                positions = load_pretrained(AutoConfig, model.model_name_or_path, "model_name_or_path")
-                positions = positions.max_position_embeddings
+                positions = bert_config(model.model_name_or_path).max_position_embeddings  # BERT only
             else:
                 positions = model.max_position_embeddings
             check(
@@ -105,13 +95,25 @@ def build_cli_class():
 
         def instantiate_trainer(self, **kwargs):
             trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks.append(ThroughputLogger())
+            trainer.callbacks += [ThroughputLogger(), GracefulStop()]  # after the checkpoint callback: it saves
             if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
             return trainer
 
+        def _export_dir(self) -> str:
+            return self.config[self.subcommand].export_dir or os.path.join(self.trainer.default_root_dir, "export")
+
+        def _run_dirs(self) -> tuple[str, ...]:
+            """What an export must never contain: the run's checkpoints and logs."""
+            trainer = self.trainer
+            dirs = [trainer.checkpoint_callback.dirpath]
+            for logger in trainer.loggers:
+                dirs += [getattr(logger, "root_dir", None), getattr(logger, "log_dir", None)]
+            return tuple(str(d) for d in dirs if d)
+
         def before_fit(self) -> None:
             trainer = self.trainer
+            check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
             log.info(
                 "training on %s x%s, precision %s; checkpoints in %s", trainer.accelerator.__class__.__name__
                 .removesuffix("Accelerator").lower(), trainer.num_devices, trainer.precision,
@@ -128,12 +130,11 @@ def build_cli_class():
                 log.info("val/ppl: %.1f (step %d) -> %.1f (step %d)", history[0][1], history[0][0],
                          history[-1][1], history[-1][0])
             best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
-            export_dir = self.config[self.subcommand].export_dir or os.path.join(trainer.default_root_dir, "export")
             if best and os.path.exists(best):
                 from mlm_lightning.export import load_checkpoint
 
                 model, tokenizer = load_checkpoint(best)
-                path = save_hf(model, tokenizer, export_dir)
+                path = save_hf(model, tokenizer, self._export_dir(), self._run_dirs())
                 which = "best" if ckpt_cb.best_model_path else "last (no validation ran)"
                 log.info("%s checkpoint: %s", which, best)
                 log.info("exported that model (Hugging Face format) to %s", path)
@@ -213,9 +214,8 @@ def _describe(e: BaseException) -> tuple[int | None, str]:
     if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException):
         return None, ""
     if isinstance(e, (SIGTERMException, Interrupted, KeyboardInterrupt)):
-        from mlm_lightning.callbacks import MLMCheckpoint
-
-        signum = getattr(e, "signum", None) or MLMCheckpoint.last_signum or signal.SIGINT
+        stopping = sys.modules.get("mlm_lightning.stopping")
+        signum = getattr(e, "signum", None) or (stopping and stopping.GracefulStop.last_signum) or signal.SIGINT
         name = signal.Signals(signum).name
         saved = getattr(e, "last_checkpoint", None)
         if saved:

@@ -24,3 +24,14 @@ def check(condition: bool, message: str) -> None:
     """Raise `MLMError(message)` unless `condition` holds."""
     if not condition:
         raise MLMError(message)
+
+
+class Interrupted(BaseException):
+    """A stop by SIGINT/SIGTERM where no checkpoint is due (before training, or a second Ctrl-C).
+
+    A `BaseException`, like `KeyboardInterrupt`, so no `except Exception` swallows it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -39,5 +40,29 @@ class SignalDuringValidation(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if trainer.global_step >= self.step and not trainer.sanity_checking:
+            os.environ["MLM_TEST_SIGNAL_SENT"] = repr(time.time())  # for tests that time the reaction
             os.kill(os.getpid(), self.signum)
             self.step = 10**9
+
+
+class SlowValidation(Callback):
+    """Make every validation batch after `after_step` take `seconds`: a long validation."""
+
+    def __init__(self, seconds: float = 5.0, after_step: int = 0):
+        self.seconds, self.after_step = seconds, after_step
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.global_step >= self.after_step:
+            time.sleep(self.seconds)
+
+
+class SignalAtBatch(Callback):
+    """Send a signal after the `batch`-th training batch (counted from 1 over the whole fit)."""
+
+    def __init__(self, batch: int, signum: int = int(signal.SIGTERM), times: int = 1):
+        self.batch, self.signum, self.times = batch, signum, times
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.fit_loop.total_batch_idx + 1 == self.batch:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)

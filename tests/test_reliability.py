@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from mlm_lightning.callbacks import AtomicCheckpointIO
+from mlm_lightning.checkpointing import AtomicCheckpointIO
 from mlm_lightning.errors import MLMError
 from mlm_lightning.export import load_checkpoint
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
@@ -71,7 +71,7 @@ def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted,
     assert_same_run(uninterrupted, root)
 
 
-def test_signal_during_validation_finishes_it_then_resumes_exactly(corpus, tmp_path, capsys, uninterrupted):
+def test_signal_during_validation_cuts_it_short_then_resumes_exactly(corpus, tmp_path, capsys, uninterrupted):
     root = tmp_path / "val"
     code = run_cli(*args(corpus, root, "--trainer.callbacks+=tests.helpers.SignalDuringValidation",
                          "--trainer.callbacks.step", "20"))

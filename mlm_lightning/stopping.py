@@ -1,0 +1,103 @@
+"""Graceful stop: SIGINT/SIGTERM save a resumable `last.ckpt` within seconds, in every phase of a fit.
+
+The signal handler only records the signal; the save happens at the next point where the state is
+consistent, and only then is Lightning's own SIGTERM handler told (it stops the loops and relays to DDP ranks):
+- training: at the next batch end that closes a gradient-accumulation window (a save in the middle of one
+  would lose the window's gradients, and the resumed run would differ);
+- validation: at the next validation batch end; the checkpoint records the validation as not yet done, so the
+  resumed run simply runs it again (nothing of a half validation is kept);
+- sanity check: nothing has been trained yet; the run stops at once.
+Cluster schedulers send SIGKILL ~30 s after SIGTERM, so no phase waits for the end of a validation.
+A second Ctrl-C stops at once (exit 130, through `Interrupted`, not Lightning's KeyboardInterrupt path).
+"""
+
+from __future__ import annotations
+
+import signal
+
+from lightning.pytorch.callbacks import Callback
+
+from mlm_lightning.errors import Interrupted
+
+
+class GracefulStop(Callback):
+    running = False  # a fit with these handlers is under way (the CLI's own handler stands aside)
+    last_signum: int | None = None
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._notified = False
+
+    # -- handlers: installed after Lightning's own (registered just before the sanity check) -------------
+    def _install(self, trainer) -> None:
+        enabled = getattr(trainer.checkpoint_callback, "save_on_interrupt", True)
+        if self._previous or trainer.state.fn != "fit" or not enabled:
+            return
+        GracefulStop.running, GracefulStop.last_signum = True, None
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):
+            if (self.signum is not None and signum == signal.SIGINT) or trainer.sanity_checking:
+                raise Interrupted(signum)  # a second Ctrl-C, or nothing trained yet: stop now
+            if self.signum is None and signum == signal.SIGINT and trainer.is_global_zero:
+                print("\nmlm-lightning: interrupted; saving a checkpoint (Ctrl-C again to abort)", flush=True)
+            self.signum = GracefulStop.last_signum = self.signum or signum
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+        GracefulStop.running = False
+
+    # -- the stop ----------------------------------------------------------------------------------------
+    def _requested(self, trainer) -> bool:
+        """True on every process if a signal reached any: saving is collective, so all decide alike."""
+        flag = self.signum is not None
+        return trainer.strategy.reduce_boolean_decision(flag, all=False) if trainer.world_size > 1 else flag
+
+    def _save(self, trainer, mid_validation: bool = False) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if trainer.global_step > 0 and hasattr(checkpoint, "write_last"):
+            checkpoint.write_last(trainer, mid_validation=mid_validation)
+
+    def _notify_lightning(self) -> None:
+        """Lightning's own SIGTERM handler: it stops the loops at the next boundary (and relays to DDP ranks)."""
+        if not self._notified:
+            self._notified = True
+            handler = self._previous.get(signal.SIGTERM)
+            if callable(handler):
+                handler(self.signum or signal.SIGTERM, None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._notified or not self._requested(trainer):
+            return
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # mid-window: save once the window's optimizer step has been taken
+        self._save(trainer)
+        self._notify_lightning()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking or not (self._notified or self._requested(trainer)):
+            return
+        loop = trainer.fit_loop.epoch_loop
+        if loop._should_accumulate() or loop.val_loop.batch_progress.is_last_batch:
+            return  # inside an accumulation window: stop after it; last batch: stop at on_validation_end
+        self._save(trainer, mid_validation=True)  # the validation is cut short after this batch
+        self._notify_lightning()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self._notified or not self._requested(trainer):
+            return
+        if not trainer.fit_loop.epoch_loop._should_accumulate():
+            self._save(trainer)  # (MLMCheckpoint then ranks this validation and refreshes last.ckpt again)
+            self._notify_lightning()
