@@ -21,9 +21,11 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
     - `shuffle=False`: fixed order (validation), sorted by length when `group_by_length`.
     - `group_by_length`: shuffle, then sort within mega-batches of `50 * batch_size`, then shuffle batches:
       similar lengths share a batch so little compute goes to padding.
-    - `max_tokens`: instead of a fixed batch size, fill each batch up to `max_tokens` padded tokens.
+    - `max_tokens`: instead of a fixed batch size, fill each batch up to `max_tokens` tokens after padding to
+      a multiple of `pad_multiple`; the number of batches is the same in every epoch.
     - `num_replicas`/`rank` (DDP): in training each process takes every `num_replicas`-th batch (all take the
-      same number); in evaluation every `num_replicas`-th example (all examples are evaluated).
+      same number); in evaluation every `num_replicas`-th example (all examples are evaluated), in as many
+      batches as the other processes when it has enough examples (`lockstep`).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
         num_replicas: int = 1,
         rank: int = 0,
         epoch_key: int | None = None,
+        pad_multiple: int = 8,
     ):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
@@ -48,6 +51,8 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch_key = epoch_key  # fixed mask key (validation): same masks at every evaluation
+        self.pad_multiple = pad_multiple
+        self.lockstep = True  # evaluation: every process has the same number of batches
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
         self._cache: tuple[int, list[np.ndarray]] | None = None
@@ -62,40 +67,57 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
         self.epoch = epoch
         self._resume = (epoch, batches_done)
 
+    def _padded(self, longest: int) -> int:
+        """The padded length of a batch whose longest example is `longest` (the collator pads to a multiple)."""
+        return -(-longest // self.pad_multiple) * self.pad_multiple
+
+    def _token_batches(self, order: np.ndarray) -> list[np.ndarray]:
+        """Batches of at most `max_tokens` padded tokens, from examples sorted by length.
+
+        The cut points depend only on the sorted sequence of lengths, the same in every epoch, so the number of
+        batches never changes between epochs (Lightning fixes an epoch's length, and the LR schedule its total,
+        from epoch 0). Which examples of equal length share a batch follows `order` (random per epoch)."""
+        order = order[np.argsort(-self.lengths[order], kind="stable")]
+        batches, start = [], 0
+        for i in range(1, len(order) + 1):
+            longest = int(self.lengths[order[start]])  # sorted: the first is the longest
+            if i == len(order) or self._padded(longest) * (i + 1 - start) > self.max_tokens:
+                batches.append(order[start:i])
+                start = i
+        return batches
+
+    def _batches(self, order: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray]:
+        n = len(order)
+        if self.max_tokens:
+            return self._token_batches(order)
+        if self.group_by_length:
+            window = n if rng is None else self.batch_size * MEGABATCH_FACTOR
+            chunks = [order[i : i + window] for i in range(0, n, window)]
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]) if n else order
+        return [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+
     def plan(self, epoch: int) -> list[np.ndarray]:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        n = len(self.lengths)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        if self.num_replicas > 1 and not self.shuffle:
-            # evaluation: every process takes every num_replicas-th example, none is dropped
-            order = order[self.rank :: self.num_replicas]
-            n = len(order)
-        if self.group_by_length:
-            window = n if not self.shuffle else self.batch_size * MEGABATCH_FACTOR
-            if self.max_tokens:
-                window = max(window, self.max_tokens // max(1, int(self.lengths.min())))
-            chunks = [order[i : i + window] for i in range(0, n, window)]
-            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]) if n else order
-        if self.max_tokens:
-            batches, start, longest = [], 0, 0
-            for i, idx in enumerate(order):
-                longest_with = max(longest, int(self.lengths[idx]))
-                if i > start and longest_with * (i - start + 1) > self.max_tokens:
-                    batches.append(order[start:i])
-                    start, longest_with = i, int(self.lengths[idx])
-                longest = longest_with
-            if start < n:
-                batches.append(order[start:])
-        else:
-            batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
-        if self.shuffle and self.group_by_length:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.num_replicas > 1 and self.shuffle:
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            batches = self._batches(rng.permutation(len(self.lengths)), rng)
+            if self.group_by_length or self.max_tokens:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
             # training: every process takes every num_replicas-th batch, as many as the others (lockstep)
             per_rank = len(batches) // self.num_replicas
             batches = batches[self.rank :: self.num_replicas][:per_rank]
+        else:
+            # evaluation: every process takes every num_replicas-th example (none is dropped), split into as many
+            # batches as the process with the most has, so that all stay in step batch by batch (a signal
+            # during validation is agreed on after every batch)
+            orders = [np.arange(r, len(self.lengths), self.num_replicas) for r in range(self.num_replicas)]
+            target = max(len(self._batches(o, None)) for o in orders)
+            batches = self._batches(orders[self.rank], None)
+            while len(batches) < target and max(map(len, batches)) > 1:
+                i = max(range(len(batches)), key=lambda j: len(batches[j]))
+                batches[i : i + 1] = np.array_split(batches[i], 2)
+            self.lockstep = all(len(o) >= target for o in orders)
         self._cache = (epoch, batches)
         return batches
 
