@@ -32,10 +32,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def check_checkpoint_path(path: str) -> None:
+    """A .ckpt file, or a sharded (FSDP) / DeepSpeed checkpoint directory."""
+    from mlm_lightning import sharded
+
     check(os.path.exists(path), f"checkpoint {path!r} does not exist; check the path or use --ckpt_path last")
     check(
-        os.path.isfile(path) and zipfile.is_zipfile(path),
-        f"{path!r} is not a checkpoint (expected a .ckpt written by mlm-lightning fit)",
+        (os.path.isfile(path) and zipfile.is_zipfile(path)) or (os.path.isdir(path) and sharded.kind(path)),
+        f"{path!r} is not a checkpoint (expected a .ckpt written by mlm-lightning fit, or a sharded FSDP/DeepSpeed"
+        " checkpoint directory)",
     )
 
 
@@ -75,12 +79,18 @@ def _tokenizer_from_files(files: object, source: str):
 
 
 def load_checkpoint(path: str):
-    """(BertForMaskedLM, tokenizer) from an mlm-lightning .ckpt, loaded with `weights_only=True`."""
+    """(BertForMaskedLM, tokenizer) from an mlm-lightning .ckpt (loaded with `weights_only=True`) or a sharded
+    FSDP / DeepSpeed checkpoint directory (see `sharded.py`)."""
     check_checkpoint_path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MLMError(f"{path!r} could not be read as a checkpoint ({type(e).__name__}); is it complete?") from e
+    if os.path.isdir(path):
+        from mlm_lightning.sharded import load_directory
+
+        ckpt = load_directory(path)
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MLMError(f"{path!r} could not be read as a checkpoint ({type(e).__name__}); is it complete?") from e
     meta = ckpt.get("mlm_lightning") if isinstance(ckpt, dict) else None
     check(isinstance(meta, dict), f"{path!r} is not an mlm-lightning checkpoint (no model config/tokenizer inside)")
     source = f"checkpoint {path!r}"
@@ -99,7 +109,9 @@ def load_model(path: str):
     """(model, tokenizer) from an exported/Hugging Face directory, a hub id, or a .ckpt file. BERT only."""
     from transformers import AutoTokenizer
 
-    if os.path.isfile(path):
+    from mlm_lightning import sharded
+
+    if os.path.isfile(path) or (os.path.isdir(path) and sharded.kind(path)):
         return load_checkpoint(path)
     model = load_bert(path, "model")
     return model.eval(), load_pretrained(AutoTokenizer, path, "tokenizer")

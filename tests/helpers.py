@@ -66,3 +66,28 @@ class SignalAtBatch(Callback):
         if trainer.fit_loop.total_batch_idx + 1 == self.batch:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
+
+
+def write_sharded_checkpoint(rank: int, world: int, ckpt_path: str, out_dir: str, port: int) -> None:
+    """(torch.multiprocessing.spawn target) Write `ckpt_path` as a sharded `torch.distributed.checkpoint`
+    directory from `world` gloo processes, laid out as Lightning's FSDP strategy does ("model" + meta.pt)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        full = torch.load(ckpt_path, weights_only=True)
+        model = {
+            k: distribute_tensor(v, mesh, [Shard(0)] if v.dim() and v.shape[0] >= world else [Replicate()])
+            for k, v in full["state_dict"].items()
+        }
+        dcp.save({"model": model}, checkpoint_id=out_dir)
+        if rank == 0:
+            rest = {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states")}
+            torch.save(rest, os.path.join(out_dir, "meta.pt"))
+    finally:
+        dist.destroy_process_group()
