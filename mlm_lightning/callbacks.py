@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import tempfile
 import time
 
 import torch
@@ -66,7 +66,10 @@ class ThroughputLogger(Callback):
 
 
 class JSONLPredictionWriter(BasePredictionWriter):
-    """`predict` writes one JSON object per input line, in input order, whatever the number of processes."""
+    """`predict` writes one JSON object per input line, in input order, whatever the number of processes.
+
+    Each process keeps its own records; at the end they are gathered through the process group (not through
+    files, which a node-local directory would hide from rank 0) and rank 0 writes the file atomically."""
 
     def __init__(self, output: str | None = None):
         """Args:
@@ -77,25 +80,29 @@ class JSONLPredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self.output = self.output or os.path.join(trainer.default_root_dir, "predictions.jsonl")
-        os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
-        self._part = open(f"{self.output}.part{trainer.global_rank}", "w", encoding="utf-8")
+        self._records: list[dict] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        for record in prediction:
-            self._part.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._records += prediction
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        self._part.close()
-        trainer.strategy.barrier("predictions-written")
+        records = self._records
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            parts = [None] * trainer.world_size
+            dist.all_gather_object(parts, records)
+            records = [r for part in parts for r in part]
         if trainer.is_global_zero:
-            records = []
-            for part in sorted(glob.glob(f"{glob.escape(self.output)}.part*")):
-                with open(part, encoding="utf-8") as f:
-                    records += [json.loads(line) for line in f]
-                os.remove(part)
             records.sort(key=lambda r: r["index"])
-            tmp = f"{self.output}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            os.replace(tmp, self.output)
+            directory = os.path.dirname(os.path.abspath(self.output))
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".predictions-", suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                os.replace(tmp, self.output)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
             print(f"mlm-lightning: wrote {len(records)} predictions to {self.output}")

@@ -85,7 +85,9 @@ class MLMCheckpoint(ModelCheckpoint):
     def write_last(self, trainer, mid_validation: bool = False) -> None:
         """Write the resumable `last.ckpt` now. `mid_validation`: a validation is under way and will be cut
         short: the checkpoint records it as not yet run, so a resumed fit runs it again."""
-        if self._last_saved == (trainer.global_step, mid_validation) and os.path.exists(self.last_path()):
+        # decided from in-memory state alone, the same on every process (a per-process look at the disk would
+        # differ between nodes without a shared directory, and one process skipping a collective save hangs all)
+        if self._last_saved == (trainer.global_step, mid_validation):
             return
         # set first: the saved callback state must name last.ckpt, or a resumed run would write last-v1.ckpt
         self.last_model_path = self.last_path()

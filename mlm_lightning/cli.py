@@ -71,6 +71,12 @@ def build_cli_class():
             ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
             if ckpt and ckpt not in ("last", "best", "hpc"):
                 check_checkpoint_path(ckpt)
+                strategy = str(self.config[subcommand].trainer.strategy).lower()
+                check(
+                    not os.path.isdir(ckpt) or "fsdp" in strategy or "deepspeed" in strategy,
+                    f"{ckpt!r} is a sharded checkpoint directory: resume it with the strategy that wrote it"
+                    " (--trainer.strategy fsdp or deepspeed), or turn it into a model with mlm-lightning export",
+                )
             super()._parse_ckpt_path()
 
         def before_instantiate_classes(self) -> None:

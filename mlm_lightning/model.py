@@ -13,6 +13,7 @@ import json
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
@@ -168,18 +169,34 @@ class MLMModule(L.LightningModule):
         scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -- checkpoints carry the architecture and tokenizer (any .ckpt exports on its own) and the RNG state
-    #    that drives dropout (a resumed run draws the same dropout masks as an uninterrupted one) ----------
+    def setup(self, stage: str) -> None:
+        # every process draws its own dropout masks (seed_everything gives all the same seed); rank 0 keeps the
+        # seed as given, so a single-process run is unchanged
+        if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+    # -- checkpoints carry the architecture and tokenizer (any .ckpt exports on its own) and each process's
+    #    RNG state that drives dropout (a resumed run draws the same dropout masks as an uninterrupted one) ---
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":  # this process's own device only
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._tokenizer_files is None:
             self._tokenizer_files = tokenizer_files(self.tokenizer)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        states = [self._rng_state()]
+        if self._trainer is not None and self.trainer.world_size > 1:  # every process dumps: a collective is safe
+            import torch.distributed as dist
+
+            states = [None] * self.trainer.world_size
+            dist.all_gather_object(states, self._rng_state())
+            states = [{k: v.cpu() for k, v in s.items()} for s in states]
         checkpoint["mlm_lightning"] = {
             "bert_config": self.model.config.to_dict(),
             "tokenizer_files": self._tokenizer_files,
-            "rng": rng,
+            "rng": states,  # one entry per process, by global rank
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -192,11 +209,21 @@ class MLMModule(L.LightningModule):
                 " vocabulary is trained once per corpus and cached: another cache or corpus gives another);"
                 " export the checkpoint (mlm-lightning export) and pass --data.tokenizer EXPORT_DIR",
             )
-        rng = checkpoint.get("mlm_lightning", {}).get("rng")
-        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return
+        states = checkpoint.get("mlm_lightning", {}).get("rng") or []
+        states = [states] if isinstance(states, dict) else states  # (checkpoints of mlm-lightning 0.1)
+        world = self.trainer.world_size
+        if len(states) != world:
+            rank_zero_warn(
+                f"resuming a run of {len(states)} process(es) on {world}: it continues from the checkpoint, but not"
+                " bit-exactly (the dropout streams and the split of batches between processes differ)"
+            )
+            return
+        state = states[self.global_rank]
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
 
 def build_model(hparams, tokenizer):
