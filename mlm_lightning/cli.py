@@ -28,7 +28,7 @@ def _quiet_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == "0" else logging.WARNING)
     log.propagate = False
-    from mlm_lightning.tokenizer import quiet_transformers
+    from mlm_lightning.hub import quiet_transformers
 
     quiet_transformers()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
@@ -91,7 +91,7 @@ def build_cli_class():
             if model.model_name_or_path:
                 from transformers import AutoConfig
 
-                from mlm_lightning.tokenizer import load_pretrained
+                from mlm_lightning.hub import load_pretrained
 
                 positions = load_pretrained(AutoConfig, model.model_name_or_path, "model_name_or_path")
                 positions = positions.max_position_embeddings

@@ -10,7 +10,7 @@ import zipfile
 import torch
 
 from mlm_lightning.errors import MLMError, check
-from mlm_lightning.tokenizer import load_pretrained
+from mlm_lightning.hub import load_pretrained
 
 
 def check_checkpoint_path(path: str) -> None:

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from mlm_lightning.errors import NonFiniteLossError, check
-from mlm_lightning.tokenizer import load_pretrained
+from mlm_lightning.hub import load_pretrained
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
