@@ -91,6 +91,10 @@ def build_cli_class():
             if cfg.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in chosen):
                 extra.append(CompactModelSummary())
             self.trainer_defaults["callbacks"] = extra
+            if cfg.get("logger") in (None, True):  # Lightning's default is TensorBoard when it is installed;
+                from lightning.pytorch.loggers import CSVLogger  # metrics.csv (the plot's source) stays
+
+                kwargs.setdefault("logger", CSVLogger(cfg.get("default_root_dir") or "."))
             trainer = super().instantiate_trainer(**kwargs)
             trainer.callbacks += [ThroughputLogger(), RunReport()]
             if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
@@ -124,9 +128,9 @@ def build_cli_class():
                          history[0][0], history[-1][1], history[-1][0], best[1], best[0])
             self._export_best()
             root = trainer.default_root_dir
-            logger = trainer.logger
-            if logger is not None and getattr(logger, "log_dir", None):
-                log.info("logs: %s", logger.log_dir)
+            dirs = [lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)]
+            if dirs:
+                log.info("logs: %s", ", ".join(dirs))
             self._plot(root)
 
         def _export_best(self) -> None:

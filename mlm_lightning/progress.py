@@ -66,8 +66,8 @@ class RunReport(Callback):
     def summary(self) -> str:
         steps = self.end_step - self.start_step
         rate = self.total_tokens / max(self.elapsed(), 1e-9)
-        return (f"trained {steps:,} steps (step {self.start_step} -> {self.end_step}) in {duration(self.elapsed())},"
-                f" {human(self.total_tokens)} real tokens seen, {rate:,.0f} real tokens/s on average"
+        return (f"{steps:,} steps (step {self.start_step} -> {self.end_step}), {human(self.total_tokens)} real tokens"
+                f" seen, {rate:,.0f} real tokens/s on average over {duration(self.elapsed())} of training"
                 " (validation included)")
 
 
