@@ -46,8 +46,14 @@ def build_cli_class():
             sub = self.config.get("subcommand")
             if not sub:
                 return
-            given = parser.parse_args(plain, defaults=False)[sub]
-            changes = adjusted_defaults(self.config[sub], given, pretrained_positions)
+            from jsonargparse import ArgumentError
+
+            try:
+                given = parser.parse_args(plain, defaults=False)[sub]
+                changes = adjusted_defaults(self.config[sub], given, pretrained_positions)
+            except ArgumentError:  # cannot tell what the user set: change nothing rather than override them
+                log.warning("could not tell which options were set; no defaults adjusted (see --print_config)")
+                changes = {}
             for key, (value, _) in changes.items():
                 self.config[sub][key] = value
             if changes and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":

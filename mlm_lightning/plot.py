@@ -121,8 +121,7 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
     _summary_panel(axes[-1], runs, labels)
     fig.suptitle("mlm-lightning: " + ", ".join(labels))
     fig.tight_layout()
-    out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp-{os.getpid()}.png"
     try:  # written aside and renamed: never a half-written picture
         fig.savefig(tmp, dpi=80, metadata={"Software": MARKER})

@@ -206,8 +206,8 @@ def test_progress_bar_shows_run_eta_and_tokens_not_v_num():
     report = RunReport()
     report.start_time, report.start_step = time.perf_counter() - 10.0, 0
     trainer = SimpleNamespace(
-        training=True, global_step=10, estimated_stepping_batches=100, callbacks=[report], loggers=[SimpleNamespace(version=0)],
-        callback_metrics={"perf/tokens_per_s": torch.tensor(12345.0)},
+        training=True, global_step=10, estimated_stepping_batches=100, callbacks=[report],
+        loggers=[SimpleNamespace(version=0)], callback_metrics={"perf/tokens_per_s": torch.tensor(12345.0)},
         progress_bar_metrics={"train/loss": 1.5},
     )
     items = MLMTQDMProgressBar().get_metrics(trainer, None)
