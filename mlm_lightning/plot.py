@@ -111,7 +111,8 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if log_scale and ax.lines:
+        shown = [v for line in ax.lines for v in line.get_ydata()]
+        if log_scale and shown and min(shown) > 0 and max(shown) / min(shown) > 10:  # log only for a wide range
             ax.set_yscale("log")
             plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 160, not 1.6 x 10^2
             ax.yaxis.set_major_formatter(plain)
