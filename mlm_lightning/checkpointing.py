@@ -119,13 +119,21 @@ class MLMCheckpoint(ModelCheckpoint):
         timed = self.last_every is not None and time.monotonic() - self._last_time >= self.last_every
         if timed and trainer.world_size > 1:  # clocks differ: saving is collective, so all decide alike
             timed = trainer.strategy.reduce_boolean_decision(timed, all=False)
-        if periodic or timed:
+        # the fit's last batch: saved here, where a resumed run (with more steps or epochs) continues exactly;
+        # a save at on_train_end would record the epoch as finished
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        final = (trainer.max_steps > 0 and step >= trainer.max_steps) or (
+            last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        )
+        if periodic or timed or final:
             self.write_last(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
-        # a fit that ends by steps, epochs or time always leaves last.ckpt of its final step
-        if self.save_last and trainer.global_step > 0:
+        # a fit that ends another way (max_time, early stop) still leaves last.ckpt of its final step
+        step = trainer.global_step
+        saved = (self._last_saved and self._last_saved[0] == step) or self._last_global_step_saved == step
+        if self.save_last and step > 0 and not saved:
             self.write_last(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

@@ -1,12 +1,14 @@
-"""`mlm-lightning`: LightningCLI subcommands `fit|validate|test|predict`, plus `export` and `fill-mask`.
+"""`mlm-lightning COMMAND`: LightningCLI's `fit|validate|test|predict` and the commands in `COMMANDS`.
 
-Every option of `MLMModule` (`--model.*`), `MLMDataModule` (`--data.*`), the Lightning `Trainer`
-(`--trainer.*`) and `MLMCheckpoint` (`--checkpoint.*`) comes from their typed signatures; docstrings are
-the `--help`. Inputs are validated before the Trainer is built; a bad one is a single line and a non-zero exit.
+Every command takes `--name value` options and `--help`. The Lightning ones are in `lightning_cli.py`; the
+others are plain typed functions (options from the signature, help from the docstring, positional
+arguments from a `*name` parameter) parsed with jsonargparse here. Any failure is one line and an exit code.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
 import signal
@@ -28,7 +30,7 @@ def _quiet_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == "0" else logging.WARNING)
     log.propagate = False
-    from mlm_lightning.tokenizer import quiet_transformers
+    from mlm_lightning.hub import quiet_transformers
 
     quiet_transformers()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
@@ -46,142 +48,77 @@ def _early_signal_handler(signum, frame):
         raise Interrupted(signum)
 
 
-def build_cli_class():
-    import torch
-    from lightning.pytorch.cli import LightningCLI
-
-    from mlm_lightning.callbacks import JSONLPredictionWriter, ThroughputLogger
-    from mlm_lightning.checkpointing import AtomicCheckpointIO, MLMCheckpoint
-    from mlm_lightning.data import MLMDataModule
-    from mlm_lightning.export import check_checkpoint_path, check_export_dir, save_hf
-    from mlm_lightning.model import MLMModule
-    from mlm_lightning.stopping import GracefulStop
-
-    class MLMCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.add_lightning_class_args(MLMCheckpoint, "checkpoint")
-            parser.add_lightning_class_args(JSONLPredictionWriter, "prediction_writer")
-            parser.add_argument("--export_dir", type=str | None, default=None,
-                                help="fit: where the best model is exported in Hugging Face format"
-                                " (default: <trainer.default_root_dir>/export)")
-
-        def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads the checkpoint's hyperparameters here, before any other hook: check it first
-            subcommand = self.config.get("subcommand")
-            ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if ckpt and ckpt not in ("last", "best", "hpc"):
-                check_checkpoint_path(ckpt)
-                strategy = str(self.config[subcommand].trainer.strategy).lower()
-                check(
-                    not os.path.isdir(ckpt) or "fsdp" in strategy or "deepspeed" in strategy,
-                    f"{ckpt!r} is a sharded checkpoint directory: resume it with the strategy that wrote it"
-                    " (--trainer.strategy fsdp or deepspeed), or turn it into a model with mlm-lightning export",
-                )
-            super()._parse_ckpt_path()
-
-        def before_instantiate_classes(self) -> None:
-            cfg = self.config[self.subcommand]
-            trainer, data, model = cfg.trainer, cfg.data, cfg.model
-            if cfg.checkpoint.dirpath is None:
-                cfg.checkpoint.dirpath = os.path.join(trainer.default_root_dir or ".", "checkpoints")
-            if data.tokenizer is None and model.model_name_or_path:
-                data.tokenizer = model.model_name_or_path
-            _check_accelerator(torch, trainer.accelerator, trainer.devices)
-            if model.model_name_or_path:
-                from mlm_lightning.network import bert_config
-
-                positions = bert_config(model.model_name_or_path).max_position_embeddings  # BERT only
-            else:
-                positions = model.max_position_embeddings
-            check(
-                data.max_length <= positions,
-                f"max_length {data.max_length} is beyond the model's {positions} position embeddings;"
-                f" use --data.max_length {positions} or less",
-            )
-
-        def instantiate_trainer(self, **kwargs):
-            trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks += [ThroughputLogger(), GracefulStop()]  # after the checkpoint callback: it saves
-            if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
-                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-            return trainer
-
-        def _export_dir(self) -> str:
-            return self.config[self.subcommand].export_dir or os.path.join(self.trainer.default_root_dir, "export")
-
-        def _run_dirs(self) -> tuple[str, ...]:
-            """What an export must never contain: the run's checkpoints and logs."""
-            trainer = self.trainer
-            dirs = [trainer.checkpoint_callback.dirpath]
-            for logger in trainer.loggers:
-                dirs += [getattr(logger, "root_dir", None), getattr(logger, "log_dir", None)]
-            return tuple(str(d) for d in dirs if d)
-
-        def before_fit(self) -> None:
-            trainer = self.trainer
-            check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
-            log.info(
-                "training on %s x%s, precision %s; checkpoints in %s", trainer.accelerator.__class__.__name__
-                .removesuffix("Accelerator").lower(), trainer.num_devices, trainer.precision,
-                trainer.checkpoint_callback.dirpath,
-            )
-
-        def after_fit(self) -> None:
-            trainer = self.trainer
-            ckpt_cb = trainer.checkpoint_callback
-            if not trainer.is_global_zero or trainer.global_step == 0:
-                return
-            history = getattr(self.model, "val_ppl_history", [])
-            if history:
-                log.info("val/ppl: %.1f (step %d) -> %.1f (step %d)", history[0][1], history[0][0],
-                         history[-1][1], history[-1][0])
-            best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
-            if best and os.path.exists(best):
-                from mlm_lightning.export import load_checkpoint
-
-                model, tokenizer = load_checkpoint(best)
-                path = save_hf(model, tokenizer, self._export_dir(), self._run_dirs())
-                which = "best" if ckpt_cb.best_model_path else "last (no validation ran)"
-                log.info("%s checkpoint: %s", which, best)
-                log.info("exported that model (Hugging Face format) to %s", path)
-                print(path)
-
-    return MLMCLI, MLMModule, MLMDataModule
+# Lightning's subcommands and their one-line help (theirs are the Trainer methods' first docstring lines)
+LIGHTNING_COMMANDS = {
+    "fit": "Train a BERT masked-language model on your text (no options: the offline demo)",
+    "validate": "Validation loss, perplexity and accuracy of a checkpoint",
+    "test": "The same as validate, reported as test metrics",
+    "predict": "Fill masks in --data.predict_files with Lightning (several GPUs), JSONL in input order",
+}
+# The other commands: name -> "module:function" (a typed function; its docstring's first line is its help)
+COMMANDS = {
+    "fill-mask": "mlm_lightning.commands:fill_mask",
+    "export": "mlm_lightning.commands:export",
+    "plot": "mlm_lightning.commands:plot",
+    "serve": "mlm_lightning.serve:serve",
+}
+BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
-def _check_accelerator(torch, accelerator, devices) -> None:
-    name = str(accelerator).lower()
-    if name in ("gpu", "cuda"):
-        check(
-            torch.cuda.is_available(),
-            f"--trainer.accelerator {name} was asked for but this machine has no usable CUDA GPU"
-            f" (torch {torch.__version__}); use --trainer.accelerator cpu (or auto)",
-        )
-        if isinstance(devices, int) and devices > 0:
-            count = torch.cuda.device_count()
-            check(devices <= count, f"--trainer.devices {devices} but only {count} GPU(s) are visible")
-    if name == "mps":
-        check(torch.backends.mps.is_available(), "--trainer.accelerator mps asked for but MPS is not available")
+def _load_command(name: str):
+    module, function = COMMANDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise MLMError(f"the {name} command is not part of this installation ({module} is missing)") from None
 
 
-def run_lightning_cli(argv: list[str]) -> None:
-    cli_class, module_class, datamodule_class = build_cli_class()
-    cli_class(
-        module_class,
-        datamodule_class,
-        args=argv,
-        seed_everything_default=42,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
-        trainer_defaults={
-            "default_root_dir": "runs",
-            "max_epochs": 60,  # sized for the offline default corpus (~106k tokens): set yours
-            "log_every_n_steps": 1,  # short runs log too; the loss is synced every step anyway (NaN check)
-            "gradient_clip_val": 1.0,
-            "use_distributed_sampler": False,  # our BatchPlan shards batches across processes itself
-        },
-    )
+def _one_line(name: str) -> str:
+    if name in LIGHTNING_COMMANDS:
+        return LIGHTNING_COMMANDS[name]
+    try:
+        return (inspect.getdoc(_load_command(name)) or "").splitlines()[0].rstrip(".")
+    except (MLMError, ImportError, IndexError):
+        return "(not available in this installation)"
 
+
+def print_help() -> None:
+    names = list(LIGHTNING_COMMANDS) + list(COMMANDS)
+    width = max(map(len, names))
+    print("usage: mlm-lightning COMMAND [--name value ...]\n\nTrain and use BERT masked-language models on your"
+          " own text.\n\ncommands:")
+    for name in names:
+        print(f"  {name.ljust(width)}  {_one_line(name)}")
+    print("\n`mlm-lightning COMMAND --help` lists a command's options. `--debug` shows tracebacks.")
+
+
+def run_command(name: str, argv: list[str]):
+    """Parse `argv` for the function registered as `name` and call it."""
+    from jsonargparse import ArgumentParser
+
+    fn = _load_command(name)
+    doc = inspect.getdoc(fn) or ""
+    parser = ArgumentParser(prog=f"mlm-lightning {name}", description=doc.split("\n\n")[0], exit_on_error=False)
+    parser.add_function_arguments(fn)
+    params = inspect.signature(fn).parameters.values()
+    star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if star:
+        parser.add_argument(star, nargs="*", default=[], help=_param_help(doc, star))
+    # a bare boolean option means true (`--json`), even before a positional argument (`--json "a [MASK]"`)
+    flags = {f"--{p.name}" for p in params if p.annotation in (bool, "bool")}
+    argv = [x for i, a in enumerate(argv) for x in ([a, "true"] if a in flags and (
+        i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS) else [a])]
+    cfg = parser.parse_args(argv).as_dict()
+    return fn(*cfg.pop(star, []), **cfg) if star else fn(**cfg)
+
+
+def _param_help(doc: str, name: str) -> str:
+    for line in doc.splitlines():
+        if line.strip().startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -190,17 +127,18 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_logging()
     previous = {s: signal.signal(s, _early_signal_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if argv[:1] == ["export"]:
-            from mlm_lightning.predict import export_main
+        if not argv or argv[0] in ("-h", "--help"):
+            return print_help()
+        if argv[0] in COMMANDS:
+            return run_command(argv[0], argv[1:])
+        check(argv[0].startswith("-") or argv[0] in LIGHTNING_COMMANDS,
+              f"unknown command {argv[0]!r}; the commands are {', '.join([*LIGHTNING_COMMANDS, *COMMANDS])}"
+              " (mlm-lightning --help)")
+        from mlm_lightning.lightning_cli import run_lightning_cli
 
-            return export_main(argv[1:])
-        if argv[:1] == ["fill-mask"]:
-            from mlm_lightning.predict import fill_mask_main
-
-            return fill_mask_main(argv[1:])
         run_lightning_cli(argv)
     except BaseException as e:  # noqa: BLE001 - every failure becomes one line and an exit code
-        code, message = _describe(e)
+        code, message = _describe(e, argv[0] if argv and not argv[0].startswith("-") else "fit")
         if code is None or debug:
             raise
         if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # once, not once per DDP process
@@ -211,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(s, handler)
 
 
-def _describe(e: BaseException) -> tuple[int | None, str]:
+def _describe(e: BaseException, command: str = "fit") -> tuple[int | None, str]:
     """Map an exception to (exit code, one-line message); (None, _) re-raises it."""
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -235,7 +173,7 @@ def _describe(e: BaseException) -> tuple[int | None, str]:
         return e.exit_code, f"error: {e}"
     if isinstance(e, ArgumentError):
         text = " ".join(str(e).split())
-        return 2, f"error: {text[:400]}; see mlm-lightning fit --help"
+        return 2, f"error: {text[:400]}; see mlm-lightning {command} --help"
     if isinstance(e, ValueError) and e.__traceback__ is not None:
         where = traceback.extract_tb(e.__traceback__)[-1].filename
         if f"{os.sep}lightning{os.sep}" in where:  # Lightning's own check of a trainer option

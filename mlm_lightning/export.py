@@ -23,8 +23,8 @@ import zipfile
 import torch
 
 from mlm_lightning.errors import MLMError, check
+from mlm_lightning.hub import load_pretrained
 from mlm_lightning.network import bert_from_config, load_bert
-from mlm_lightning.tokenizer import load_pretrained
 
 MANIFEST = ".mlm-lightning-export"
 # the only tokenizer files a checkpoint may carry (see model.tokenizer_files), by exact name

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from mlm_lightning.errors import MLMError, check
-from mlm_lightning.tokenizer import load_pretrained
+from mlm_lightning.hub import load_pretrained
 
 log = logging.getLogger("mlm_lightning")
 

@@ -1,22 +1,18 @@
 """Fill-mask: the input is a sentence with masked parts; the model completes it.
 
-`FillMasker` serves the `fill-mask` command, the LightningCLI `predict` subcommand and tests. Its output
-per mask uses the keys of transformers' fill-mask pipeline (`score`, `token`, `token_str`, `sequence`).
+`FillMasker` serves the `fill-mask` command (`commands.fill_mask`), the LightningCLI `predict` subcommand
+and tests. Its output per mask uses the keys of transformers' fill-mask pipeline (`score`, `token`,
+`token_str`, `sequence`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.errors import check
 
 log = logging.getLogger("mlm_lightning")
 
@@ -155,53 +151,3 @@ def pick_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for but no CUDA GPU is available")
     return device
-
-
-def fill_mask_main(argv: list[str]) -> None:
-    from mlm_lightning.export import load_model
-
-    parser = argparse.ArgumentParser(
-        prog="mlm-lightning fill-mask", description="Complete sentences with [MASK] in them.",
-    )
-    parser.add_argument("sentences", nargs="*", help="sentences with [MASK]; none: read --file or stdin")
-    parser.add_argument("--model", required=True, help="an exported/Hugging Face model dir or a .ckpt")
-    parser.add_argument("--file", help="a text file with one sentence per line")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--joint", action="store_true", help="fill several masks left to right, feeding back")
-    parser.add_argument("--json", action="store_true", help="one JSON object per input (pipeline keys)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--batch_size", type=int, default=64)
-    args = parser.parse_args(argv)
-    texts = list(args.sentences)
-    if args.file:
-        check(os.path.isfile(args.file), f"--file {args.file!r} does not exist; check the path")
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                texts += [line.rstrip("\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise MLMError(f"--file {args.file!r} cannot be read as UTF-8 text ({type(e).__name__})") from None
-    if not args.sentences and not args.file:
-        check(not sys.stdin.isatty(), "no input: pass sentences with [MASK], --file FILE, or pipe lines on stdin")
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    device = pick_device(args.device)
-    model, tokenizer = load_model(args.model)
-    masker = FillMasker(model.to(device), tokenizer, device, args.top_k, args.batch_size)
-    start = time.perf_counter()
-    results = masker(texts, joint=args.joint)
-    elapsed = time.perf_counter() - start
-    for r in results:
-        print(json.dumps(r, ensure_ascii=False) if args.json else format_text(r))
-    if len(texts) > 1:
-        log.info("filled %d lines in %.2f s (%.0f lines/s on %s)", len(texts), elapsed, len(texts) / elapsed, device)
-
-
-def export_main(argv: list[str]) -> None:
-    from mlm_lightning.export import export
-
-    parser = argparse.ArgumentParser(prog="mlm-lightning export", description="Checkpoint -> Hugging Face dir.")
-    parser.add_argument("--ckpt_path", required=True, help="a .ckpt written by mlm-lightning fit")
-    parser.add_argument("--export_dir", required=True, help="the Hugging Face directory to write")
-    args = parser.parse_args(argv)
-    path = export(args.ckpt_path, args.export_dir)
-    log.info("exported %s to %s", args.ckpt_path, path)
-    print(path)

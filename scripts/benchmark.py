@@ -32,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlm_lightning.corpus import default_corpus, iter_texts  # noqa: E402
 from mlm_lightning.data import MLMDataModule  # noqa: E402
+from mlm_lightning.hub import quiet_transformers  # noqa: E402
 from mlm_lightning.model import MLMModule  # noqa: E402
-from mlm_lightning.tokenizer import quiet_transformers  # noqa: E402
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "meditations.txt"
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-mlm-lightning fit --trainer.default_root_dir runs/demo "$@"
+mlm-lightning fit --config configs/default.yaml --trainer.default_root_dir runs/demo "$@"
 mlm-lightning fill-mask --model runs/demo/export \
   "break may only occur syntactically nested in a for or [MASK] loop." \
   "a class definition defines a [MASK] object." \

@@ -1,0 +1,100 @@
+"""The commands beside LightningCLI's `fit|validate|test|predict`: plain typed functions.
+
+`mlm_lightning.cli` turns each into a command line with jsonargparse (same `--name value` style and `--help`
+as the Lightning commands): the signature gives the options, the docstring their help, and a `*name`
+parameter the positional arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from mlm_lightning.errors import MLMError, check
+
+log = logging.getLogger("mlm_lightning")
+
+
+def fill_mask(
+    *sentences: str,
+    model: str,
+    file: str | None = None,
+    top_k: int = 5,
+    joint: bool = False,
+    json: bool = False,
+    device: str = "auto",
+    batch_size: int = 64,
+) -> None:
+    """Complete sentences with [MASK] in them (arguments, --file, or lines on stdin).
+
+    Args:
+        sentences: Sentences with [MASK] where a word should go. None: read --file or stdin.
+        model: An exported (Hugging Face) model directory, a hub id, or a .ckpt written by fit.
+        file: A text file with one sentence per line.
+        top_k: Candidates reported per mask.
+        joint: Fill several masks left to right, each choice fed back for the next.
+        json: One JSON object per input, with the keys of transformers' fill-mask pipeline.
+        device: cpu, cuda or auto.
+        batch_size: Sentences per forward pass.
+    """
+    from mlm_lightning.export import load_model
+    from mlm_lightning.predict import FillMasker, format_text, pick_device
+
+    texts = list(sentences)
+    if file:
+        check(os.path.isfile(file), f"--file {file!r} does not exist; check the path")
+        try:
+            with open(file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise MLMError(f"--file {file!r} cannot be read as UTF-8 text ({type(e).__name__})") from None
+    if not sentences and not file:
+        check(not sys.stdin.isatty(), "no input: pass sentences with [MASK], --file FILE, or pipe lines on stdin")
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    device = pick_device(device)
+    net, tokenizer = load_model(model)
+    masker = FillMasker(net.to(device), tokenizer, device, top_k, batch_size)
+    start = time.perf_counter()
+    results = masker(texts, joint=joint)
+    elapsed = time.perf_counter() - start
+    import json as json_module  # (the `json` option shadows the module name here)
+
+    for r in results:
+        print(json_module.dumps(r, ensure_ascii=False) if json else format_text(r))
+    if len(texts) > 1:
+        log.info("filled %d lines in %.2f s (%.0f lines/s on %s)", len(texts), elapsed, len(texts) / elapsed, device)
+
+
+def export(ckpt_path: str, export_dir: str) -> None:
+    """Write a checkpoint as a Hugging Face model directory (what transformers' pipeline loads).
+
+    Args:
+        ckpt_path: A .ckpt written by mlm-lightning fit.
+        export_dir: The directory to write (replaced atomically if it holds an earlier export).
+    """
+    from mlm_lightning.export import export as export_checkpoint
+
+    path = export_checkpoint(ckpt_path, export_dir)
+    log.info("exported %s to %s", ckpt_path, path)
+    print(path)
+
+
+def plot(*runs: str, out: str | None = None) -> None:
+    """Draw loss, perplexity, accuracy, learning rate and tokens/s of one or more runs (overlaid).
+
+    Args:
+        runs: Run directories (a fit's --trainer.default_root_dir, holding lightning_logs/).
+        out: The PNG to write. Default: RUN_DIR/plot.png for one run, ./plot.png for several.
+    """
+    from mlm_lightning.plot import plot_runs
+
+    check(len(runs) > 0, "plot needs a run directory: mlm-lightning plot RUN_DIR [RUN_DIR ...] [--out FILE]")
+    for run in runs:
+        check(os.path.isdir(run), f"run directory {run!r} does not exist; pass a fit's --trainer.default_root_dir")
+    out = out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png")
+    path = plot_runs(list(runs), out)
+    log.info("plotted %s to %s", ", ".join(runs), path)
+    print(path)
+

@@ -1,0 +1,59 @@
+"""Defaults that follow from what the user asked for, applied to options the user left unset.
+
+The offline demo (no corpus, no model) keeps its 60 epochs of a ~106k-token corpus. Your own corpus gets
+3 epochs (as Hugging Face's `run_mlm`): 60 epochs of a real corpus would run for days. A pretrained model
+gets the fine-tuning learning rate 5e-5 (the from-scratch 1e-3 wrecks its weights) and its own length
+(`max_position_embeddings`, at most 512) instead of the small model's 64 tokens. A budget given as
+`max_steps` or `max_time` alone ends the run by itself: no epoch limit is added on top of it.
+
+"Set by the user" means given on the command line or in a `--config` file, whatever the value (jsonargparse
+parses the same arguments once more without defaults to tell).
+"""
+
+from __future__ import annotations
+
+DEMO_EPOCHS = 60
+CORPUS_EPOCHS = 3
+FINETUNE_LEARNING_RATE = 5e-5
+MAX_PRETRAINED_LENGTH = 512  # BERT's own; longer models cost quadratic attention for a default
+
+
+def _given(given, key: str) -> bool:
+    try:
+        return key in given
+    except (KeyError, TypeError):
+        return False
+
+
+def _limit_given(given, key: str) -> bool:
+    """A budget option set to a real limit (`max_steps -1` and `max_epochs -1` mean none)."""
+    return _given(given, key) and given[key] not in (None, -1)
+
+
+def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[object, str]]:
+    """{dotted key: (value, why)} to set in `cfg` (the parsed subcommand config) for options not in `given`.
+
+    `model_positions(name_or_path) -> int` reads a pretrained model's max_position_embeddings.
+    """
+    changes: dict[str, tuple[object, str]] = {}
+    pretrained = cfg["model"].get("model_name_or_path")
+    demo = cfg["data"].get("train_files") is None and not pretrained
+    budget = [k for k in ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time") if _limit_given(given, k)]
+    if not budget:
+        changes["trainer.max_epochs"] = (DEMO_EPOCHS, "the offline demo") if demo else (CORPUS_EPOCHS, "your corpus")
+    elif not _given(given, "trainer.max_epochs"):
+        changes["trainer.max_epochs"] = (None, f"{budget[0].split('.')[1]} ends the run")
+    if pretrained:
+        if not _given(given, "model.learning_rate"):
+            changes["model.learning_rate"] = (FINETUNE_LEARNING_RATE, "fine-tuning a pretrained model")
+        if not _given(given, "data.max_length") and model_positions is not None:
+            positions = int(model_positions(pretrained))
+            changes["data.max_length"] = (min(positions, MAX_PRETRAINED_LENGTH), f"the model's {positions} positions")
+    return {k: (v, why) for k, (v, why) in changes.items() if cfg.get(k) != v}
+
+
+def pretrained_positions(name_or_path: str) -> int:
+    """The position embeddings of a pretrained model; anything that is not BERT is refused here, early."""
+    from mlm_lightning.network import bert_config
+
+    return bert_config(name_or_path).max_position_embeddings

@@ -1,0 +1,233 @@
+"""What a user sees: effective defaults, the command list, progress, resume and end-of-fit lines, plots."""
+
+import csv
+import io
+import logging
+import os
+import re
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import TINY_DATA, TINY_MODEL, run_cli, sentences
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def quiet(*extra):
+    return ["--trainer.accelerator", "cpu", "--trainer.enable_model_summary", "false", *extra]
+
+
+def printed_config(capsys, *args) -> dict:
+    import yaml
+
+    assert run_cli(*args, "--print_config") == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A local pretrained-BERT directory (save_pretrained output) with `max_position_embeddings` positions."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from mlm_lightning.export import save_hf
+    from mlm_lightning.tokenizer import train_wordpiece
+
+    tmp = tmp_path_factory.mktemp("bert")
+    tok = train_wordpiece(sentences(300), str(tmp / "tok"), 200, 512)
+
+    def make(positions: int) -> str:
+        config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=positions)
+        torch.manual_seed(0)
+        return save_hf(BertForMaskedLM(config), tok, str(tmp / f"bert-{positions}"))
+
+    return make
+
+
+# -- defaults that follow from what was asked ----------------------------------------------------------
+def test_print_config_shows_the_budget_for_the_demo_and_for_a_user_corpus(corpus, capsys):
+    assert printed_config(capsys, "fit")["trainer"]["max_epochs"] == 60  # the offline demo
+    user = printed_config(capsys, "fit", "--data.train_files", corpus)
+    assert user["trainer"]["max_epochs"] == 3 and user["model"]["learning_rate"] == 0.001
+    steps = printed_config(capsys, "fit", "--data.train_files", corpus, "--trainer.max_steps", "500")
+    assert steps["trainer"]["max_epochs"] is None and steps["trainer"]["max_steps"] == 500  # steps alone decide
+    mine = printed_config(capsys, "fit", "--data.train_files", corpus, "--trainer.max_epochs", "60")
+    assert mine["trainer"]["max_epochs"] == 60  # what the user set stays, even the demo's number
+
+
+def test_print_config_with_a_pretrained_dir_shows_finetuning_values(corpus, bert_dir, capsys):
+    small, large = bert_dir(128), bert_dir(1024)
+    cfg = printed_config(capsys, "fit", "--data.train_files", corpus, "--model.model_name_or_path", small)
+    assert cfg["model"]["learning_rate"] == 5e-5 and cfg["data"]["max_length"] == 128
+    assert cfg["trainer"]["max_epochs"] == 3
+    assert printed_config(capsys, "fit", "--model.model_name_or_path", large)["data"]["max_length"] == 512  # capped
+    kept = printed_config(capsys, "fit", "--data.train_files", corpus, "--model.model_name_or_path", small,
+                          "--model.learning_rate", "0.001", "--data.max_length", "32")
+    assert kept["model"]["learning_rate"] == 0.001 and kept["data"]["max_length"] == 32
+
+
+def test_the_adjusted_defaults_are_what_the_fit_uses(corpus, bert_dir, tmp_path, capsys):
+    root = tmp_path / "ft"
+    code = run_cli("fit", "--data.train_files", corpus, "--model.model_name_or_path", bert_dir(48),
+                   "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root), *quiet(
+                       "--trainer.enable_progress_bar", "false"))
+    assert code == 0
+    assert "--model.learning_rate 5e-05 (fine-tuning a pretrained model)" in capsys.readouterr().err
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["learning_rate"] == 5e-5
+    assert ckpt["datamodule_hyper_parameters"]["max_length"] == 48
+
+
+def test_seed_notebook_config_with_a_local_bert_dir(corpus, bert_dir, tmp_path, capsys):
+    args = ["fit", "--config", "configs/seed-notebook.yaml", "--model.model_name_or_path", bert_dir(512),
+            "--data.train_files", corpus]
+    cfg = printed_config(capsys, *args)
+    assert cfg["data"]["line_by_line"] is True and cfg["data"]["batch_size"] == 2 and cfg["data"]["max_length"] == 512
+    assert cfg["trainer"]["max_epochs"] == 2 and cfg["model"]["learning_rate"] == 5e-5
+    root = tmp_path / "seed"
+    assert run_cli(*args, "--trainer.max_steps", "4", "--trainer.default_root_dir", str(root),
+                   *quiet("--trainer.enable_progress_bar", "false")) == 0
+    assert (root / "export" / "model.safetensors").exists() and (root / "checkpoints" / "last.ckpt").exists()
+
+
+# -- one command line ------------------------------------------------------------------------------------
+def test_help_lists_every_command_with_one_line(capsys):
+    assert run_cli("--help") == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", "fill-mask", "export", "plot", "serve"):
+        assert re.search(rf"^  {re.escape(name)} +\S.+$", out, re.M), (name, out)
+    assert run_cli() == 0 and "fill-mask" in capsys.readouterr().out
+
+
+def test_unknown_command_is_one_line(capsys):
+    assert run_cli("fitt") == 2
+    assert "unknown command 'fitt'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["fill-mask", "export", "plot"])
+def test_extra_commands_have_help(command, capsys):
+    assert run_cli(command, "--help") == 0
+    assert f"usage: mlm-lightning {command}" in capsys.readouterr().out
+
+
+def test_extra_command_bad_option_is_one_line(capsys):
+    assert run_cli("export", "--ckpt_path", "x.ckpt") == 2  # --export_dir missing
+    err = capsys.readouterr().err
+    assert "export_dir" in err and "see mlm-lightning export --help" in err and "Traceback" not in err
+
+
+# -- a fit, resumed: progress, resume line, end summary, plot -----------------------------------------------
+@pytest.fixture(scope="module")
+def resumed(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resumed")
+    base = ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.default_root_dir", str(root),
+            "--trainer.val_check_interval", "3", *quiet()]
+    assert run_cli(*base, "--trainer.max_steps", "6") == 0
+    err = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stderr(err):  # the progress bar stays on: our bar must work in a real fit
+        code = run_cli(*base, "--trainer.max_steps", "10", "--ckpt_path", "last")
+    assert code == 0
+    return root, err.getvalue()
+
+
+def test_resume_says_where_it_resumes(resumed):
+    root, err = resumed
+    last = os.path.join(str(root), "checkpoints", "last.ckpt")
+    assert f"resuming from {last} at step 6 (epoch 0, batch 6)" in err, err[-2000:]
+
+
+def test_end_of_fit_summary(resumed):
+    root, err = resumed
+    done = re.search(r"fit done in \S+: 4 steps \(step 6 -> 10\), ([\d.]+)(k?) real tokens seen,"
+                     r" ([\d,]+) real tokens/s on average over \S+ of training", err)
+    assert done, err[-2000:]
+    tokens = float(done.group(1)) * (1000 if done.group(2) else 1)
+    assert 4 * 8 * 10 < tokens <= 4 * 8 * 32  # 4 batches of 8 blocks of at most 32 tokens (~31 real)
+    assert re.search(r"val/ppl: [\d.]+ \(step 9\) -> [\d.]+ \(step 9\), best [\d.]+ \(step 9\)", err)
+    for line in (f"checkpoints: {root}/checkpoints", f"exported that model (Hugging Face format) to {root}/export",
+                 f"logs: {root}/lightning_logs/version_1", f"plot: {root}/plot.png"):
+        assert line in err, (line, err[-2000:])
+
+
+def test_fit_writes_a_plot_of_the_whole_run(resumed):
+    root, _ = resumed
+    data = (root / "plot.png").read_bytes()
+    assert data.startswith(PNG) and len(data) > 10_000
+    from mlm_lightning.plot import read_metrics
+
+    steps = [s for s, _ in read_metrics(str(root))["train/loss"]]
+    assert steps == list(range(1, 11))  # both logged versions, joined
+
+
+def test_plot_command_draws_one_or_several_runs(resumed, tmp_path, capsys):
+    root, _ = resumed
+    out = tmp_path / "one.png"
+    assert run_cli("plot", str(root), "--out", str(out)) == 0
+    assert out.read_bytes().startswith(PNG) and out.stat().st_size > 10_000
+    both = tmp_path / "both.png"
+    assert run_cli("plot", str(root), str(root), "--out", str(both)) == 0 and both.read_bytes().startswith(PNG)
+    assert run_cli("plot", str(root), "--out", str(out)) == 0  # our own picture is replaced
+
+
+def test_plot_never_overwrites_a_users_file(resumed, tmp_path, capsys):
+    root, _ = resumed
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"my picture")
+    assert run_cli("plot", str(root), "--out", str(mine)) == 2
+    assert "was not written by mlm-lightning plot" in capsys.readouterr().err
+    assert mine.read_bytes() == b"my picture"
+    assert run_cli("plot", str(tmp_path / "nothing")) == 2
+
+
+def test_read_metrics_joins_versions_later_wins(tmp_path):
+    from mlm_lightning.plot import read_metrics
+
+    for version, steps in ((0, range(0, 10)), (1, range(5, 15))):
+        d = tmp_path / "lightning_logs" / f"version_{version}"
+        d.mkdir(parents=True)
+        with open(d / "metrics.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "step", "train/loss", "val/ppl"])
+            w.writerows([0, s, 100 * version + s, ""] for s in steps)
+    loss = read_metrics(str(tmp_path))["train/loss"]
+    assert [s for s, _ in loss] == list(range(1, 16))
+    assert [v for _, v in loss] == [float(s) for s in range(5)] + [100.0 + s for s in range(5, 15)]
+
+
+# -- the bar and the summary table -------------------------------------------------------------------------
+def test_progress_bar_shows_run_eta_and_tokens_not_v_num():
+    from mlm_lightning.progress import MLMTQDMProgressBar, RunReport
+
+    report = RunReport()
+    report.start_time, report.start_step = time.perf_counter() - 10.0, 0
+    trainer = SimpleNamespace(
+        training=True, global_step=10, estimated_stepping_batches=100, callbacks=[report],
+        loggers=[SimpleNamespace(version=0)], callback_metrics={"perf/tokens_per_s": torch.tensor(12345.0)},
+        progress_bar_metrics={"train/loss": 1.5},
+    )
+    items = MLMTQDMProgressBar().get_metrics(trainer, None)
+    assert "v_num" not in items
+    assert items["tok/s"] == "12.3k" and items["step"] == "10/100" and items["train/loss"] == 1.5
+    assert items["eta"] in ("1m 30s", "1m 31s")  # 1 s per step, 90 steps left
+
+
+def test_model_summary_has_no_flops_column():
+    from mlm_lightning.progress import CompactModelSummary
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+    logger.addHandler(handler)
+    try:
+        data = [(" ", ["0"]), ("Name", ["model"]), ("Type", ["BertForMaskedLM"]), ("Params", ["1.2 M"]),
+                ("Mode", ["train"]), ("FLOPs", ["0"])]
+        CompactModelSummary.summarize(data, 1_200_000, 1_200_000, 4.8, {"train": 1, "eval": 0}, 0)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "BertForMaskedLM" in text and "1.2 M trainable params" in text and "FLOPs" not in text
