@@ -101,31 +101,36 @@ class MaskingCollator:
         padded = any(n != longest for n in lengths)
         if padded and self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        shape, words = (len(examples), longest), self.masking != "token"
-        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
-        select = torch.ones(shape)  # uniform draw deciding "mask this token" (or this word, at its start)
-        replace = torch.ones(shape)  # uniform draw deciding [MASK]/random/keep
-        random_tokens = torch.zeros(shape, dtype=torch.long)
-        word_starts = torch.zeros(shape, dtype=torch.bool) if words else None
-        first_draw = torch.ones(shape) if self.masking == "span" else None  # does a line start in a span?
-        for row, (example, n) in enumerate(zip(examples, lengths, strict=True)):
-            input_ids[row, :n] = torch.as_tensor(np.asarray(example["input_ids"], dtype=np.int64))
+        real = torch.arange(longest) < torch.tensor(lengths)[:, None]
+        # uniform draws per token: "mask this token" (or word, at its first piece), [MASK]/random/keep,
+        # and for spans "does a line segment start inside a span" (read at its first word)
+        fields = 3 if self.masking == "span" else 2
+        ids, draws, randoms, starts = [], [], [], []
+        for example, n in zip(examples, lengths, strict=True):
+            ids.append(np.asarray(example["input_ids"], dtype=np.int64))
             self._gen.manual_seed(int(example["mask_seed"]))
-            select[row, :n] = torch.rand(n, generator=self._gen)
-            replace[row, :n] = torch.rand(n, generator=self._gen)
-            random_tokens[row, :n] = torch.randint(len(self.random_candidates), (n,), generator=self._gen)
-            if words:
-                starts = example.get("word_starts")
+            draws.append(torch.rand(fields, n, generator=self._gen))
+            randoms.append(torch.randint(len(self.random_candidates), (n,), generator=self._gen))
+            if self.masking != "token":
+                word_starts = example.get("word_starts")
                 check(
-                    starts is not None and len(starts) == n,
+                    word_starts is not None and len(word_starts) == n,
                     f"masking {self.masking!r} needs each example's word boundaries (`word_starts`, one per"
                     " token, recorded at tokenization); this data has none: rebuild its cache with a fast"
                     " tokenizer or use --data.masking token",
                 )
-                word_starts[row, :n] = torch.as_tensor(np.asarray(starts, dtype=bool))
-            if first_draw is not None:
-                first_draw[row, :n] = torch.rand(n, generator=self._gen)
-        masked = self.choose(input_ids, select, word_starts, first_draw)
+                starts.append(np.asarray(word_starts, dtype=bool))
+        # one scatter per field instead of a slice assignment per row (row-major order = concatenation order)
+        input_ids = torch.full(real.shape, self.pad_id).masked_scatter_(real, torch.from_numpy(np.concatenate(ids)))
+        draws = torch.cat(draws, dim=1)
+        select, replace, *rest = (torch.ones(real.shape).masked_scatter_(real, d) for d in draws)
+        random_tokens = torch.zeros(real.shape, dtype=torch.long).masked_scatter_(real, torch.cat(randoms))
+        word_starts = None
+        if starts:
+            word_starts = torch.zeros(real.shape, dtype=torch.bool).masked_scatter_(
+                real, torch.from_numpy(np.concatenate(starts))
+            )
+        masked = self.choose(input_ids, select, word_starts, rest[0] if rest else None)
         return self.mask(input_ids, masked, replace, self.random_candidates[random_tokens], padded)
 
     def choose(self, input_ids, select, word_starts=None, first_draw=None) -> torch.Tensor:
@@ -156,35 +161,32 @@ class MaskingCollator:
         Along a segment (the words between two special tokens) spans and gaps alternate; a span's length
         is geometric (p = 1/mean_span_length, clipped), a gap's is geometric with the mean that makes
         spans cover mlm_probability of the words; the segment starts inside a span with that probability.
-        All segments of the batch are laid out at once: one row of run lengths per segment, cumulated,
-        and each word finds its run with a batched searchsorted. Run j of a segment draws from the
+        All segments of the batch are laid out at once (numpy: these small arrays are cheaper there): one
+        row of run lengths per segment, expanded with `repeat`. Run j of a segment draws from the
         `select` value at the segment's j-th word, so a mask depends on its own example only.
         """
-        out = torch.zeros_like(word_start)
-        flat = word_start.view(-1).nonzero().squeeze(1)  # every maskable word's first token, row-major
-        if flat.numel() == 0:
-            return out
-        segment_start = line_start.view(-1)[flat]  # the first word after a special token or row start
-        segment = segment_start.cumsum(0) - 1
-        first_word = segment_start.nonzero().squeeze(1)
-        counts = torch.diff(first_word, append=torch.tensor([flat.numel()]))
-        offset = torch.arange(flat.numel()) - first_word[segment]  # word index within its segment
-        run = torch.arange(int(counts.max()))
-        valid = run < counts[:, None]
-        draws = select.view(-1)[flat[(first_word[:, None] + run).clamp(max=flat.numel() - 1)]].double()
-        starts_in_span = first_draw.view(-1)[flat[first_word]] < self.mlm_probability
-        is_span = (run % 2 == 0) == starts_in_span[:, None]
-        # geometric lengths >= 1 by inversion: 1 + floor(log(1-u) / log(1-p)); p = 1 gives length 1
-        log_u = torch.log1p(-draws)
-        span_len = (1 + torch.floor(log_u / _log1m(1 / self.mean_span_length))).clamp(max=MAX_SPAN_WORDS)
-        gap_len = 1 + torch.floor(log_u / _log1m(self._gap_p))
-        lengths = torch.where(is_span, span_len, gap_len).long() * valid
-        # a segment of n words needs at most n runs (each covers >= 1 word), so each of its words finds
-        # its run; the clamp only touches offsets past the segment's end, which are never read
-        which = torch.searchsorted(lengths.cumsum(1), run.expand(len(counts), -1).contiguous(), right=True)
-        on = is_span.gather(1, which.clamp(max=len(run) - 1))
-        out.view(-1)[flat] = on[segment, offset]
-        return out
+        out = np.zeros(word_start.numel(), dtype=bool)
+        flat = np.flatnonzero(word_start.numpy().ravel())  # every maskable word's first token, row-major
+        if flat.size:
+            segment_start = line_start.numpy().ravel()[flat]  # first word after a special token or row start
+            first_word = np.flatnonzero(segment_start)
+            counts = np.diff(first_word, append=flat.size)[:, None]  # words per segment
+            run = np.arange(counts.max())
+            draws = select.numpy().ravel()[flat[np.minimum(first_word[:, None] + run, flat.size - 1)]]
+            starts_in_span = first_draw.numpy().ravel()[flat[first_word]] < self.mlm_probability
+            is_span = (run % 2 == 0) == starts_in_span[:, None]
+            # geometric lengths >= 1 by inversion: 1 + floor(log(1-u) / log(1-p)); p = 1 gives length 1
+            log_u = np.log1p(-draws.astype(np.float64))
+            span_len = np.minimum(1 + np.floor(log_u / _log1m(1 / self.mean_span_length)), MAX_SPAN_WORDS)
+            gap_len = 1 + np.floor(log_u / _log1m(self._gap_p))
+            # a segment of n words needs at most n runs of >= 1 word: cut the runs at n words in all
+            lengths = np.minimum(np.where(is_span, span_len, gap_len), counts).astype(np.int64)
+            lengths = np.clip(counts - (np.cumsum(lengths, axis=1) - lengths), 0, lengths)
+            states = np.repeat(is_span.ravel(), lengths.ravel())  # each segment's words, then the next's
+            segment = np.cumsum(segment_start) - 1
+            offset = np.arange(flat.size) - first_word[segment]
+            out[flat] = states[(np.cumsum(counts) - counts[:, 0])[segment] + offset]
+        return torch.from_numpy(out).view(word_start.shape)
 
     def mask(self, input_ids, masked, replace, random_tokens, padded: bool) -> dict:
         labels = torch.where(masked, input_ids, IGNORE_INDEX)
