@@ -62,8 +62,18 @@ def stream(tokenizer, texts):
     return np.array(ids), np.array(starts), np.array(keys)
 
 
-def packed(tokenizer, n_lines, length=128, seed=0, max_words=25):
+_PACKED = {}
+
+
+def packed(tokenizer, n_lines=3000, length=128, seed=0, max_words=40):
     """Blocks of [CLS] + length-1 stream tokens, as MLMDataset packs them: lines and words cut at block edges."""
+    key = (id(tokenizer), n_lines, length, seed, max_words)
+    if key not in _PACKED:  # shared by the tests (read-only)
+        _PACKED[key] = _packed(tokenizer, n_lines, length, seed, max_words)
+    return _PACKED[key]
+
+
+def _packed(tokenizer, n_lines, length, seed, max_words):
     ids, starts, keys = stream(tokenizer, lines(n_lines, seed=seed, max_words=max_words))
     body = length - 1
     return [
@@ -90,21 +100,18 @@ def collate_all(collator, examples, batch_size=32):
 
 
 def words_of(example, masked):
-    """Segments (lists of words between special tokens) of one example; each word is its tokens' masked flags."""
-    segments, current, last = [], [], None
-    for key, flag in zip(example["keys"], masked.tolist(), strict=True):
-        if key == -1:  # [CLS]/[SEP]
-            if current:
-                segments.append(current)
-            current, last = [], None
-            continue
-        if key != last:
-            current.append([])
-        current[-1].append(flag)
-        last = key
-    if current:
-        segments.append(current)
-    return segments
+    """Words of one example: (segments of word masked flags, whether each word's pieces agree, pieces per word).
+
+    Segments are the runs of words between special tokens; a word cut at the block's start is its own word.
+    """
+    keys, flags = np.asarray(example["keys"]), masked.numpy()
+    cut = np.flatnonzero((keys != np.concatenate([[-1], keys[:-1]])) | (keys == -1))  # a word or special starts
+    low, high = np.minimum.reduceat(flags, cut), np.maximum.reduceat(flags, cut)
+    special = keys[cut] == -1
+    segment = np.cumsum(special)[~special]
+    words = high[~special]
+    segments = [s.tolist() for s in np.split(words, np.flatnonzero(np.diff(segment)) + 1) if len(s)]
+    return segments, (low == high)[~special], np.diff(cut, append=len(keys))[~special]
 
 
 def runs(flags):
@@ -121,27 +128,27 @@ def runs(flags):
 
 @pytest.mark.parametrize("masking", ["whole_word", "span"])
 def test_words_stay_whole_and_the_share_is_mlm_probability(tokenizer, masking):
-    examples = packed(tokenizer, n_lines=2000)
-    assert len(examples) >= 300
+    examples = packed(tokenizer)
+    assert len(examples) >= 1000
     results = collate_all(MaskingCollator(tokenizer, masking=masking), examples)
     special = torch.tensor(tokenizer.all_special_ids)
     masked = maskable = multi = words = mixed_corruption = as_mask = 0
     for e, (flags, corrupted) in zip(examples, results, strict=True):
         ids = torch.as_tensor(e["input_ids"])
         assert not flags[torch.isin(ids, special)].any()  # never [CLS]/[SEP]
-        for segment in words_of(e, flags):
-            for word in segment:
-                assert all(word) or not any(word), word  # a word's pieces: all masked or none
-                words += 1
-                multi += len(word) > 1
+        _, whole, pieces = words_of(e, flags)
+        assert whole.all()  # a word's pieces: all masked or none
+        words += len(pieces)
+        multi += int((pieces > 1).sum())
         masked += int(flags.sum())
         maskable += int((~torch.isin(ids, special)).sum())
         as_mask += int((corrupted[flags] == tokenizer.mask_token_id).sum())
         # 80/10/10 is drawn per token: a masked word's pieces need not all become [MASK]
-        keys = torch.as_tensor(e["keys"])[flags]
-        for k in keys.unique():
-            pieces = corrupted[flags][keys == k]
-            mixed_corruption += len(pieces) > 1 and len(set((pieces == tokenizer.mask_token_id).tolist())) > 1
+        _, word = np.unique(e["keys"][flags.numpy()], return_inverse=True)
+        if len(word):
+            pieces = np.bincount(word)
+            to_mask = np.bincount(word, weights=(corrupted[flags] == tokenizer.mask_token_id).numpy())
+            mixed_corruption += int(((to_mask > 0) & (to_mask < pieces)).sum())
     assert multi / words > 0.3, "the test corpus must have many multi-piece words"
     assert abs(masked / maskable - 0.15) < 0.02, masked / maskable
     assert abs(as_mask / masked - 0.8) < 0.03
@@ -163,11 +170,12 @@ def test_share_on_short_lines(tokenizer, masking, words):
 
 @pytest.mark.parametrize("mean", [3.0, 5.0])
 def test_span_lengths_follow_the_mean_and_spans_stop_at_special_tokens(tokenizer, mean):
-    examples = packed(tokenizer, n_lines=3000, max_words=40)
+    examples = packed(tokenizer)
     results = collate_all(MaskingCollator(tokenizer, masking="span", mean_span_length=mean), examples)
     lengths, within, across = [], [0, 0], [0, 0]
     for e, (flags, _) in zip(examples, results, strict=True):
-        segments = [[word[0] for word in segment] for segment in words_of(e, flags)]
+        segments, whole, _ = words_of(e, flags)
+        assert whole.all()
         for segment in segments:
             for start, length in runs(segment):
                 assert length <= 10
@@ -192,7 +200,7 @@ def test_span_lengths_follow_the_mean_and_spans_stop_at_special_tokens(tokenizer
 
 @pytest.mark.parametrize("masking", ["whole_word", "span"])
 def test_masks_are_a_function_of_seed_epoch_and_example(tokenizer, masking):
-    examples = packed(tokenizer, n_lines=300)[:16]
+    examples = packed(tokenizer)[:16]
     a = MaskingCollator(tokenizer, masking=masking)(examples)
     b = MaskingCollator(tokenizer, masking=masking)(examples)
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
