@@ -115,9 +115,10 @@ class MaskingCollator:
                 word_starts = example.get("word_starts")
                 check(
                     word_starts is not None and len(word_starts) == n,
-                    f"masking {self.masking!r} needs each example's word boundaries (`word_starts`, one per"
-                    " token, recorded at tokenization); this data has none: rebuild its cache with a fast"
-                    " tokenizer or use --data.masking token",
+                    f"masking {self.masking!r} needs the word boundaries of every example (`word_starts`, one"
+                    " bool per token, recorded by a fast tokenizer at tokenization); got "
+                    + ("none" if word_starts is None else f"{len(word_starts)} for {n} tokens")
+                    + ": use data prepared with word boundaries, or --data.masking token",
                 )
                 starts.append(np.asarray(word_starts, dtype=bool))
         # one scatter per field instead of a slice assignment per row (row-major order = concatenation order)
