@@ -44,6 +44,29 @@ def expected_span_words(mean_span_length: float) -> float:
     return mean_span_length * (1 - (1 - 1 / mean_span_length) ** MAX_SPAN_WORDS)
 
 
+def _gap_probability(mlm_probability: float, mean_span_length: float) -> float:
+    span = expected_span_words(mean_span_length)
+    return mlm_probability / (span * (1 - mlm_probability))
+
+
+def check_masking(masking: str, mlm_probability: float, mean_span_length: float) -> None:
+    """Validate the masking options (`MLMDataModule` calls this early, before any tokenization)."""
+    check(masking in MASKING, f"masking must be one of {', '.join(MASKING)}, got {masking!r}")
+    check(0 < mlm_probability < 1, f"mlm_probability must be in (0, 1), got {mlm_probability}; e.g. 0.15")
+    check(
+        mean_span_length >= 1,
+        f"mean_span_length is counted in words and must be at least 1, got {mean_span_length}; e.g. 3",
+    )
+    if masking == "span":
+        span = expected_span_words(mean_span_length)
+        check(
+            _gap_probability(mlm_probability, mean_span_length) <= 1,
+            f"span masking cannot mask {mlm_probability} of the tokens with spans of {mean_span_length} words"
+            f" on average (at most {span / (span + 1):.2f}); lower --data.mlm_probability or raise"
+            " --data.mean_span_length",
+        )
+
+
 class MaskingCollator:
     """Pads a list of `{"input_ids", "mask_seed"}` examples (plus `"word_starts"` for word masking) for MLM.
 
@@ -63,29 +86,16 @@ class MaskingCollator:
         masking: str = "token",
         mean_span_length: float = 3.0,
     ):
-        check(masking in MASKING, f"masking must be one of {', '.join(MASKING)}, got {masking!r}")
-        check(0 < mlm_probability < 1, f"mlm_probability must be in (0, 1), got {mlm_probability}; e.g. 0.15")
-        check(
-            mean_span_length >= 1,
-            f"mean_span_length is counted in words and must be at least 1, got {mean_span_length}; e.g. 3",
-        )
+        check_masking(masking, mlm_probability, mean_span_length)
         self.mlm_probability = mlm_probability
         self.mask_replace_prob = mask_replace_prob
         self.random_replace_prob = random_replace_prob
         self.pad_to_multiple_of = pad_to_multiple_of
         self.masking = masking
         self.mean_span_length = mean_span_length
-        if masking == "span":
-            # spans and the gaps between them alternate (gaps of at least one word, so spans never merge);
-            # the geometric gap mean is chosen so that spans cover mlm_probability of the words
-            span = expected_span_words(mean_span_length)
-            self._gap_p = mlm_probability / (span * (1 - mlm_probability))
-            check(
-                self._gap_p <= 1,
-                f"span masking cannot mask {mlm_probability} of the tokens with spans of {mean_span_length}"
-                f" words on average (at most {span / (span + 1):.2f}); lower --data.mlm_probability or raise"
-                " --data.mean_span_length",
-            )
+        # spans and the gaps between them alternate (gaps of at least one word, so spans never merge);
+        # the geometric gap mean is chosen so that spans cover mlm_probability of the words
+        self._gap_p = _gap_probability(mlm_probability, mean_span_length)
         self.pad_id = tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id
         special = set(tokenizer.all_special_ids) | {self.pad_id}

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mlm_lightning.collator import MaskingCollator, expected_span_words, mask_seed
+from mlm_lightning.collator import MaskingCollator, check_masking, expected_span_words, mask_seed
 from mlm_lightning.errors import MLMError
 from mlm_lightning.tokenizer import SPECIAL_TOKENS, train_wordpiece
 
@@ -226,3 +226,6 @@ def test_clear_errors(tokenizer):
         MaskingCollator(tokenizer, masking="span", mean_span_length=0.5)
     with pytest.raises(MLMError, match="lower --data.mlm_probability or raise --data.mean_span_length"):
         MaskingCollator(tokenizer, 0.8, masking="span", mean_span_length=1.0)
+    check_masking("span", 0.8, 10.0)  # long spans can cover 80%: only the impossible is refused
+    with pytest.raises(MLMError, match="mlm_probability must be in"):
+        check_masking("token", 1.0, 3.0)
