@@ -109,8 +109,18 @@ class MLMModule(L.LightningModule):
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
         logits, labels = self(batch)
+        n_masked = batch["masked_positions"].numel()  # a shape: no host sync
+        if n_masked == 0:
+            # nothing was masked (each token is drawn independently, or all are [UNK]/special): the mean
+            # over no tokens would be NaN. A zero that still depends on the logits keeps every parameter
+            # in the graph (zero gradients), so DDP's reducer and gradient accumulation stay in step.
+            loss = logits.sum() * 0.0
+            if stage != "train":
+                # batch_size 0 leaves the epoch mean untouched; logging anyway keeps the same keys on
+                # every rank for sync_dist. The accuracy/perplexity metrics are simply not updated.
+                self.log(f"{stage}/loss", loss.detach(), batch_size=0, prog_bar=True, sync_dist=True)
+            return loss
         loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
-        n_masked = batch["masked_positions"].numel()
         self.log(f"{stage}/loss", loss, batch_size=n_masked, prog_bar=True, sync_dist=stage != "train")
         if stage != "train":
             self.val_acc(logits, labels)
