@@ -1,4 +1,4 @@
-"""`mlm-lightning`: LightningCLI subcommands `fit|validate|test|predict`, plus `export` and `fill-mask`.
+"""`mlm-lightning`: LightningCLI subcommands `fit|validate|test|predict`, plus `export`, `fill-mask` and `serve`.
 
 Every option of `MLMModule` (`--model.*`), `MLMDataModule` (`--data.*`), the Lightning `Trainer`
 (`--trainer.*`) and `MLMCheckpoint` (`--checkpoint.*`) comes from their typed signatures; docstrings are
@@ -191,6 +191,14 @@ def main(argv: list[str] | None = None) -> None:
             from mlm_lightning.predict import fill_mask_main
 
             return fill_mask_main(argv[1:])
+        if argv[:1] == ["serve"]:
+            from jsonargparse import ArgumentParser
+
+            from mlm_lightning.serve import serve
+
+            parser = ArgumentParser(prog="mlm-lightning serve", description="Serve fill-mask over HTTP and a web page.")
+            parser.add_function_arguments(serve)
+            return serve(**parser.parse_args(argv[1:]).as_dict())
         run_lightning_cli(argv)
     except BaseException as e:  # noqa: BLE001 - every failure becomes one line and an exit code
         code, message = _describe(e)
