@@ -210,7 +210,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str = "
           "--max_batch_size, --max_inputs and --max_top_k must be at least 1, --max_wait_ms at least 0")
     check(0 <= port <= 65535, f"--port {port} is not a TCP port; use 1-65535 (or 0 for any free port)")
     try:  # bind before the (slow) model load: a busy port fails at once
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock = _listen(host, port)
     except OSError as e:
         raise MLMError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
     device = pick_device(device)
@@ -229,6 +229,18 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str = "
     server.run(sockets=[sock])
     if server.signum is not None:
         _exit(server.signum, "")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP)[0]
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say TCP;
+    # with it on, a keep-alive client waits ~40 ms (delayed ACK) for each response's body
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(2048)
+    return sock
 
 
 def _exit(signum: int, when: str) -> None:

@@ -139,7 +139,13 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--max_batch_size", type=int, default=32)
     parser.add_argument("--max_wait_ms", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, help="torch threads, offline and in the server (default: torch's)")
     args = parser.parse_args()
+    if args.threads:  # the server process reads OMP_NUM_THREADS when torch starts; this process sets it directly
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     from mlm_lightning.tokenizer import quiet_transformers
 
     quiet_transformers()
@@ -159,7 +165,8 @@ def main() -> None:
         after = offline_rate(model, texts, args.seconds)  # before and after: a shared machine's load drifts
     offline = (before + after) / 2
     print(f"model: {args.model or 'demo-shaped (2 x 128, vocab 8192), random weights'}; {len(texts)} sentences;"
-          f" {os.cpu_count()} CPU cores; max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}")
+          f" {os.cpu_count()} CPU cores, torch threads {args.threads or 'default'}; max_batch_size"
+          f" {args.max_batch_size}, max_wait_ms {args.max_wait_ms}")
     print(f"offline FillMasker (batches of 64): {offline:.0f} sentences/s (before {before:.0f}, after {after:.0f})")
     for n, r in results:
         print(f"serve, {n:3d} clients: {r['rps']:6.0f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms"
