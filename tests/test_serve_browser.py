@@ -62,9 +62,11 @@ def wait_for(driver, condition, timeout: float = 20):
 
 
 def candidates(driver) -> list[list[str]]:
-    from selenium.webdriver.common.by import By
-
-    return [[t.text for t in m.find_elements(By.CSS_SELECTOR, ".tok")] for m in driver.find_elements(By.CLASS_NAME, "mask")]
+    """The tokens shown for each mask, read in one script call (the page re-renders as results come)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#result:not([hidden]) .mask')]"
+        ".map(m => [...m.querySelectorAll('.tok')].map(t => t.textContent))"
+    )
 
 
 def test_type_a_sentence_and_see_predictions(server, browser, shots):
@@ -82,7 +84,7 @@ def test_type_a_sentence_and_see_predictions(server, browser, shots):
     filled = browser.find_element(By.ID, "filled").text
     assert filled == expected[0]["sequence"] and "[MASK]" not in filled
     widths = [b.size["width"] for b in browser.find_elements(By.CSS_SELECTOR, ".bar i")]
-    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] >= 0  # bars follow the scores
+    assert widths == sorted(widths, reverse=True) and widths[0] > 50  # bars follow the scores, the best one full
     browser.save_screenshot(str(shots / "serve-page.png"))
 
     # keyboard: Ctrl+M inserts a second mask at the cursor; the page asks again and shows two lists
