@@ -17,7 +17,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and DRIVER),
-    reason="headless browser test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver",
+    reason="the browser test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver",
 )
 
 
