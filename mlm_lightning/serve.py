@@ -146,13 +146,17 @@ def create_app(masker, *, model_name: str, max_batch_size: int = 32, max_wait_ms
         return error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
     async def answer(request: Request, pipeline_format: bool) -> Response:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        body, size = bytearray(), 0
+        async for chunk in request.stream():  # counted as it comes (a chunked body has no Content-Length)
+            size += len(chunk)
+            if size <= MAX_BODY_BYTES:
+                body += chunk
+            elif size > 16 * MAX_BODY_BYTES:
+                break
+        # a body somewhat over the limit is read to its end first, so that the client, still sending, reads our
+        # 413 instead of a reset connection; a huge one is cut off
+        if size > MAX_BODY_BYTES:
             return error(413, f"the body is over {MAX_BODY_BYTES} bytes; send shorter texts or fewer per request")
-        body = bytearray()
-        async for chunk in request.stream():  # no Content-Length (chunked): count as it comes
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return error(413, f"the body is over {MAX_BODY_BYTES} bytes; send shorter texts or fewer per request")
         try:
             texts, single, top_k = parse_request(bytes(body), max_inputs, max_top_k)
             out = await batcher.submit((texts, single, top_k, pipeline_format), len(texts))
