@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_lightning_cli(argv)
     except BaseException as e:  # noqa: BLE001 - every failure becomes one line and an exit code
+        if type(e) is SystemExit:  # --help, serve's 130/143: exit as is, without _describe's slow Lightning import
+            raise
         code, message = _describe(e, argv[0] if argv and not argv[0].startswith("-") else "fit")
         if code is None or debug:
             raise

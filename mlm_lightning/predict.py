@@ -26,6 +26,10 @@ class Encoded:
 
 
 class FillMasker:
+    # True: a sentence with several masks gets the pipeline's exact `sequence` text, [CLS]/[SEP] included
+    # (the server promises pipeline output); False: without them, easier to read in the terminal.
+    pipeline_sequences = False
+
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 64):
         check(top_k > 0, f"top_k must be positive, got {top_k}")
         check(tokenizer.mask_token is not None, "the tokenizer has no mask token; it cannot fill masks")
@@ -61,8 +65,8 @@ class FillMasker:
 
     # -- prediction -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _topk(self, batch: list[Encoded]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """For each sentence, for each mask: (probabilities, token ids) of the top-k."""
+    def _topk(self, batch: list[Encoded], k: int | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """For each sentence, for each mask: (probabilities, token ids) of the top-k (default `self.top_k`)."""
         longest = max(len(e.ids) for e in batch)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
@@ -74,7 +78,7 @@ class FillMasker:
         cols = torch.tensor([m for e in batch for m in e.masks])
         hidden = self.model.bert(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device))[0]
         logits = self.model.cls(hidden[rows.to(self.device), cols.to(self.device)]).float()
-        probs, tokens = logits.softmax(-1).topk(self.top_k, dim=-1)
+        probs, tokens = logits.softmax(-1).topk(k or self.top_k, dim=-1)
         probs, tokens = probs.cpu(), tokens.cpu()
         out, k = [], 0
         for e in batch:
@@ -90,8 +94,8 @@ class FillMasker:
             for p, t in zip(probs.tolist(), tokens.tolist(), strict=True):
                 ids = list(e.ids)
                 ids[e.masks[j]] = t
-                if len(e.masks) == 1:  # same text as transformers' pipeline
-                    sequence = tok.decode(ids, skip_special_tokens=True)
+                if len(e.masks) == 1 or self.pipeline_sequences:  # same text as transformers' pipeline
+                    sequence = tok.decode(ids, skip_special_tokens=len(e.masks) == 1)
                 else:
                     sequence = tok.decode(ids[1:-1])
                 candidates.append({"score": p, "token": t, "token_str": tok.decode([t]), "sequence": sequence})
@@ -124,6 +128,18 @@ class FillMasker:
             per_mask = self._joint(batch) if joint else self._topk(batch)
             for e, pm in zip(batch, per_mask, strict=True):
                 results[e.index] = self._result(e, pm)
+        return results
+
+    def fill(self, encoded: list[Encoded], top_k: list[int]) -> list[dict]:
+        """Batch entry point (the server's): sentences already `encode`d, each with its own top_k, results in
+        input order. One forward per `batch_size` sentences of similar length."""
+        results: list[dict | None] = [None] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            per_mask = self._topk([encoded[i] for i in rows], max(top_k[i] for i in rows))
+            for i, masks in zip(rows, per_mask, strict=True):  # the top-k of a longer top list: cut it
+                results[i] = self._result(encoded[i], [(p[: top_k[i]], t[: top_k[i]]) for p, t in masks])
         return results
 
     def _joint(self, batch: list[Encoded]):
