@@ -89,6 +89,9 @@ class MLMCheckpoint(ModelCheckpoint):
         # differ between nodes without a shared directory, and one process skipping a collective save hangs all)
         if self._last_saved == (trainer.global_step, mid_validation):
             return
+        check_finite = getattr(trainer.lightning_module, "check_finite", None)
+        if check_finite is not None:
+            check_finite()  # never write weights after a NaN as the "last good" checkpoint
         # set first: the saved callback state must name last.ckpt, or a resumed run would write last-v1.ckpt
         self.last_model_path = self.last_path()
         self._mid_validation = mid_validation

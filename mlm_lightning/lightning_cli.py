@@ -123,8 +123,10 @@ def build_cli_class():
             trainer = self.trainer
             check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
             log.info(
-                "training on %s x%s, precision %s; checkpoints in %s", trainer.accelerator.__class__.__name__
-                .removesuffix("Accelerator").lower(), trainer.num_devices, trainer.precision,
+                "training on %s: %d process%s (%d node%s x %d device%s), precision %s; checkpoints in %s",
+                trainer.accelerator.__class__.__name__.removesuffix("Accelerator").lower(), trainer.world_size,
+                "es" if trainer.world_size > 1 else "", trainer.num_nodes, "s" if trainer.num_nodes > 1 else "",
+                trainer.num_devices, "s" if trainer.num_devices > 1 else "", trainer.precision,
                 trainer.checkpoint_callback.dirpath,
             )
 

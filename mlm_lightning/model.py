@@ -79,6 +79,8 @@ class MLMModule(L.LightningModule):
         self.tokenizer = None
         self._tokenizer_files: dict[str, str] | None = None
         self.val_ppl_history: list[tuple[int, float]] = []  # (step, ppl) of each validation in this process
+        self._first_bad: torch.Tensor | None = None  # see training_step
+        self._skip = False
 
     # -- building ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -131,17 +133,53 @@ class MLMModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self._shared_step(batch, "train")
-        if not torch.isfinite(loss):
-            step = self.global_step + 1
-            if self.hparams.skip_nonfinite:
-                self.print(f"mlm-lightning: skipping step {step}: the loss is {loss.item()}")
-                return None  # Lightning skips the optimizer step
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} at step {step}; lower --model.learning_rate, check the data,"
-                " or pass --model.skip_nonfinite true to skip such steps"
-            )
+        # A NaN/inf loss is recorded on the device (no host sync) and decided by all processes together: one
+        # process raising alone would leave the others waiting in the gradient all-reduce until the timeout
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_bad is None:
+            self._first_bad = torch.zeros(2, device=self.device)  # (step of the first bad loss, its value)
+        step = self.global_step + 1
+        first = bad & (self._first_bad[0] == 0)
+        self._first_bad = torch.where(first, torch.stack([torch.tensor(float(step), device=self.device),
+                                                          loss.detach().float()]), self._first_bad)
+        if self.hparams.skip_nonfinite:
+            self._skip |= self._agree_nonfinite(bad)  # decided every step: the optimizer step must not happen
+            loss = torch.where(bad, torch.zeros_like(loss), loss)  # (its gradients are dropped before the step)
+        elif self.device.type != "cuda" or step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite()  # on a GPU only every log interval (a host sync); always before a checkpoint
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
+
+    def _agree_nonfinite(self, bad: torch.Tensor) -> bool:
+        flag = bad.float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+        return bool(flag.item())
+
+    def check_finite(self) -> None:
+        """Raise `NonFiniteLossError` on every process if a loss on any process was NaN/inf (a collective)."""
+        if self._first_bad is None or self.hparams.skip_nonfinite:
+            return
+        first = self._first_bad
+        if self._trainer is not None and self.trainer.world_size > 1:  # the earliest bad step of all processes
+            import torch.distributed as dist
+
+            key = torch.where(first[0] > 0, first[0], torch.full_like(first[0], float("inf"))).clone()
+            dist.all_reduce(key, op=dist.ReduceOp.MIN)
+            step = key.item()
+            first = torch.tensor([0.0 if step == float("inf") else step, float("nan")])
+        step, value = first.tolist()
+        if step > 0:
+            raise NonFiniteLossError(
+                f"the loss became {value} at step {int(step)}; lower --model.learning_rate, check the data,"
+                " or pass --model.skip_nonfinite true to skip such steps"
+            )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip:  # some process had a NaN/inf loss in this step: every process skips it alike
+            self._skip = False
+            self.print(f"mlm-lightning: skipping step {self.global_step + 1}: the loss is not finite")
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
 
     def validation_step(self, batch: dict, batch_idx: int):
         return self._shared_step(batch, "val")

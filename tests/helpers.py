@@ -20,13 +20,13 @@ class SignalAt(Callback):
 
 
 class NanAt(Callback):
-    """Poison the MLM head before step `step` so that step's loss is NaN."""
+    """Poison the MLM head before step `step` so that step's loss is NaN (on process `rank` only, if given)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None):
+        self.step, self.rank = step, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step + 1 == self.step:
+        if trainer.global_step + 1 == self.step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 pl_module.model.cls.predictions.transform.dense.weight.fill_(float("nan"))
 

@@ -1,0 +1,127 @@
+"""Many processes, many nodes (simulated on this machine with gloo): correct by construction.
+
+- two nodes with node-local caches train with one vocabulary;
+- a NaN on one process stops every process (exit 3) within seconds, no collective timeout;
+- interrupt + resume under DDP is exact, with a dropout stream of its own on each process;
+- too little data for the number of processes is refused before training.
+"""
+
+import csv
+import glob
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import TINY_DATA, TINY_MODEL, sentences
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fit_args(corpus, root, *extra):
+    return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.accelerator", "cpu",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1", *extra]
+
+
+def cli(*args):
+    return [sys.executable, "-m", "mlm_lightning.cli", *args]
+
+
+def weights(root):
+    return torch.load(f"{root}/checkpoints/last.ckpt", weights_only=True)
+
+
+def test_two_nodes_with_node_local_caches_train_one_vocabulary(corpus, tmp_path):
+    port, procs = free_port(), []
+    for node in (0, 1):
+        env = {**os.environ, "MLM_LIGHTNING_CACHE": str(tmp_path / f"cache{node}"), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "--module", "mlm_lightning.cli",
+               *fit_args(corpus, tmp_path / f"run{node}", "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                         "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    vocabs = []
+    for node in (0, 1):
+        files = glob.glob(f"{tmp_path}/cache{node}/tokenizers/*/tokenizer.json")
+        assert len(files) == 1, files  # each node has the vocabulary locally (it was given, not trained twice)
+        vocabs.append(hashlib.sha256(open(files[0], "rb").read()).hexdigest())
+    assert vocabs[0] == vocabs[1]
+    assert "2 processes" in outs[0][1]  # not "cpu x1"
+
+
+def test_nan_on_one_of_two_processes_stops_both_with_exit_3(corpus, tmp_path):
+    start = time.time()
+    result = subprocess.run(
+        cli(*fit_args(corpus, tmp_path / "nan", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--trainer.max_steps", "20", "--trainer.val_check_interval", "4",
+                      "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "5",
+                      "--trainer.callbacks.rank", "1")),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "the loss became nan at step 5" in result.stderr
+    assert time.time() - start < 120  # no collective timeout (30 min)
+
+
+def _losses(root):
+    out = {}
+    for f in sorted(glob.glob(f"{root}/lightning_logs/*/metrics.csv")):
+        for row in csv.DictReader(open(f)):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def test_ddp_interrupt_then_resume_is_exact_with_a_dropout_stream_per_process(corpus, tmp_path):
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.val_check_interval", "4",
+           "--trainer.max_steps", "16"]
+    straight = tmp_path / "straight"
+    done = subprocess.run(cli(*fit_args(corpus, straight, *ddp)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "int"
+    proc = subprocess.Popen(cli(*fit_args(corpus, root, *ddp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_losses(root)) < 6 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    ckpt = weights(root)
+    assert 0 < ckpt["global_step"] < 16
+    rng = ckpt["mlm_lightning"]["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # each process its own stream
+    resumed = subprocess.run(cli(*fit_args(corpus, root, *ddp, "--ckpt_path", "last")), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = weights(straight)["state_dict"], weights(root)["state_dict"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_too_little_data_for_the_processes_is_refused_before_training(write, tmp_path):
+    small = write("small.txt", sentences(40))  # ~1 training batch: not one for each of 2 processes
+    result = subprocess.run(
+        cli(*fit_args(small, tmp_path / "small", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--data.batch_size", "16", "--trainer.max_steps", "4")),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mlm-lightning: error")]
+    assert lines and "processes" in lines[0] and "batch" in lines[0]
