@@ -37,6 +37,7 @@ FORMAT_VERSION = 2
 SHARD_CHARS = 64_000_000  # ~64 MB of text per shard: the work an interruption can lose
 BATCH_CHARS = 1_000_000  # text handed to the tokenizer at once (bounded memory, enough for all cores)
 BATCH_LINES = 10_000
+COPY_BYTES = 16 << 20  # buffer when joining shards
 SPLITS = ("train", "val")
 FILES = {"tokens": None, "word_starts": np.uint8, "offsets": np.int64}
 
@@ -241,7 +242,7 @@ def join_shards(partial: str, phases: list[str], out_dir: str, vocab_size: int) 
                 with open(os.path.join(out_dir, f"{split}.{kind}.bin"), "wb") as out:
                     for shard in shards:
                         with open(os.path.join(shard, f"{split}.{kind}.bin"), "rb") as f:
-                            shutil.copyfileobj(f, out, 16 << 20)
+                            shutil.copyfileobj(f, out, COPY_BYTES)
             for shard in shards:
                 offsets = np.fromfile(os.path.join(shard, f"{split}.offsets.bin"), np.int64)
                 off.write((offsets + base_tokens).tobytes())
