@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -30,32 +29,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_corpus(path: Path, mb: float, seed: int = 0) -> None:
-    """Varied text: a Zipf-distributed vocabulary of ~50k made-up words, sentences of 5-40 words,
-    punctuation, numbers and mixed case: a tokenizer does real work on it (no tiny repeated vocabulary)."""
-    rng = random.Random(seed)
-    letters = "etaoinshrdlcumwfgypbvkjxqz"
-    weights = [12, 9, 8, 7.5, 7, 6.7, 6.3, 6, 5.9, 4.3, 4, 2.8, 2.8, 2.4, 2.4, 2.2, 2, 2, 1.9, 1.5, 1, 0.8, 0.2,
-               0.2, 0.1, 0.1]
-    vocab = sorted({"".join(rng.choices(letters, weights, k=rng.randint(1, 12))) for _ in range(60_000)})
+    """Varied text: a Zipf-distributed vocabulary of ~60k made-up words, sentences of 5-40 words, numbers,
+    commas, capitals and mixed end marks: a tokenizer does real work on it (no tiny repeated vocabulary)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    freq = np.array([12, 9, 8, 7.5, 7, 6.7, 6.3, 6, 5.9, 4.3, 4, 2.8, 2.8, 2.4, 2.4, 2.2, 2, 2, 1.9, 1.5, 1, 0.8,
+                     0.2, 0.2, 0.1, 0.1])
+    vocab = np.array(sorted({"".join(rng.choice(letters, rng.integers(1, 13), p=freq / freq.sum()))
+                             for _ in range(70_000)}))
     rng.shuffle(vocab)
-    cum = list(range(1, len(vocab) + 1))
-    zipf = [1 / r for r in cum]
-    target = int(mb * 2**20)
+    zipf = 1 / np.arange(1, len(vocab) + 1)
+    zipf /= zipf.sum()
+    target, written = int(mb * 2**20), 0
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        written = 0
         while written < target:
-            block = []
-            for _ in range(2000):
-                words = rng.choices(vocab, zipf, k=rng.randint(5, 40))
-                if rng.random() < 0.3:
-                    words[0] = words[0].capitalize()
-                if rng.random() < 0.2:
-                    words.insert(rng.randrange(len(words)), str(rng.randint(0, 99999)))
-                if rng.random() < 0.3:
-                    words[rng.randrange(len(words))] += ","
-                block.append(" ".join(words) + rng.choice([".", ".", ".", "?", "!", ";"]))
-            text = "\n".join(block) + "\n"
+            lengths = rng.integers(5, 41, size=5000)
+            words = vocab[rng.choice(len(vocab), size=int(lengths.sum()), p=zipf)].astype(object)
+            numbers = rng.random(len(words)) < 0.02
+            words[numbers] = rng.integers(0, 100_000, size=int(numbers.sum())).astype(str)
+            commas = rng.random(len(words)) < 0.04
+            words[commas] = words[commas] + ","
+            ends = np.cumsum(lengths)
+            starts = ends - lengths
+            caps = rng.random(len(lengths)) < 0.5
+            words[starts[caps]] = [w.capitalize() for w in words[starts[caps]]]
+            marks = rng.choice([".", ".", ".", "?", "!", ";"], size=len(lengths))
+            lines = [" ".join(words[a:b]) + m for a, b, m in zip(starts, ends, marks)]
+            text = "\n".join(lines) + "\n"
             f.write(text)
             written += len(text.encode())
     os.replace(tmp, path)
