@@ -70,7 +70,7 @@ def test_errors_in_compressed_files_name_file_and_line(tmp_path):
         list(corpus.iter_texts([str(bad_json)]))
     latin = tmp_path / "l.txt.xz"
     latin.write_bytes(lzma.compress("fine\ncaf\xe9\n".encode("latin1")))
-    with pytest.raises(MLMError, match=r"l.txt.xz is not UTF-8 \(line 2, byte 6"):
+    with pytest.raises(MLMError, match=r"l.txt.xz is not UTF-8 \(line 2, byte 8"):
         list(corpus.iter_texts([str(latin)]))
     truncated = tmp_path / "t.txt.gz"
     truncated.write_bytes(gzip.compress(("\n".join(sentences(2000)) + "\n").encode())[:3000])
