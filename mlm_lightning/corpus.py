@@ -19,8 +19,8 @@ import re
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 from mlm_lightning.errors import MLMError, check
 
@@ -206,11 +206,11 @@ def _decoded_lines(path: str, f: BinaryIO) -> Iterator[tuple[int, str]]:
                     " convert it, e.g. iconv -f latin1 -t utf-8"
                 ) from None
             offset += len(raw)
-    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
-        raise MLMError(f"{path} is corrupt or truncated after line {lineno} ({_first_line(e)}); fix or remove it") from None
-    except Exception as e:  # zstandard.ZstdError is not an OSError
-        if type(e).__module__.startswith("zstandard") or type(e).__name__ == "ZstdError":
-            raise MLMError(f"{path} is corrupt or truncated after line {lineno} ({_first_line(e)}); fix or remove it") from None
+    except Exception as e:  # gzip/bz2: OSError, EOFError; xz: LZMAError; zstandard.ZstdError (no OSError)
+        if isinstance(e, (OSError, EOFError, lzma.LZMAError, zlib.error)) or type(e).__name__ == "ZstdError":
+            raise MLMError(
+                f"{path} is corrupt or truncated after line {lineno} ({_first_line(e)}); fix or remove it"
+            ) from None
         raise
 
 
@@ -221,7 +221,9 @@ def _jsonl(path: str, lines: Iterator[tuple[int, str]], text_column: str) -> Ite
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MLMError(f"{path} line {lineno} is not valid JSON ({e.msg}); write one JSON object per line") from None
+            raise MLMError(
+                f"{path} line {lineno} is not valid JSON ({e.msg}); write one JSON object per line"
+            ) from None
         if not isinstance(record, dict) or text_column not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise MLMError(

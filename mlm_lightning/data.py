@@ -1,8 +1,8 @@
 """`MLMDataModule`: corpus -> tokenizer -> cached token stream -> examples -> masked batches.
 
 The corpus is streamed through the tokenizer once into a flat token stream (every line followed by [SEP]),
-word starts and line offsets, written to disk shard by shard (`shards.py`, bounded memory) and memory-mapped. Both ways of forming examples are O(1) views of that stream, so one
-cache serves every `max_length`:
+word starts and line offsets, written to disk shard by shard (`shards.py`, bounded memory) and memory-mapped.
+Both ways of forming examples are O(1) views of that stream, so one cache serves every `max_length`:
 - `line_by_line`: one line per example, truncated to `max_length`, batched by similar length;
 - packed (default): the stream cut into `max_length` blocks, each starting with [CLS]; no padding at all.
 """

@@ -190,7 +190,8 @@ def tokenize_phase(
     def split_and_encode(batch: list[str], is_val: np.ndarray):
         train = [t for t, v in zip(batch, is_val, strict=True) if not v]
         val = [t for t, v in zip(batch, is_val, strict=True) if v] if is_val.any() else []
-        return len(batch), sum(map(len, batch)), encode(backend, train, sep_id, dtype), encode(backend, val, sep_id, dtype)
+        chars = sum(map(len, batch))
+        return len(batch), chars, encode(backend, train, sep_id, dtype), encode(backend, val, sep_id, dtype)
 
     shard: _ShardWriter | None = None
     try:

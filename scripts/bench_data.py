@@ -57,7 +57,7 @@ def build_corpus(path: Path, mb: float, seed: int = 0) -> None:
             caps = rng.random(len(lengths)) < 0.5
             words[starts[caps]] = [w.capitalize() for w in words[starts[caps]]]
             marks = rng.choice([".", ".", ".", "?", "!", ";"], size=len(lengths))
-            lines = [" ".join(words[a:b]) + m for a, b, m in zip(starts, ends, marks)]
+            lines = [" ".join(words[a:b]) + m for a, b, m in zip(starts, ends, marks, strict=True)]
             text = "\n".join(lines) + "\n"
             f.write(text)
             written += len(text.encode())

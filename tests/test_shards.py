@@ -64,7 +64,7 @@ def test_sharded_output_equals_in_memory_tokenization(write, tmp_path, tok, monk
     assert 40 <= is_val.sum() <= 60
     for split, chosen in (("train", ~is_val), ("val", is_val)):
         stream = TokenStream.load(directory, split)
-        ids, starts, offsets = reference([t for t, c in zip(texts, chosen) if c], tok, tok.sep_token_id)
+        ids, starts, offsets = reference([t for t, c in zip(texts, chosen, strict=True) if c], tok, tok.sep_token_id)
         assert np.array_equal(stream.tokens, ids) and np.array_equal(stream.offsets, offsets)
         assert np.array_equal(stream.word_starts.astype(bool), starts)
     assert not os.path.exists(directory + ".partial")  # the work area is gone once joined
