@@ -147,7 +147,7 @@ def build_cache(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(partial, ignore_errors=True)  # our own work area, now joined into `directory`
+    shards.remove_shards(partial, [p for p, _ in readers])  # our own work area, now joined into `directory`
     return meta
 
 

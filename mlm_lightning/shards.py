@@ -255,6 +255,23 @@ def join_shards(partial: str, phases: list[str], out_dir: str, vocab_size: int) 
     return meta
 
 
+def remove_shards(partial: str, phases: list[str]) -> None:
+    """Remove the shards (and leftover temporary shards) this module wrote, then `partial` if that empties it.
+
+    Only names this module creates are removed, so a file someone put there is never deleted.
+    """
+    if not os.path.isdir(partial):
+        return
+    for name in os.listdir(partial):
+        ours = any(name.startswith((f"{p}-", f".{p}-")) for p in phases)
+        if ours and os.path.isdir(os.path.join(partial, name)):
+            shutil.rmtree(os.path.join(partial, name), ignore_errors=True)
+    try:
+        os.rmdir(partial)
+    except OSError:  # not empty: someone else's file is in there; leave it
+        pass
+
+
 def open_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, word_starts, offsets) of a finished cache directory, all memory-mapped (nothing read)."""
     with open(os.path.join(directory, "meta.json")) as f:

@@ -128,6 +128,7 @@ def test_interrupted_tokenization_resumes_from_complete_shards(write, tmp_path, 
     assert not os.path.exists(directory)  # no half cache
     left = sorted(os.listdir(directory + ".partial"))
     assert left and all(name.startswith("train-") for name in left)  # complete shards only, no temp dirs
+    (tmp_path / "cut" / "cache" / "key.partial" / "notes.txt").write_text("a user's file")
     calls.clear()
     monkeypatch.setattr(shards, "encode", lambda backend, texts, *a: calls.append(len(texts)) or real_encode(
         backend, texts, *a))
@@ -137,6 +138,7 @@ def test_interrupted_tokenization_resumes_from_complete_shards(write, tmp_path, 
         for kind in shards.FILES:
             a = open(os.path.join(expected, f"{split}.{kind}.bin"), "rb").read()
             assert a == open(os.path.join(directory, f"{split}.{kind}.bin"), "rb").read()
+    assert os.listdir(directory + ".partial") == ["notes.txt"]  # shards removed, the user's file kept
 
 
 def test_memory_stays_flat_as_the_corpus_grows(write, tmp_path, tok, monkeypatch):
