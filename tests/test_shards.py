@@ -204,3 +204,12 @@ def test_two_spawned_workers_give_the_same_batches(corpus, tmp_path):
     assert len(a) == len(b) > 10
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+
+
+def test_progress_bar_counts_megabytes(write, tmp_path, tok, capsys):
+    path = write("t.txt", varied(200))
+    directory = str(tmp_path / "key")
+    build_cache(directory, tok, [path], None, "text", 0.1, 10_000, seed=0, progress=True)
+    err = capsys.readouterr().err
+    size = f"{os.path.getsize(path) / 1024:.2f}k"  # bytes of the file on disk, MB/s and ETA shown
+    assert "tokenizing: 100%" in err and f"{size}/{size}" in err and "B/s" in err, err[-300:]
