@@ -91,15 +91,19 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def encode(backend, texts: list[str], sep_id: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, word_starts, line lengths) of `texts`, each line followed by [SEP]; lines with no token dropped.
+def encode_batch(backend, texts: list[str]) -> list:
+    """The tokenizer's Rust batch encoding: all cores, and the GIL released (this runs in a thread)."""
+    return backend.encode_batch(texts, add_special_tokens=False) if texts else []
+
+
+def to_arrays(encodings: list, sep_id: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, word_starts, line lengths) of encodings, each line followed by [SEP]; lines with no token dropped.
 
     Per line, not per token, Python work: the id lists are flattened by numpy and word starts come from
     comparing neighbouring word ids (a new word id, or a new line, starts a word).
     """
-    if not texts:
+    if not encodings:
         return np.zeros(0, dtype), np.zeros(0, np.uint8), np.zeros(0, np.int64)
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
     ids = [e.ids for e in encodings]
     words = [e.word_ids for e in encodings]
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
@@ -188,10 +192,11 @@ def tokenize_phase(
     cap = val_max_lines if val_max_lines is not None else 2**62
 
     def split_and_encode(batch: list[str], is_val: np.ndarray):
+        # only the Rust encoding runs in the thread: turning its output into arrays (Python, holding the GIL)
+        # happens on the main thread while the next batch is encoded
         train = [t for t, v in zip(batch, is_val, strict=True) if not v]
         val = [t for t, v in zip(batch, is_val, strict=True) if v] if is_val.any() else []
-        chars = sum(map(len, batch))
-        return len(batch), chars, encode(backend, train, sep_id, dtype), encode(backend, val, sep_id, dtype)
+        return len(batch), sum(map(len, batch)), encode_batch(backend, train), encode_batch(backend, val)
 
     shard: _ShardWriter | None = None
     try:
@@ -213,8 +218,8 @@ def tokenize_phase(
                     if shard is None:
                         shard = _ShardWriter(partial, f"{phase}-{len(done):05d}")
                     (n_lines, chars, train, val), batch_val = pending[0].result(), pending[1]
-                    shard.add("train", *train)
-                    shard.add("val", *val)
+                    shard.add("train", *to_arrays(train, sep_id, dtype))
+                    shard.add("val", *to_arrays(val, sep_id, dtype))
                     shard.input_lines += n_lines
                     shard.chars += chars
                     if on_batch is not None:

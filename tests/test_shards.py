@@ -113,15 +113,15 @@ def test_interrupted_tokenization_resumes_from_complete_shards(write, tmp_path, 
     monkeypatch.setattr(shards, "BATCH_CHARS", 400)
     path = write("t.txt", varied(600, seed=2))
     expected = build(tmp_path / "whole", tok, path, shard_chars=2000)
-    real_encode, calls = shards.encode, []
+    real_encode, calls = shards.encode_batch, []
 
-    def failing(backend, texts, *a):
+    def failing(backend, texts):
         calls.append(len(texts))
         if len(calls) == 40:
             raise KeyboardInterrupt
-        return real_encode(backend, texts, *a)
+        return real_encode(backend, texts)
 
-    monkeypatch.setattr(shards, "encode", failing)
+    monkeypatch.setattr(shards, "encode_batch", failing)
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "cut", tok, path, shard_chars=2000)
     directory = str(tmp_path / "cut" / "cache" / "key")
@@ -130,8 +130,8 @@ def test_interrupted_tokenization_resumes_from_complete_shards(write, tmp_path, 
     assert left and all(name.startswith("train-") for name in left)  # complete shards only, no temp dirs
     (tmp_path / "cut" / "cache" / "key.partial" / "notes.txt").write_text("a user's file")
     calls.clear()
-    monkeypatch.setattr(shards, "encode", lambda backend, texts, *a: calls.append(len(texts)) or real_encode(
-        backend, texts, *a))
+    monkeypatch.setattr(shards, "encode_batch", lambda backend, texts: calls.append(len(texts)) or real_encode(
+        backend, texts))
     build(tmp_path / "cut", tok, path, shard_chars=2000)
     assert 0 < sum(calls) < 600 * 0.9  # only the lines after the complete shards were tokenized again
     for split in shards.SPLITS:
