@@ -80,7 +80,7 @@ def test_trained_model_predicts_the_obvious_token(tmp_path, capsys):
     corpus.write_text("the quick brown fox jumps over the lazy dog .\n" * 200 + "a b c d e f g h .\n" * 200)
     root = tmp_path / "run"
     assert run_cli("fit", "--data.train_files", str(corpus), *TINY_MODEL, *TINY_DATA, "--data.line_by_line", "true",
-                   "--trainer.max_steps", "150", "--model.learning_rate", "3e-3", "--trainer.default_root_dir",
+                   "--trainer.max_steps", "250", "--model.learning_rate", "3e-3", "--trainer.default_root_dir",
                    str(root), "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
                    "false") == 0
     capsys.readouterr()
