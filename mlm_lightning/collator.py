@@ -105,6 +105,13 @@ class MaskingCollator:
         self.random_candidates = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
         self._gen = torch.Generator()
 
+    # a torch.Generator cannot be sent to a spawned DataLoader worker; it is re-seeded per example anyway
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_gen"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _gen=torch.Generator())
+
     def __call__(self, examples: Sequence[dict]) -> dict:
         lengths = [len(e["input_ids"]) for e in examples]
         longest = max(lengths)

@@ -1,33 +1,33 @@
 """`MLMDataModule`: corpus -> tokenizer -> cached token stream -> examples -> masked batches.
 
-The corpus is tokenized once into a flat token stream (every line followed by [SEP]) plus line offsets,
-saved as .npy files and memory-mapped. Both ways of forming examples are O(1) views of that stream, so one
-cache serves every `max_length`:
+The corpus is streamed through the tokenizer once into a flat token stream (every line followed by [SEP]),
+word starts and line offsets, written to disk shard by shard (`shards.py`, bounded memory) and memory-mapped.
+Both ways of forming examples are O(1) views of that stream, so one cache serves every `max_length`:
 - `line_by_line`: one line per example, truncated to `max_length`, batched by similar length;
 - packed (default): the stream cut into `max_length` blocks, each starting with [CLS]; no padding at all.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import os
 import shutil
+import tempfile
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from mlm_lightning import corpus
-from mlm_lightning.collator import MaskingCollator, mask_seed
+from mlm_lightning import corpus, shards
+from mlm_lightning.collator import MaskingCollator, check_masking, mask_seed
 from mlm_lightning.errors import check
 from mlm_lightning.sampling import BatchPlan, ResumableDataLoader
-from mlm_lightning.tokenizer import load_tokenizer, tokenizer_fingerprint, train_wordpiece
+from mlm_lightning.tokenizer import load_tokenizer, sample_texts, tokenizer_fingerprint, train_wordpiece
 
 log = logging.getLogger("mlm_lightning")
-CACHE_VERSION = 1
+CACHE_VERSION = shards.FORMAT_VERSION
 
 
 def default_cache_dir() -> str:
@@ -35,69 +35,120 @@ def default_cache_dir() -> str:
 
 
 class TokenStream:
-    """A split of the corpus: `tokens` (memory-mapped) and `offsets` (line i is tokens[off[i]:off[i+1]])."""
+    """A split of the corpus: `tokens`, `word_starts` (1 on each word's first piece) and `offsets`
+    (line i is tokens[offsets[i]:offsets[i+1]], its last token [SEP]), memory-mapped from the cache.
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
-        self.tokens, self.offsets = tokens, offsets
+    Pickling (DataLoader workers, fork or spawn) sends the directory, never the arrays: each worker
+    re-opens the memory maps, so no worker holds a copy of the corpus.
+    """
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, word_starts: np.ndarray | None = None,
+                 source: tuple[str, str] | None = None):
+        self.tokens, self.offsets, self.source = tokens, offsets, source
+        self.word_starts = word_starts if word_starts is not None else np.ones(len(tokens), np.uint8)
 
     @classmethod
     def load(cls, directory: str, split: str) -> TokenStream:
-        return cls(
-            np.load(os.path.join(directory, f"{split}.tokens.npy"), mmap_mode="r"),
-            np.load(os.path.join(directory, f"{split}.offsets.npy")),
-        )
+        tokens, word_starts, offsets = shards.open_split(directory, split)
+        return cls(tokens, offsets, word_starts, source=(directory, split))
 
-    def save(self, directory: str, split: str) -> None:
-        np.save(os.path.join(directory, f"{split}.tokens.npy"), self.tokens)
-        np.save(os.path.join(directory, f"{split}.offsets.npy"), self.offsets)
+    def __getstate__(self) -> dict:
+        if self.source is None:
+            return self.__dict__
+        return {"source": self.source}
 
-    def take(self, lines: np.ndarray) -> TokenStream:
-        starts = self.offsets[lines]
-        lens = self.offsets[lines + 1] - starts
-        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        gather = np.repeat(starts - offsets[:-1], lens) + np.arange(offsets[-1])
-        return TokenStream(np.asarray(self.tokens[gather]), offsets)
-
-
-def tokenize(texts, tokenizer, sep_id: int, batch_lines: int = 1000) -> TokenStream:
-    """Tokenize with the fast tokenizer in batches; each line's ids are followed by [SEP]."""
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.int32
-    chunks, lengths = [], []
-    it = iter(texts)
-    while batch := list(itertools.islice(it, batch_lines)):
-        ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
-        ids = [x for x in ids["input_ids"] if x]
-        chunks.append(np.fromiter(itertools.chain.from_iterable(x + [sep_id] for x in ids), dtype=dtype))
-        lengths += [len(x) + 1 for x in ids]
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-    return TokenStream(np.concatenate(chunks) if chunks else np.zeros(0, dtype), offsets)
+    def __setstate__(self, state: dict) -> None:
+        if set(state) == {"source"}:
+            self.__dict__.update(TokenStream.load(*state["source"]).__dict__)
+        else:
+            self.__dict__.update(state)
 
 
 class MLMDataset(Dataset):
-    """Examples from a `TokenStream`; keys are `(epoch, index)` so each example gets its own mask seed."""
+    """Examples from a `TokenStream`; keys are `(epoch, index)` so each example gets its own mask seed.
+
+    Each example has `input_ids` and `word_starts` (bool, aligned: True on the first piece of each word, on
+    [CLS]/[SEP], and on the first piece of a packed block that starts inside a word) for whole-word masking.
+    """
 
     def __init__(self, stream: TokenStream, max_length: int, packed: bool, cls_id: int, sep_id: int, seed: int):
         self.stream, self.max_length, self.packed = stream, max_length, packed
         self.cls_id, self.sep_id, self.seed = cls_id, sep_id, seed
         if packed:
-            n = len(stream.tokens) // (max_length - 1)
-            self.lengths = np.full(n, max_length, dtype=np.int64)
+            self.n = len(stream.tokens) // (max_length - 1)
         else:
-            self.lengths = np.minimum(np.diff(stream.offsets) - 1, max_length - 2) + 2
+            self.n = len(stream.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per example (for batch plans); computed on demand, so workers never receive it."""
+        if self.packed:
+            return np.full(self.n, self.max_length, dtype=np.int64)
+        return np.minimum(np.diff(self.stream.offsets) - 1, self.max_length - 2) + 2
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return self.n
 
     def __getitem__(self, key) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)
+        tokens, starts = self.stream.tokens, self.stream.word_starts
         if self.packed:
-            body = self.stream.tokens[i * (self.max_length - 1) : (i + 1) * (self.max_length - 1)]
-            ids = np.concatenate([[self.cls_id], body])
+            a, b = i * (self.max_length - 1), (i + 1) * (self.max_length - 1)
+            ids = np.concatenate([[self.cls_id], tokens[a:b]])
+            word_starts = np.concatenate([[1, 1], starts[a + 1 : b]])  # a block may start inside a word
         else:
-            start = self.stream.offsets[i]
-            body = self.stream.tokens[start : min(self.stream.offsets[i + 1] - 1, start + self.max_length - 2)]
-            ids = np.concatenate([[self.cls_id], body, [self.sep_id]])
-        return {"input_ids": ids.astype(np.int64), "mask_seed": mask_seed(self.seed, epoch, i)}
+            a = int(self.stream.offsets[i])
+            b = min(int(self.stream.offsets[i + 1]) - 1, a + self.max_length - 2)
+            ids = np.concatenate([[self.cls_id], tokens[a:b], [self.sep_id]])
+            word_starts = np.concatenate([[1], starts[a:b], [1]])
+        return {"input_ids": ids.astype(np.int64), "word_starts": word_starts.astype(bool),
+                "mask_seed": mask_seed(self.seed, epoch, i)}
+
+
+def build_cache(
+    directory: str, tokenizer, train_paths: list[str], val_paths: list[str] | None, text_column: str,
+    val_fraction: float, val_max_lines: int, seed: int, progress: bool = True, shard_chars: int = shards.SHARD_CHARS,
+) -> dict:
+    """Tokenize the corpus into `directory` (see `shards`): resumable, and all-or-nothing for `directory`."""
+    partial = f"{directory}.partial"
+    os.makedirs(partial, exist_ok=True)
+    readers = [("train", corpus.CorpusReader(train_paths, text_column))]
+    if val_paths is not None:
+        readers.append(("val", corpus.CorpusReader(val_paths, text_column)))
+    total = sum(r.total_bytes for _, r in readers)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing", disable=not progress,
+               mininterval=1.0, smoothing=0.1)
+    with bar:
+        base = 0
+        for phase, reader in readers:
+            def update(reader=reader, base=base):
+                bar.update(base + reader.bytes_done() - bar.n)
+
+            fraction = 1.0 if phase == "val" else (0.0 if val_paths is not None else val_fraction)
+            shards.tokenize_phase(reader, tokenizer, partial, phase, val_fraction=fraction,
+                                  val_max_lines=val_max_lines, seed=seed, shard_chars=shard_chars, on_batch=update)
+            base += reader.total_bytes
+            bar.update(base - bar.n)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=f".{os.path.basename(directory)}-")
+    try:  # joined aside and renamed: a cache directory that exists is complete
+        meta = shards.join_shards(partial, [p for p, _ in readers], tmp, len(tokenizer))
+        n_train, n_val = meta["train_lines"], meta["val_lines"]
+        check(n_train + (n_val if val_paths is None else 0) > 0, "the training files contain no text; add text to them")
+        if val_paths is None:
+            check(
+                n_val > 0 and n_train > 0,
+                f"the corpus has {n_train + n_val} lines, too few for a {val_fraction} validation split;"
+                " add text, raise --data.val_fraction or pass --data.val_files",
+            )
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not os.path.isdir(directory):  # a concurrent writer may have won the rename
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shards.remove_shards(partial, [p for p, _ in readers])  # our own work area, now joined into `directory`
+    return meta
 
 
 class MLMDataModule(L.LightningDataModule):
@@ -106,6 +157,7 @@ class MLMDataModule(L.LightningDataModule):
         train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         val_fraction: float = 0.05,
+        val_max_lines: int = 10_000,
         text_column: str = "text",
         line_by_line: bool = False,
         max_length: int = 64,
@@ -115,9 +167,12 @@ class MLMDataModule(L.LightningDataModule):
         mlm_probability: float = 0.15,
         mask_replace_prob: float = 0.8,
         random_replace_prob: float = 0.1,
+        masking: str = "token",
+        mean_span_length: float = 3.0,
         tokenizer: str | None = None,
         vocab_size: int = 8192,
         lowercase: bool = True,
+        tokenizer_sample_mb: float = 100.0,
         cache_dir: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
@@ -127,11 +182,15 @@ class MLMDataModule(L.LightningDataModule):
 
         Args:
             train_files: Training text: a file, a list, a directory or a glob (.txt: one example per line,
-                blank lines skipped; .jsonl/.csv: the `text_column` field). Unset: the offline default corpus,
-                CPython's bundled language reference.
+                blank lines skipped; .jsonl/.csv/.parquet: the `text_column` field; txt/jsonl/csv may be
+                compressed: .gz, .bz2, .xz, .zst). Unset: the offline default corpus, CPython's bundled
+                language reference.
             val_files: Validation text, same forms. Unset: a seeded `val_fraction` of the training lines.
-            val_fraction: Share of training lines held out for validation when `val_files` is unset.
-            text_column: The field holding the text in .jsonl/.csv files.
+            val_fraction: Share of training lines held out for validation when `val_files` is unset (a seeded
+                function of each line's index, decided before tokenizing).
+            val_max_lines: At most this many lines are held out by `val_fraction` (the rest train), so a huge
+                corpus does not validate for hours.
+            text_column: The field holding the text in .jsonl/.csv/.parquet files.
             line_by_line: One example per line (truncated to `max_length`) instead of packed blocks.
             max_length: Tokens per example, including [CLS]/[SEP].
             batch_size: Examples per batch.
@@ -140,10 +199,15 @@ class MLMDataModule(L.LightningDataModule):
             mlm_probability: Share of (non-special) tokens to predict.
             mask_replace_prob: Of the chosen tokens, the share replaced by [MASK].
             random_replace_prob: Of the chosen tokens, the share replaced by a random token (the rest stay).
+            masking: What gets masked: `token` (BERT: each token independently), `whole_word` (all pieces of a
+                word together) or `span` (SpanBERT: runs of whole words, never across lines).
+            mean_span_length: span masking: the mean span length in words (geometric, clipped at 10 words).
             tokenizer: A tokenizer dir or hub id. Unset: the model's, or for a model trained from scratch a
                 WordPiece vocabulary trained on `train_files` (saved in the cache and reused).
             vocab_size: Size of the WordPiece vocabulary trained when no tokenizer is given.
             lowercase: Lowercase text in the trained WordPiece tokenizer.
+            tokenizer_sample_mb: The WordPiece vocabulary is trained on a seeded sample of about this many MB of
+                the corpus (all of it when smaller): the same corpus and seed give the same sample.
             cache_dir: Where tokenizers and tokenized corpora are cached (default ~/.cache/mlm-lightning or
                 $MLM_LIGHTNING_CACHE).
             num_workers: DataLoader worker processes.
@@ -167,6 +231,9 @@ class MLMDataModule(L.LightningDataModule):
             "no validation data: set --data.val_fraction above 0 or pass --data.val_files",
         )
         check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
+        check_masking(masking, mlm_probability, mean_span_length)
+        check(val_max_lines >= 1, f"val_max_lines must be at least 1, got {val_max_lines}")
+        check(tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {tokenizer_sample_mb}")
         self.cache_dir = cache_dir or default_cache_dir()
         self.train_paths = corpus.resolve_files(train_files) if train_files is not None else None
         self.val_paths = corpus.resolve_files(val_files, "val_files") if val_files is not None else None
@@ -184,7 +251,10 @@ class MLMDataModule(L.LightningDataModule):
         return self.train_paths
 
     def _tokenizer_dir(self) -> str:
-        key = corpus.fingerprint(self._train_paths(), self.hparams.vocab_size, self.hparams.lowercase)
+        h = self.hparams
+        sampled = sum(map(os.path.getsize, self._train_paths())) > h.tokenizer_sample_mb * 2**20
+        key = corpus.fingerprint(self._train_paths(), h.vocab_size, h.lowercase,
+                                 (h.tokenizer_sample_mb, h.seed) if sampled else None)
         return os.path.join(self.cache_dir, "tokenizers", f"wordpiece-{key}")
 
     def load_tokenizer(self, train_if_missing: bool = False):
@@ -196,7 +266,8 @@ class MLMDataModule(L.LightningDataModule):
             else:
                 check(train_if_missing, "the corpus tokenizer is missing; call prepare_data() first")
                 log.info("training a WordPiece tokenizer (vocab %d) on the corpus", self.hparams.vocab_size)
-                texts = corpus.iter_texts(self._train_paths(), self.hparams.text_column)
+                texts = sample_texts(corpus.CorpusReader(self._train_paths(), self.hparams.text_column),
+                                     self.hparams.tokenizer_sample_mb, self.hparams.seed)
                 self.tokenizer = train_wordpiece(
                     texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
                     self.hparams.lowercase,
@@ -212,8 +283,9 @@ class MLMDataModule(L.LightningDataModule):
         h = self.hparams
         files = self._train_paths() + (self.val_paths or [])
         key = corpus.fingerprint(
-            files, len(self._train_paths()), h.text_column, h.val_fraction if self.val_paths is None else None,
-            h.seed, tokenizer_fingerprint(self.load_tokenizer()), CACHE_VERSION,
+            files, len(self._train_paths()), h.text_column,
+            (h.val_fraction, h.val_max_lines) if self.val_paths is None else None, h.seed,
+            tokenizer_fingerprint(self.load_tokenizer()), CACHE_VERSION,
         )
         return os.path.join(self.cache_dir, "data", key)
 
@@ -225,40 +297,13 @@ class MLMDataModule(L.LightningDataModule):
         if os.path.isdir(directory):
             log.info("tokenized corpus found in the cache: %s", directory)
             return
-        tmp = f"{directory}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        try:  # written aside and renamed: an interruption never leaves a half-written cache
-            sep = self.tokenizer.sep_token_id
-            texts = corpus.iter_texts(self._train_paths(), self.hparams.text_column)
-            train = tokenize(texts, self.tokenizer, sep)
-            n = len(train.offsets) - 1
-            check(n > 0, "the training files contain no text; add text to them")
-            if self.val_paths is not None:
-                val = tokenize(corpus.iter_texts(self.val_paths, self.hparams.text_column), self.tokenizer, sep)
-            else:
-                n_val = int(round(n * self.hparams.val_fraction))
-                check(
-                    0 < n_val < n,
-                    f"the corpus has {n} lines, too few for a {self.hparams.val_fraction} validation split;"
-                    " add text, raise --data.val_fraction or pass --data.val_files",
-                )
-                rng = np.random.default_rng(self.hparams.seed)
-                is_val = np.zeros(n, dtype=bool)
-                is_val[rng.choice(n, n_val, replace=False)] = True
-                val, train = train.take(np.flatnonzero(is_val)), train.take(np.flatnonzero(~is_val))
-            train.save(tmp, "train")
-            val.save(tmp, "val")
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"train_lines": len(train.offsets) - 1, "val_lines": len(val.offsets) - 1,
-                           "train_tokens": len(train.tokens), "val_tokens": len(val.tokens)}, f)
-            os.replace(tmp, directory)
-            log.info("tokenized %d train / %d val tokens into %s", len(train.tokens), len(val.tokens), directory)
-        except OSError:
-            if not os.path.isdir(directory):  # a concurrent writer may have won the rename
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        h = self.hparams
+        show = self.trainer is None or self.trainer.is_global_zero
+        meta = build_cache(
+            directory, self.tokenizer, self._train_paths(), self.val_paths, h.text_column,
+            h.val_fraction, h.val_max_lines, h.seed, progress=show,
+        )
+        log.info("tokenized %d train / %d val tokens into %s", meta["train_tokens"], meta["val_tokens"], directory)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
@@ -279,7 +324,8 @@ class MLMDataModule(L.LightningDataModule):
                 f" ({len(ds.stream.tokens)} tokens); add text, lower --data.max_length or use --data.line_by_line",
             )
             self.datasets[split] = ds
-        self.collator = MaskingCollator(tok, h.mlm_probability, h.mask_replace_prob, h.random_replace_prob)
+        self.collator = MaskingCollator(tok, h.mlm_probability, h.mask_replace_prob, h.random_replace_prob,
+                                        masking=h.masking, mean_span_length=h.mean_span_length)
 
     def _setup_predict(self) -> None:
         check(self.predict_paths is not None, "predict needs input: pass --data.predict_files FILE ([MASK] sentences)")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 
 from mlm_lightning.errors import check
 from mlm_lightning.hub import load_pretrained
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SAMPLE_CHUNK_LINES = 1000
 
 
 def load_tokenizer(name_or_path: str):
@@ -35,6 +38,30 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
+def sample_texts(reader, sample_mb: float, seed: int) -> Iterator[str]:
+    """A seeded sample of about `sample_mb` MB of a `corpus.CorpusReader`'s texts (all of them when smaller).
+
+    Chunks of 1,000 consecutive lines are kept with probability sample size / corpus size, decided by a hash
+    of (seed, chunk index): the same corpus and seed give the same sample, spread over the whole corpus.
+    The whole corpus is still read (decompressing is cheap next to training), but only the sample is kept.
+    """
+    from mlm_lightning.shards import uniform
+
+    cap = sample_mb * 2**20
+    if reader.total_bytes <= cap:
+        yield from reader
+        return
+    p = cap / reader.total_bytes
+    taken, it = 0, iter(reader)
+    for chunk_index in itertools.count():
+        chunk = list(itertools.islice(it, SAMPLE_CHUNK_LINES))
+        if not chunk or taken >= cap:
+            return
+        if uniform(seed, chunk_index) < p:
+            taken += sum(map(len, chunk))
+            yield from chunk
+
+
 def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_max_length: int, lowercase: bool = True):
     """Train a BERT WordPiece tokenizer with the `tokenizers` library and save it as a transformers dir.
 
@@ -56,12 +83,16 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_m
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tokenizer = BertTokenizer(tokenizer_object=tok, model_max_length=model_max_length, do_lower_case=lowercase)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    parent = os.path.dirname(out_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}-")
     try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process (a DDP rank) finished first: keep theirs
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process (a DDP rank) finished first: keep theirs
+            if not os.path.isdir(out_dir):
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(out_dir)

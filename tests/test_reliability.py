@@ -202,22 +202,23 @@ def test_ddp_interrupt_then_resume(corpus, tmp_path):
 
 
 def test_interrupt_during_tokenization_leaves_no_half_cache(write, tmp_path, capsys, monkeypatch):
-    from mlm_lightning import data as data_module
+    from mlm_lightning import shards
 
-    real = data_module.tokenize
+    real = shards.tokenize_phase
 
-    def interrupted(texts, tokenizer, sep_id, batch_lines=1000):
-        real(texts, tokenizer, sep_id, batch_lines=8)
+    def interrupted(*a, **k):
+        real(*a, **k)
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the cache is being written
         time.sleep(5)
 
-    monkeypatch.setattr(data_module, "tokenize", interrupted)
+    monkeypatch.setattr(shards, "tokenize_phase", interrupted)
     cache = tmp_path / "cache"
     corpus = write("c.txt", [f"line {i} of text ." for i in range(200)])
     code = run_cli(*args(corpus, tmp_path / "run", "--data.cache_dir", str(cache)))
     assert code == 130
     assert "interrupted by SIGINT; no training step to save, nothing left half-written" in capsys.readouterr().err
-    assert os.listdir(cache / "data") == []  # nothing half-written; the next run tokenizes from scratch
+    # no cache directory, only the work area with complete shards, which the next run reuses
+    assert [name.endswith(".partial") for name in os.listdir(cache / "data")] == [True]
     monkeypatch.undo()
     assert run_cli(*args(corpus, tmp_path / "run", "--data.cache_dir", str(cache), "--trainer.max_steps", "2",
                         "--trainer.val_check_interval", "2")) == 0

@@ -1,0 +1,292 @@
+"""Streaming tokenization of a corpus into on-disk shards, then one memory-mappable file per split.
+
+Memory is bounded by a constant (a few batches of text and their ids), whatever the corpus size: text is
+read as a stream, tokenized in batches by the fast tokenizer's Rust `encode_batch` (all cores, GIL
+released, so the next batch is read while this one is encoded), and the ids are appended to files.
+
+Layout of a finished cache directory `<cache>/data/<key>/` (plain little-endian files, readable by any
+later streaming loader such as `litdata` without this package):
+
+    meta.json                     counts, token dtype, format version
+    {split}.tokens.bin            token ids (uint16 when the vocabulary fits, else uint32); every line + [SEP]
+    {split}.word_starts.bin       uint8, 1 on the first piece of each word (from the tokenizer's word ids) and on [SEP]
+    {split}.offsets.bin           int64, line i is tokens[offsets[i]:offsets[i + 1]]
+
+While tokenizing, work lives in `<key>.partial/`: one directory per shard (`train-00000`, ... a run of
+consecutive lines of about `shard_chars` characters), each written under a temporary name and renamed when
+complete. An interrupted run leaves only complete shards there; the next run skips their lines (reading,
+not tokenizing them) and goes on. The last step joins the shards into the layout above, written aside and
+renamed, so a cache directory that exists is always complete.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from mlm_lightning.errors import check
+
+FORMAT_VERSION = 2
+SHARD_CHARS = 64_000_000  # ~64 MB of text per shard: the work an interruption can lose
+BATCH_CHARS = 1_000_000  # text handed to the tokenizer at once (bounded memory, enough for all cores)
+BATCH_LINES = 10_000
+COPY_BYTES = 16 << 20  # buffer when joining shards
+SPLITS = ("train", "val")
+FILES = {"tokens": None, "word_starts": np.uint8, "offsets": np.int64}
+
+
+def token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer on uint64 arrays (wrapping arithmetic): a cheap, well-mixed seeded hash."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def uniform(seed: int, index) -> np.ndarray:
+    """A seeded uniform draw in [0, 1) per index: a pure function of (seed, index)."""
+    with np.errstate(over="ignore"):
+        k = np.asarray(index).astype(np.uint64)
+        h = _mix(k + np.uint64(seed & (2**64 - 1)) * np.uint64(0x9E3779B97F4A7C15))
+    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+def val_lines(seed: int, start: int, count: int, fraction: float) -> np.ndarray:
+    """Which of lines `start .. start+count-1` (indices in the corpus stream) are validation lines.
+
+    The stream is cut into blocks of 1/fraction lines and one seeded position per block is held out: a pure
+    function of (seed, line index), decided before tokenizing, that holds out almost exactly `fraction` of
+    any corpus (Bernoulli draws would leave a small corpus with none) and spreads them over the whole corpus.
+    """
+    i = np.arange(start, start + count, dtype=np.int64)
+    if fraction <= 0 or count == 0:
+        return np.zeros(count, dtype=bool)
+    block = 1.0 / fraction
+    out = np.zeros(count, dtype=bool)
+    for k in (np.floor(i / block).astype(np.int64), np.floor(i / block).astype(np.int64) + 1):
+        out |= np.floor(k * block + uniform(seed, k) * block).astype(np.int64) == i
+    return out
+
+
+def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for t in texts:
+        batch.append(t)
+        chars += len(t)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_LINES:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_batch(backend, texts: list[str]) -> list:
+    """The tokenizer's Rust batch encoding: all cores, and the GIL released (this runs in a thread)."""
+    return backend.encode_batch(texts, add_special_tokens=False) if texts else []
+
+
+def to_arrays(encodings: list, sep_id: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, word_starts, line lengths) of encodings, each line followed by [SEP]; lines with no token dropped.
+
+    Per line, not per token, Python work: the id lists are flattened by numpy and word starts come from
+    comparing neighbouring word ids (a new word id, or a new line, starts a word).
+    """
+    if not encodings:
+        return np.zeros(0, dtype), np.zeros(0, np.uint8), np.zeros(0, np.int64)
+    ids = [e.ids for e in encodings]
+    words = [e.word_ids for e in encodings]
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    body = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum()))
+    # word ids are None only on special tokens written in the text (e.g. a literal "[MASK]"): own words
+    if any(None in w for w in words):  # rare: only those lines pay a Python loop
+        words = [[-1 if x is None else x for x in w] if None in w else w for w in words]
+    wid = np.fromiter(itertools.chain.from_iterable(words), np.int64, count=len(body))
+    lengths = lengths[lengths > 0]
+    starts_body = np.ones(len(body), dtype=bool)
+    if len(body):
+        starts_body[1:] = wid[1:] != wid[:-1]
+        starts_body[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True  # every line starts a word
+    n = len(body) + len(lengths)
+    is_sep = np.zeros(n, dtype=bool)
+    is_sep[np.cumsum(lengths + 1) - 1] = True
+    tokens = np.empty(n, dtype)
+    tokens[~is_sep], tokens[is_sep] = body, sep_id
+    starts = np.ones(n, np.uint8)
+    starts[~is_sep] = starts_body
+    return tokens, starts, lengths + 1
+
+
+class _ShardWriter:
+    """Appends batches to the files of one shard in a temporary directory; `finish()` renames it into place."""
+
+    def __init__(self, partial: str, name: str):
+        self.partial, self.name = partial, name
+        self.tmp = tempfile.mkdtemp(dir=partial, prefix=f".{name}-")
+        self.files = {(s, f): open(os.path.join(self.tmp, f"{s}.{f}.bin"), "wb") for s in SPLITS for f in FILES}
+        self.counts = {s: {"lines": 0, "tokens": 0} for s in SPLITS}
+        self.input_lines, self.chars = 0, 0
+
+    def add(self, split: str, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
+        c = self.counts[split]
+        self.files[split, "tokens"].write(tokens.tobytes())
+        self.files[split, "word_starts"].write(starts.tobytes())
+        # offsets are written without their leading 0 (joined later, shifted by the tokens before)
+        self.files[split, "offsets"].write((c["tokens"] + np.cumsum(lengths)).astype(np.int64).tobytes())
+        c["lines"] += len(lengths)
+        c["tokens"] += len(tokens)
+
+    def finish(self, extra: dict) -> None:
+        for f in self.files.values():
+            f.close()
+        with open(os.path.join(self.tmp, "shard.json"), "w") as f:
+            json.dump({"input_lines": self.input_lines, "counts": self.counts, **extra}, f)
+        try:
+            os.rename(self.tmp, os.path.join(self.partial, self.name))
+        except OSError:  # another process wrote this shard first: theirs is as good
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _done_shards(partial: str, phase: str) -> list[dict]:
+    done = []
+    for n in itertools.count():
+        path = os.path.join(partial, f"{phase}-{n:05d}", "shard.json")
+        if not os.path.exists(path):
+            return done
+        with open(path) as f:
+            done.append(json.load(f))
+
+
+def tokenize_phase(
+    texts: Iterable[str], tokenizer, partial: str, phase: str, *, val_fraction: float = 0.0,
+    val_max_lines: int | None = None, seed: int = 0, shard_chars: int = SHARD_CHARS, on_batch=None,
+) -> None:
+    """Tokenize `texts` into shards `<partial>/<phase>-NNNNN`, resuming after the shards already there.
+
+    `val_fraction` 1.0 sends every line to validation (val_files); otherwise `val_lines` decides, and once
+    `val_max_lines` lines were held out the rest go to training.
+    """
+    backend, sep_id = tokenizer.backend_tokenizer, tokenizer.sep_token_id
+    dtype = token_dtype(len(tokenizer))
+    done = _done_shards(partial, phase)
+    texts = iter(texts)
+    line = sum(s["input_lines"] for s in done)
+    n_val = done[-1]["val_so_far"] if done else 0
+    for _ in itertools.islice(texts, line):  # resume: read past the lines of complete shards
+        pass
+    cap = val_max_lines if val_max_lines is not None else 2**62
+
+    def split_and_encode(batch: list[str], is_val: np.ndarray):
+        # only the Rust encoding runs in the thread: turning its output into arrays (Python, holding the GIL)
+        # happens on the main thread while the next batch is encoded
+        train = [t for t, v in zip(batch, is_val, strict=True) if not v]
+        val = [t for t, v in zip(batch, is_val, strict=True) if v] if is_val.any() else []
+        return len(batch), sum(map(len, batch)), encode_batch(backend, train), encode_batch(backend, val)
+
+    shard: _ShardWriter | None = None
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = None
+            for batch in itertools.chain(_batches(texts), [None]):
+                future = None
+                if batch is not None:
+                    if val_fraction >= 1.0:
+                        is_val = np.ones(len(batch), dtype=bool)
+                    else:
+                        is_val = val_lines(seed, line, len(batch), val_fraction)
+                        over = np.flatnonzero(is_val)[max(0, cap - n_val):]
+                        is_val[over] = False  # the cap is reached: the rest of the corpus trains
+                    line += len(batch)
+                    n_val += int(is_val.sum())
+                    future = pool.submit(split_and_encode, batch, is_val)  # encodes while the next batch is read
+                if pending is not None:
+                    if shard is None:
+                        shard = _ShardWriter(partial, f"{phase}-{len(done):05d}")
+                    (n_lines, chars, train, val), batch_val = pending[0].result(), pending[1]
+                    shard.add("train", *to_arrays(train, sep_id, dtype))
+                    shard.add("val", *to_arrays(val, sep_id, dtype))
+                    shard.input_lines += n_lines
+                    shard.chars += chars
+                    if on_batch is not None:
+                        on_batch()
+                    if shard.chars >= shard_chars or batch is None:
+                        shard.finish({"val_so_far": batch_val})
+                        done.append({})
+                        shard = None
+                pending = (future, n_val) if future is not None else None
+    except BaseException:
+        if shard is not None:
+            shard.abort()
+        raise
+
+
+def join_shards(partial: str, phases: list[str], out_dir: str, vocab_size: int) -> dict:
+    """Concatenate every complete shard, in order, into one file per split and kind; returns the metadata."""
+    dtype = token_dtype(vocab_size)
+    shards = [os.path.join(partial, f"{p}-{n:05d}") for p in phases for n in range(len(_done_shards(partial, p)))]
+    meta = {"format": FORMAT_VERSION, "token_dtype": np.dtype(dtype).name, "vocab_size": vocab_size}
+    for split in SPLITS:
+        base_tokens, lines = 0, 0
+        with open(os.path.join(out_dir, f"{split}.offsets.bin"), "wb") as off:
+            off.write(np.zeros(1, np.int64).tobytes())
+            for kind in ("tokens", "word_starts"):
+                with open(os.path.join(out_dir, f"{split}.{kind}.bin"), "wb") as out:
+                    for shard in shards:
+                        with open(os.path.join(shard, f"{split}.{kind}.bin"), "rb") as f:
+                            shutil.copyfileobj(f, out, COPY_BYTES)
+            for shard in shards:
+                offsets = np.fromfile(os.path.join(shard, f"{split}.offsets.bin"), np.int64)
+                off.write((offsets + base_tokens).tobytes())
+                lines += len(offsets)
+                base_tokens += int(offsets[-1]) if len(offsets) else 0
+        meta[f"{split}_lines"], meta[f"{split}_tokens"] = lines, base_tokens
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def remove_shards(partial: str, phases: list[str]) -> None:
+    """Remove the shards (and leftover temporary shards) this module wrote, then `partial` if that empties it.
+
+    Only names this module creates are removed, so a file someone put there is never deleted.
+    """
+    if not os.path.isdir(partial):
+        return
+    for name in os.listdir(partial):
+        ours = any(name.startswith((f"{p}-", f".{p}-")) for p in phases)
+        if ours and os.path.isdir(os.path.join(partial, name)):
+            shutil.rmtree(os.path.join(partial, name), ignore_errors=True)
+    try:
+        os.rmdir(partial)
+    except OSError:  # not empty: someone else's file is in there; leave it
+        pass
+
+
+def open_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, word_starts, offsets) of a finished cache directory, all memory-mapped (nothing read)."""
+    with open(os.path.join(directory, "meta.json")) as f:
+        meta = json.load(f)
+    check(meta.get("format") == FORMAT_VERSION, f"{directory} is not a tokenized-corpus cache of this version")
+
+    def mm(kind: str, dtype) -> np.ndarray:
+        path = os.path.join(directory, f"{split}.{kind}.bin")
+        if os.path.getsize(path) == 0:  # numpy cannot memory-map an empty file
+            return np.zeros(0, dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    return mm("tokens", np.dtype(meta["token_dtype"])), mm("word_starts", np.uint8), mm("offsets", np.int64)
