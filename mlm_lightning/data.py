@@ -24,7 +24,14 @@ from mlm_lightning import corpus, shards
 from mlm_lightning.collator import MaskingCollator, check_masking, mask_seed
 from mlm_lightning.errors import check
 from mlm_lightning.sampling import BatchPlan, ResumableDataLoader
-from mlm_lightning.tokenizer import load_tokenizer, sample_texts, tokenizer_fingerprint, train_wordpiece
+from mlm_lightning.tokenizer import (
+    load_tokenizer,
+    sample_texts,
+    save_tokenizer_files,
+    tokenizer_files,
+    tokenizer_fingerprint,
+    train_wordpiece,
+)
 
 log = logging.getLogger("mlm_lightning")
 CACHE_VERSION = shards.FORMAT_VERSION
@@ -290,14 +297,18 @@ class MLMDataModule(L.LightningDataModule):
         return os.path.join(self.cache_dir, "data", key)
 
     def prepare_data(self) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return  # several processes: setup() agrees on one vocabulary first (see _setup_distributed)
         self.load_tokenizer(train_if_missing=True)
         if self.trainer is not None and self.trainer.predicting:
             return  # predict needs the tokenizer, not the tokenized corpus
-        directory = self._data_dir()
-        if os.path.isdir(directory):
-            log.info("tokenized corpus found in the cache: %s", directory)
+        if os.path.isdir(self._data_dir()):
+            log.info("tokenized corpus found in the cache: %s", self._data_dir())
             return
-        h = self.hparams
+        self._build_cache()
+
+    def _build_cache(self) -> None:
+        h, directory = self.hparams, self._data_dir()
         show = self.trainer is None or self.trainer.is_global_zero
         meta = build_cache(
             directory, self.tokenizer, self._train_paths(), self.val_paths, h.text_column,
@@ -306,10 +317,15 @@ class MLMDataModule(L.LightningDataModule):
         log.info("tokenized %d train / %d val tokens into %s", meta["train_tokens"], meta["val_tokens"], directory)
 
     def setup(self, stage: str | None = None) -> None:
+        distributed = self.trainer is not None and self.trainer.world_size > 1
         if stage == "predict":
+            if distributed:
+                self._setup_distributed(self.trainer, tokenize=False)
             return self._setup_predict()
         if self.datasets:
             return
+        if distributed:
+            self._setup_distributed(self.trainer)
         tok = self.load_tokenizer()
         directory = self._data_dir()
         if not os.path.isdir(directory):
@@ -326,6 +342,48 @@ class MLMDataModule(L.LightningDataModule):
             self.datasets[split] = ds
         self.collator = MaskingCollator(tok, h.mlm_probability, h.mask_replace_prob, h.random_replace_prob,
                                         masking=h.masking, mean_span_length=h.mean_span_length)
+
+    def _setup_distributed(self, trainer, tokenize: bool = True) -> None:
+        """One vocabulary for all processes, then each node's cache tokenized with it.
+
+        WordPiece training is not deterministic across processes, and Lightning prepares data once per node:
+        two nodes would train two vocabularies and every gradient all-reduce would mix them. So global rank 0
+        loads or trains the tokenizer and sends its files to every process, which keeps them in its node's
+        cache (node-local or shared alike). Then global rank 0 tokenizes, and afterwards the first process of
+        each node whose cache does not have the result yet (node-local caches)."""
+        import torch.distributed as dist
+
+        strategy = trainer.strategy
+        if not self.hparams.tokenizer:
+            files = tokenizer_files(self.load_tokenizer(train_if_missing=True)) if trainer.is_global_zero else None
+            files = strategy.broadcast(files, src=0)
+            if not trainer.is_global_zero:
+                self.tokenizer = self._received_tokenizer(files)
+        prints = [None] * trainer.world_size
+        dist.all_gather_object(prints, tokenizer_fingerprint(self.load_tokenizer()))
+        check(
+            len(set(prints)) == 1,
+            f"the processes have different vocabularies (fingerprints by process: {', '.join(prints)}); give every"
+            " node the same --data.tokenizer directory",
+        )
+        if not tokenize:
+            return
+        for first in (trainer.is_global_zero, trainer.local_rank == 0 and not trainer.is_global_zero):
+            if first and not os.path.isdir(self._data_dir()):
+                self._build_cache()
+            strategy.barrier("mlm-lightning-tokenized")
+
+    def _received_tokenizer(self, files: dict[str, str]):
+        target = self._tokenizer_dir()
+        where = save_tokenizer_files(files, target)
+        tokenizer = load_tokenizer(where)
+        if where != target:  # this node's cache already had a tokenizer under that key
+            shutil.rmtree(where, ignore_errors=True)  # (our own temporary directory)
+            cached = load_tokenizer(target)
+            if tokenizer_fingerprint(cached) == tokenizer_fingerprint(tokenizer):
+                return cached
+            log.warning("this node's cached tokenizer %s differs from process 0's; using process 0's", target)
+        return tokenizer
 
     def _setup_predict(self) -> None:
         check(self.predict_paths is not None, "predict needs input: pass --data.predict_files FILE ([MASK] sentences)")
@@ -352,6 +410,12 @@ class MLMDataModule(L.LightningDataModule):
             group_by_length=h.group_by_length and h.line_by_line, shuffle=train, seed=h.seed,
             num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
             epoch_key=None if train else -1,
+        )
+        check(
+            len(plan) > 0 or not train,
+            f"the training split gives too few batches for {world} processes (each needs at least one batch of"
+            f" {h.batch_size if not h.max_tokens else f'up to {h.max_tokens} tokens'}); add text, lower"
+            " --data.batch_size or use fewer processes",
         )
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed) if train and trainer else None
         # a private generator: creating a loader iterator must not draw from the global RNG (dropout's)

@@ -25,10 +25,9 @@ import torch
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.hub import load_pretrained
 from mlm_lightning.network import bert_from_config, load_bert
+from mlm_lightning.tokenizer import TOKENIZER_FILES
 
 MANIFEST = ".mlm-lightning-export"
-# the only tokenizer files a checkpoint may carry (see model.tokenizer_files), by exact name
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def check_checkpoint_path(path: str) -> None:

@@ -18,8 +18,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from mlm_lightning.errors import NonFiniteLossError, check
-from mlm_lightning.export import TOKENIZER_FILES
 from mlm_lightning.network import load_bert, new_bert
+from mlm_lightning.tokenizer import tokenizer_files
 
 
 class MLMModule(L.LightningModule):
@@ -292,19 +292,3 @@ def build_model(hparams, tokenizer):
 
 def _vocab(tokenizer_json: str) -> dict:
     return json.loads(tokenizer_json).get("model", {}).get("vocab", {})
-
-
-def tokenizer_files(tokenizer) -> dict[str, str]:
-    """The tokenizer's saved files as strings (small; stored in checkpoints)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        out = {}
-        for name in TOKENIZER_FILES:
-            try:
-                with open(f"{tmp}/{name}", encoding="utf-8") as f:
-                    out[name] = f.read()
-            except FileNotFoundError:
-                pass
-        return out

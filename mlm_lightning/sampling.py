@@ -152,7 +152,13 @@ class ResumableDataLoader(DataLoader):
         epoch = plan.epoch
         if done >= len(plan):  # the epoch is over: resume at the start of the next one
             epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "batches_done": done, "seed": plan.seed}
+        return {"epoch": epoch, "batches_done": done, "seed": plan.seed, "num_replicas": plan.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batch_sampler.resume(int(state["epoch"]), int(state["batches_done"]))
+        done = int(state["batches_done"])
+        saved = int(state.get("num_replicas", self.batch_sampler.num_replicas))
+        if saved != self.batch_sampler.num_replicas:
+            # another number of processes: continue after as many batches of the whole run as were done (the
+            # batches are split between processes differently, so this is close to, not exactly, the same data)
+            done = done * saved // self.batch_sampler.num_replicas
+        self.batch_sampler.resume(int(state["epoch"]), done)

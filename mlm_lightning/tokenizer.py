@@ -34,6 +34,42 @@ def validate_tokenizer(tokenizer, source: str) -> None:
     check(tokenizer.pad_token is not None, f"tokenizer {source!r} has no pad token; set one in its special tokens")
 
 
+# the files a tokenizer is saved as in checkpoints and given to other processes: the only names ever taken
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The tokenizer's saved files as strings (small; stored in checkpoints, sent to other processes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        out = {}
+        for name in TOKENIZER_FILES:
+            try:
+                with open(os.path.join(tmp, name), encoding="utf-8") as f:
+                    out[name] = f.read()
+            except FileNotFoundError:
+                pass
+        return out
+
+
+def save_tokenizer_files(files: dict[str, str], out_dir: str) -> str:
+    """Write `files` (from `tokenizer_files`) as `out_dir`, atomically; if it exists already, leave it.
+
+    Returns the directory that holds these files: `out_dir`, or a temporary one (the caller's to remove)
+    when `out_dir` exists with other contents."""
+    check(set(files) <= set(TOKENIZER_FILES), f"unexpected tokenizer files {sorted(files)}")
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(out_dir) or ".")
+    for name, text in files.items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    try:
+        os.rename(tmp, out_dir)  # fails if out_dir exists (another process of this node was first)
+        return out_dir
+    except OSError:
+        return tmp
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 

@@ -116,10 +116,10 @@ def test_ddp_interrupt_then_resume_is_exact_with_a_dropout_stream_per_process(co
 
 
 def test_too_little_data_for_the_processes_is_refused_before_training(write, tmp_path):
-    small = write("small.txt", sentences(40))  # ~1 training batch: not one for each of 2 processes
+    small = write("small.txt", sentences(60))  # 1 training batch: not one for each of 2 processes
     result = subprocess.run(
         cli(*fit_args(small, tmp_path / "small", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                      "--data.batch_size", "16", "--trainer.max_steps", "4")),
+                      "--data.batch_size", "16", "--data.val_fraction", "0.2", "--trainer.max_steps", "4")),
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2, result.stderr[-3000:]
