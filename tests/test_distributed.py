@@ -45,7 +45,7 @@ def weights(root):
 
 
 def test_two_nodes_with_node_local_caches_train_one_vocabulary(corpus, tmp_path):
-    port, procs = free_port(), []
+    port, procs, logs = free_port(), [], []
     for node in (0, 1):
         env = {**os.environ, "MLM_LIGHTNING_CACHE": str(tmp_path / f"cache{node}"), "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
@@ -53,17 +53,22 @@ def test_two_nodes_with_node_local_caches_train_one_vocabulary(corpus, tmp_path)
                "--module", "mlm_lightning.cli",
                *fit_args(corpus, tmp_path / f"run{node}", "--trainer.num_nodes", "2", "--trainer.devices", "1",
                          "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+        logs.append(open(tmp_path / f"node{node}.log", "w+"))  # files, not pipes: a full pipe blocks a node
+        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    outs = [open(log.name).read() for log in logs]
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
     vocabs = []
     for node in (0, 1):
         files = glob.glob(f"{tmp_path}/cache{node}/tokenizers/*/tokenizer.json")
         assert len(files) == 1, files  # each node has the vocabulary locally (it was given, not trained twice)
         vocabs.append(hashlib.sha256(open(files[0], "rb").read()).hexdigest())
     assert vocabs[0] == vocabs[1]
-    assert "2 processes" in outs[0][1]  # not "cpu x1"
+    assert "2 processes (2 nodes x 1 device)" in outs[0]  # not "cpu x1"
 
 
 def test_nan_on_one_of_two_processes_stops_both_with_exit_3(corpus, tmp_path):
