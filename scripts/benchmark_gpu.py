@@ -9,7 +9,7 @@ Shape: 12 layers x 768, 12 heads, intermediate 3072, vocab 30,522, seq 128, bf16
 the trained tokenizer's vocabulary, for a smoke run on CPU). Each recipe runs `--warmup` untimed steps, then
 `--steps` timed ones; the device is synchronized before the clock is read at both ends (and never in between).
 Prints real tokens/s, MFU (FLOPs from `train_flops`: the matmuls each recipe runs, i.e. the head at masked
-positions for (b)/(c) and at every position for (d); peak from Lightning's `get_available_flops` or
+positions for (b)/(c) and at every position for (d); peak from `callbacks.peak_flops` (Lightning's table) or
 `--peak_tflops`), the ratios (c)/(b), (c)/(d) and the targets.
 
     python scripts/benchmark.py --mode gpu                       # on a GPU
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlm_lightning.callbacks import ThroughputLogger, train_flops  # noqa: E402
+from mlm_lightning.callbacks import ThroughputLogger, peak_flops, train_flops  # noqa: E402
 from mlm_lightning.corpus import default_corpus, iter_texts  # noqa: E402
 from mlm_lightning.data import MLMDataModule  # noqa: E402
 from mlm_lightning.errors import check  # noqa: E402
@@ -211,7 +211,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="peak dense TFLOP/s of the device for MFU (default: Lightning's table for GPUs)")
     p.add_argument("--num_workers", type=int, default=None, help="loader workers, all recipes (default: GPU 4, CPU 0)")
     p.add_argument("--tokenizer_vocab", type=int, default=8192, help="WordPiece trained on the corpus")
-    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--cache_dir", default=None, help="tokenized corpus cache (default: a temporary directory)")
     args = p.parse_args(argv)
     check(args.warmup >= 1 and args.steps >= 1, "--warmup and --steps must be at least 1")
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,12 +259,7 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     print("$ python " + shlex.join(["scripts/benchmark.py", *argv]))
     quiet()
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    if args.peak_tflops:
-        peak = args.peak_tflops * 1e12
-    else:
-        peak = get_available_flops(args.device, args.dtype) if args.device.type == "cuda" else None
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(args.device, args.dtype)
     name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
     shape = args.shape
     print(f"device {name}; peak {peak / 1e12 if peak else float('nan'):.1f} TFLOP/s ({args.precision}); torch"
@@ -273,12 +268,14 @@ def main(argv: list[str]) -> None:
           f" {args.vocab_size or 'of the trained tokenizer'}; seq {args.seq_len}, batch {args.batch_size},"
           " packed blocks;"
           f" compile {args.compile}; {args.warmup} warm-up + {args.steps} timed steps; workers {args.num_workers}")
-    args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="mlm-bench-")
+    if peak is None:
+        print("peak FLOP/s unknown for this device: no MFU (pass --peak_tflops, the dense peak for this precision)")
     labels = {"loop": "(b) plain loop, our pipeline", "ours": "(c) ours, Lightning fit",
               "hf": "(d) HF run_mlm + Trainer"}
     runs = {"loop": run_loop, "ours": run_ours, "hf": run_hf}
     rates, mfus = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlm-bench-") as tmp:
+        args.cache_dir = args.cache_dir or os.path.join(tmp, "cache")
         prepare_corpus(args, tmp)
         for key in args.only.split(","):
             check(key in runs, f"--only takes loop, ours, hf; got {key!r}")
@@ -299,6 +296,8 @@ def main(argv: list[str]) -> None:
             if reported:
                 print(f"{'':30s} ThroughputLogger's last values: "
                       + ", ".join(f"{k} {v:.4g}" for k, v in sorted(reported.items())))
+            if args.compile:  # compiled graphs hold the last recipe's model, and count against recompile limits
+                torch._dynamo.reset()
             gc.collect()
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()

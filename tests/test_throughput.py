@@ -94,7 +94,7 @@ def test_gpu_syncs_only_at_measurements_and_reports_exact_rates(monkeypatch):
     clock, syncs = Clock(), []
     monkeypatch.setattr(callbacks.time, "perf_counter", clock)
     monkeypatch.setattr(callbacks.torch.cuda, "synchronize", lambda *a: syncs.append(a))
-    monkeypatch.setattr(callbacks, "get_available_flops", lambda device, dtype: 1e12)
+    monkeypatch.setattr(callbacks, "peak_flops", lambda device, dtype: 1e12)
     trainer, module, logged = fake_run("cuda", log_every=1)
     run_steps(ThroughputLogger(window=100, gpu_interval=50), trainer, module, clock, 250, 0.1)
     assert len(syncs) == 5  # steps 50, 100, ..., 250: not one per step although log_every_n_steps is 1
@@ -110,7 +110,7 @@ def test_gpu_syncs_only_at_measurements_and_reports_exact_rates(monkeypatch):
 
 def test_gpu_interval_is_a_multiple_of_the_logging_interval(monkeypatch):
     monkeypatch.setattr(callbacks.torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(callbacks, "get_available_flops", lambda device, dtype: 1e12)
+    monkeypatch.setattr(callbacks, "peak_flops", lambda device, dtype: 1e12)
     trainer, module, logged = fake_run("cuda", log_every=30)
     run_steps(ThroughputLogger(gpu_interval=50), trainer, module, Clock(), 200, 0.1)
     assert [step for step, _ in logged] == [60, 120, 180]  # values logged off a log step would be dropped
@@ -124,3 +124,14 @@ def test_cpu_measures_at_every_log_step_without_mfu(monkeypatch):
     assert [step for step, _ in logged] == list(range(2, 31, 2))
     rates = [d for _, d in logged if "perf/tokens_per_s" in d]
     assert rates and all(d["perf/tokens_per_s"] == pytest.approx(200) and "perf/mfu" not in d for d in rates)
+
+
+@pytest.mark.parametrize(("name", "dtype", "peak"), [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),  # Lightning's table
+    ("NVIDIA H200", torch.bfloat16, 989.4e12),  # Lightning: unknown by this name, and a with-sparsity figure
+    ("NVIDIA H200", torch.float32, None),
+])
+def test_peak_flops_is_the_dense_peak(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert callbacks.peak_flops(torch.device("cuda"), dtype) == peak
+    assert callbacks.peak_flops(torch.device("cpu"), dtype) is None
