@@ -1,6 +1,7 @@
 """Callbacks that make runs observable (checkpoints: `checkpointing.py`; signals: `stopping.py`).
 
-- `ThroughputLogger`: real tokens/s, padding share and (on GPU) MFU with Lightning's `Throughput`.
+- `ThroughputLogger`: real tokens/s, padding share and (on GPU) MFU with Lightning's `Throughput`; FLOPs from
+  `train_flops` (the model's real config).
 - `JSONLPredictionWriter`: `predict` output in input order.
 """
 
@@ -61,7 +62,8 @@ class ThroughputLogger(Callback):
 
     Nothing here waits for the GPU at ordinary steps: the counts come from the collator as Python ints and
     the FLOPs from the batch shapes. Only a measuring step synchronizes the device (so the clock reads the
-    time the GPU really took); on GPU those are at least `gpu_interval` steps apart.
+    time the GPU really took); on GPU those are at least `gpu_interval` steps apart. MFU counts the FLOPs of
+    the batches as run (padding included: `perf/pad_share` says how much of them was padding).
     """
 
     def __init__(self, window: int = 20, gpu_interval: int = 50):

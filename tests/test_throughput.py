@@ -126,6 +126,7 @@ def test_cpu_measures_at_every_log_step_without_mfu(monkeypatch):
     assert rates and all(d["perf/tokens_per_s"] == pytest.approx(200) and "perf/mfu" not in d for d in rates)
 
 
+@pytest.mark.filterwarnings("ignore:FLOPs not found")
 @pytest.mark.parametrize(("name", "dtype", "peak"), [
     ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),  # Lightning's table
     ("NVIDIA H200", torch.bfloat16, 989.4e12),  # Lightning: unknown by this name, and a with-sparsity figure
