@@ -308,6 +308,8 @@ def report(rates: dict, mfus: dict, on_gpu: bool) -> None:
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
+    if not on_gpu:
+        print("(a smoke run off GPU: these figures say nothing about the GPU targets)")
     if "ours" in rates:
         for other, label in (("loop", "(c)/(b)"), ("hf", "(c)/(d)")):
             if other in rates:
