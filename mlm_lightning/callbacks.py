@@ -1,6 +1,7 @@
 """Callbacks that make runs observable (checkpoints: `checkpointing.py`; signals: `stopping.py`).
 
-- `ThroughputLogger`: real tokens/s, padding share and (on GPU) MFU with Lightning's `Throughput`.
+- `ThroughputLogger`: real tokens/s, padding share and (on GPU) MFU with Lightning's `Throughput`; FLOPs from
+  `train_flops` (the model's real config).
 - `JSONLPredictionWriter`: `predict` output in input order.
 """
 
@@ -16,48 +17,103 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 
-class ThroughputLogger(Callback):
-    """Logs `perf/tokens_per_s` (real, non-pad tokens), `perf/pad_share` and, on GPU, `perf/mfu`."""
+def train_flops(config, seq_len: int, n_tokens: int, n_head_rows: int) -> int:
+    """Matmul FLOPs of one training step (forward + backward) of a `BertForMaskedLM` with this `config`.
 
-    def __init__(self, window: int = 20):
-        self.window = window
+    Per token and layer the forward pass multiplies by the Q, K, V, O projections (4 h^2 weights) and the
+    feed-forward pair (2 h * intermediate_size weights): 2 FLOPs per weight (multiply + add); attention adds
+    scores (QK^T) and values (AV), 2 * 2 * seq_len * h. The MLM head (transform h^2 + decoder h * vocab) runs
+    on `n_head_rows` rows: the masked positions with `sparse_head`, every position without. Embeddings are
+    lookups (no FLOPs) and `BertForMaskedLM` has no pooler. The backward pass costs twice the forward
+    (gradients of inputs and of weights), so training = 3 x forward (the usual 6 x parameters per token).
+    Softmax, LayerNorm and GELU are not matmuls and are left out, as in MFU figures elsewhere.
+
+    Args:
+        config: A `BertConfig` (hidden_size, intermediate_size, num_hidden_layers, vocab_size).
+        seq_len: The (padded) sequence length the attention runs over.
+        n_tokens: Tokens through the encoder.
+        n_head_rows: Rows through the MLM head.
+    """
+    h, layers = config.hidden_size, config.num_hidden_layers
+    per_token_layer = 2 * (4 * h * h + 2 * h * config.intermediate_size) + 2 * 2 * seq_len * h
+    head_row = 2 * (h * h + h * config.vocab_size)
+    return 3 * (n_tokens * layers * per_token_layer + n_head_rows * head_row)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of a GPU for `dtype` (None off GPU or for an unknown GPU): Lightning's table, except the
+    H200, which it does not recognize by its device name ("NVIDIA H200") and lists with the datasheet's
+    with-sparsity figure (1,979 TFLOP/s bf16, twice the dense 989): its dense 16-bit peak is the H100 SXM's."""
+    if device.type != "cuda":
+        return None
+    if "h200" in torch.cuda.get_device_name(device).lower() and dtype in (torch.bfloat16, torch.float16):
+        return 989.4e12
+    return get_available_flops(device, dtype)
+
+
+def _precision_dtype(precision: str) -> torch.dtype:
+    if "bf16" in precision:
+        return torch.bfloat16
+    return torch.float16 if "16" in precision else torch.float32
+
+
+class ThroughputLogger(Callback):
+    """Logs `perf/tokens_per_s` (real, non-pad tokens), `perf/pad_share` and, on GPU, `perf/mfu`.
+
+    Nothing here waits for the GPU at ordinary steps: the counts come from the collator as Python ints and
+    the FLOPs from the batch shapes. Only a measuring step synchronizes the device (so the clock reads the
+    time the GPU really took); on GPU those are at least `gpu_interval` steps apart. MFU counts the FLOPs of
+    the batches as run (padding included: `perf/pad_share` says how much of them was padding).
+    """
+
+    def __init__(self, window: int = 20, gpu_interval: int = 50):
+        """Args:
+        window: Steps the rates are averaged over (at least one measuring interval).
+        gpu_interval: On GPU, measure at most every this many steps (rounded up to a multiple of
+            `log_every_n_steps`): each measurement waits for the device.
+        """
+        self.window, self.gpu_interval = window, gpu_interval
 
     def on_train_start(self, trainer, pl_module) -> None:
-        config = pl_module.model.config
-        precision = str(trainer.precision)
-        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
-        available = get_available_flops(pl_module.device, dtype) if pl_module.device.type == "cuda" else None
-        self.throughput = Throughput(available_flops=available, world_size=trainer.world_size, window_size=self.window)
-        n_layers, width = config.num_hidden_layers, config.hidden_size
-        # training FLOPs = 6 x (matmul params) per token + attention scores, plus the head at masked tokens
-        self.flops_per_token = 6 * 12 * n_layers * width * width
-        self.attn_flops_per_token_per_len = 6 * 2 * n_layers * width
-        self.head_flops_per_masked = 6 * (width * width + width * config.vocab_size)
-        self.dense_head = not pl_module.hparams.sparse_head
+        self.config = pl_module.model.config
+        self.cuda = pl_module.device.type == "cuda"
+        every = trainer.log_every_n_steps
+        # a multiple of log_every_n_steps: values logged at other steps would never reach the logger
+        self.interval = every * -(-self.gpu_interval // every) if self.cuda and every else every
+        dtype = _precision_dtype(str(trainer.precision))
+        available = peak_flops(pl_module.device, dtype)
+        points = max(2, -(-self.window // max(1, self.interval)) + 1)  # Throughput rates span points - 1 gaps
+        self.throughput = Throughput(available_flops=available, world_size=trainer.world_size, window_size=points)
+        self.sparse_head = bool(getattr(pl_module.hparams, "sparse_head", True))
         self.start = time.perf_counter()
-        self.totals = dict(batches=0, samples=0, lengths=0, padded=0, flops=0.0)
+        # ints, or device tensors summed on the device if a collator ever returns tensors (read at a measurement)
+        self.totals = dict(batches=0, samples=0, lengths=0, padded=0)
+        self.flops = 0  # since the last measurement (Throughput wants per-update increments)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         t = self.totals
-        n_tokens, real = batch["num_tokens"], batch["num_real_tokens"]
         batch_size, seq_len = batch["input_ids"].shape
-        n_head = n_tokens if self.dense_head else batch["masked_positions"].numel()
+        n_tokens = batch["num_tokens"]
+        head_rows = batch["masked_positions"].numel() if self.sparse_head else n_tokens  # a shape: no sync
         t["batches"] += 1
         t["samples"] += batch_size
-        t["lengths"] += real
+        t["lengths"] += batch["num_real_tokens"]
         t["padded"] += n_tokens
-        t["flops"] += (self.flops_per_token + self.attn_flops_per_token_per_len * seq_len) * n_tokens
-        t["flops"] += self.head_flops_per_masked * n_head
-        if trainer.global_step % trainer.log_every_n_steps:
+        self.flops += train_flops(self.config, seq_len, n_tokens, head_rows)
+        # Lightning's own logging step (what `should_update_logs` tests; LearningRateMonitor reads it too)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+        if not self.interval or step % self.interval:
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
+        if self.cuda:
+            torch.cuda.synchronize(pl_module.device)
+        counts = {k: int(v) for k, v in t.items()}
         self.throughput.update(
-            time=time.perf_counter() - self.start, batches=t["batches"], samples=t["samples"],
-            lengths=t["lengths"], flops=t["flops"],
+            time=time.perf_counter() - self.start, batches=counts["batches"], samples=counts["samples"],
+            lengths=counts["lengths"], flops=int(self.flops),
         )
+        self.flops = 0
         metrics = self.throughput.compute()
-        out = {"perf/pad_share": 1.0 - t["lengths"] / max(1, t["padded"])}
+        out = {"perf/pad_share": 1.0 - counts["lengths"] / max(1, counts["padded"])}
         if "device/items_per_sec" in metrics:
             out["perf/tokens_per_s"] = metrics["device/items_per_sec"] * trainer.world_size
         if "device/mfu" in metrics:

@@ -9,10 +9,12 @@
 Each runs until it has seen about `--tokens` real (non-pad) tokens after `--warmup` steps, then the
 script prints real tokens/s, the ratios (c)/(a), (c)/(b), (c)/(d) and the peak RSS.
 `--mode quality`: wall time (evaluation excluded) for (a) and (c) to reach the same validation loss.
+`--mode gpu`: bert-base on one GPU for (b), (c), (d) with MFU (`scripts/benchmark_gpu.py`; `--mode gpu --help`).
 
     python scripts/benchmark.py                         # ../shared/data/meditations.txt if present
     python scripts/benchmark.py --precision 32-true --only seed,ours
     python scripts/benchmark.py --mode quality --quality_seconds 120
+    python scripts/benchmark.py --mode gpu                # on a GPU; --tiny --steps 20 for a CPU smoke run
 """
 
 from __future__ import annotations
@@ -266,9 +268,16 @@ def quality(args, tokenizer_dm, lines, train_file, val_file):
 
 
 def main():
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode")
+    if mode.parse_known_args()[0].mode == "gpu":  # its own options and defaults (bert-base, --steps, --tiny)
+        import benchmark_gpu
+
+        return benchmark_gpu.main(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", help="text file (default: ../shared/data/meditations.txt, else the offline corpus)")
-    p.add_argument("--mode", choices=["throughput", "quality"], default="throughput")
+    p.add_argument("--mode", choices=["throughput", "quality", "gpu"], default="throughput",
+                   help="gpu: see --mode gpu --help")
     p.add_argument("--only", default="seed,loop,ours,hf", help="comma-separated subset of seed,loop,ours,hf")
     p.add_argument("--tokens", type=int, default=30_000, help="real tokens measured per recipe")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
