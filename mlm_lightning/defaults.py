@@ -12,9 +12,12 @@ parses the same arguments once more without defaults to tell).
 
 from __future__ import annotations
 
+import os
+
 DEMO_EPOCHS = 60
 CORPUS_EPOCHS = 3
 FINETUNE_LEARNING_RATE = 5e-5
+GPU_LOG_EVERY = 50
 MAX_PRETRAINED_LENGTH = 512  # BERT's own; longer models cost quadratic attention for a default
 
 
@@ -49,7 +52,26 @@ def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[objec
         if not _given(given, "data.max_length") and model_positions is not None:
             positions = int(model_positions(pretrained))
             changes["data.max_length"] = (min(positions, MAX_PRETRAINED_LENGTH), f"the model's {positions} positions")
+    if on_gpu(cfg["trainer"].get("accelerator")):
+        # on a GPU every host sync stalls the device: log (and check the loss) every 50 steps, and feed it
+        # from loader workers
+        if not _given(given, "trainer.log_every_n_steps"):
+            changes["trainer.log_every_n_steps"] = (GPU_LOG_EVERY, "a GPU: fewer host syncs")
+        if not _given(given, "data.num_workers"):
+            changes["data.num_workers"] = (min(4, os.cpu_count() or 1), "a GPU: batches prepared in workers")
     return {k: (v, why) for k, (v, why) in changes.items() if cfg.get(k) != v}
+
+
+def on_gpu(accelerator) -> bool:
+    """Will `--trainer.accelerator` run on a CUDA GPU?"""
+    name = str(accelerator or "auto").lower()
+    if name in ("gpu", "cuda"):
+        return True
+    if name != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def pretrained_positions(name_or_path: str) -> int:

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 
-from mlm_lightning.defaults import CORPUS_EPOCHS, adjusted_defaults, pretrained_positions
+from mlm_lightning.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, pretrained_positions
 from mlm_lightning.errors import MLMError, check
 
 log = logging.getLogger("mlm_lightning")
@@ -101,7 +101,7 @@ def build_cli_class():
             chosen = cfg.get("callbacks") or []
             extra = []
             if cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
-                extra.append(progress_bar())
+                extra.append(progress_bar(refresh_rate=10 if on_gpu(cfg.get("accelerator")) else 1))
             if cfg.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in chosen):
                 extra.append(CompactModelSummary())
             self.trainer_defaults["callbacks"] = extra

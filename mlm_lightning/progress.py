@@ -108,8 +108,8 @@ class _RunMetrics:
 
 
 class MLMRichProgressBar(_RunMetrics, RichProgressBar):
-    def __init__(self):
-        super().__init__(theme=RichProgressBarTheme(metrics_text_delimiter="\n"))  # one metric per line
+    def __init__(self, refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate, theme=RichProgressBarTheme(metrics_text_delimiter="\n"))
 
     def _get_train_description(self, current_epoch: int) -> str:
         # Lightning writes "Epoch 0/-2" when steps or time end the run (max_epochs -1)
@@ -122,11 +122,13 @@ class MLMTQDMProgressBar(_RunMetrics, TQDMProgressBar):
     pass
 
 
-def progress_bar():
-    """The bar Lightning would pick (Rich when installed), with the run's ETA and tokens/s."""
+def progress_bar(refresh_rate: int = 1):
+    """The bar Lightning would pick (Rich when installed), with the run's ETA and tokens/s.
+
+    Every refresh reads the shown metrics off the device: on a GPU refresh less often than every step."""
     from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
-    return MLMRichProgressBar() if _RICH_AVAILABLE else MLMTQDMProgressBar()
+    return MLMRichProgressBar(refresh_rate) if _RICH_AVAILABLE else MLMTQDMProgressBar(refresh_rate)
 
 
 class CompactModelSummary(ModelSummary):

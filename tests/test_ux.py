@@ -231,3 +231,18 @@ def test_model_summary_has_no_flops_column():
         logger.removeHandler(handler)
     text = stream.getvalue()
     assert "BertForMaskedLM" in text and "1.2 M trainable params" in text and "FLOPs" not in text
+
+
+def test_on_a_gpu_logging_is_sparser_and_workers_prepare_batches():
+    from jsonargparse import Namespace
+
+    from mlm_lightning.defaults import GPU_LOG_EVERY, adjusted_defaults
+
+    cfg = Namespace(trainer=Namespace(accelerator="gpu", max_epochs=3, log_every_n_steps=1),
+                    model=Namespace(model_name_or_path=None), data=Namespace(train_files="x.txt", num_workers=0))
+    changes = adjusted_defaults(cfg, Namespace(data=Namespace(train_files="x.txt")))
+    assert changes["trainer.log_every_n_steps"][0] == GPU_LOG_EVERY and changes["data.num_workers"][0] >= 1
+    given = Namespace(data=Namespace(train_files="x.txt", num_workers=0), trainer=Namespace(log_every_n_steps=1))
+    assert "data.num_workers" not in adjusted_defaults(cfg, given)  # what the user set stays
+    cfg.trainer.accelerator = "cpu"
+    assert "trainer.log_every_n_steps" not in adjusted_defaults(cfg, Namespace())
