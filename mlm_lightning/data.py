@@ -410,6 +410,8 @@ class MLMDataModule(L.LightningDataModule):
             group_by_length=h.group_by_length and h.line_by_line, shuffle=train, seed=h.seed,
             num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
             epoch_key=None if train else -1,
+            # packed training: every batch batch_size x max_length, a static shape (torch.compile compiles once)
+            drop_last=train and not h.line_by_line,
         )
         check(
             len(plan) > 0 or not train,

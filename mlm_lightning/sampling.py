@@ -41,6 +41,7 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
         rank: int = 0,
         epoch_key: int | None = None,
         pad_multiple: int = 8,
+        drop_last: bool = False,
     ):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
@@ -52,6 +53,7 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
         self.rank = rank
         self.epoch_key = epoch_key  # fixed mask key (validation): same masks at every evaluation
         self.pad_multiple = pad_multiple
+        self.drop_last = drop_last  # training: full batches only (static shapes for torch.compile and GPUs)
         self.lockstep = True  # evaluation: every process has the same number of batches
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
@@ -94,6 +96,8 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
             window = n if rng is None else self.batch_size * MEGABATCH_FACTOR
             chunks = [order[i : i + window] for i in range(0, n, window)]
             order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]) if n else order
+        if rng is not None and self.drop_last:
+            n -= n % self.batch_size  # only full batches (the examples left out change every epoch)
         return [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
 
     def plan(self, epoch: int) -> list[np.ndarray]:

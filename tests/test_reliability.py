@@ -56,7 +56,7 @@ def uninterrupted(corpus, tmp_path_factory):
     return root
 
 
-# the corpus gives 18 batches per epoch: step 13 is mid-epoch 0, step 25 mid-epoch 1
+# the corpus gives 17 full batches per epoch: step 13 is mid-epoch 0, step 25 mid-epoch 1
 @pytest.mark.parametrize("signum, step", [(signal.SIGTERM, 13), (signal.SIGINT, 25)])
 def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted, signum, step):
     root = tmp_path / "run"
@@ -76,8 +76,8 @@ def test_signal_during_validation_cuts_it_short_then_resumes_exactly(corpus, tmp
     code = run_cli(*args(corpus, root, "--trainer.callbacks+=tests.helpers.SignalDuringValidation",
                          "--trainer.callbacks.step", "20"))
     assert code == 143, capsys.readouterr().err
-    # validation runs at batch 10 of each 18-batch epoch: the first at or after step 20 is at step 28
-    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 28
+    # validation runs at batch 10 of each 17-batch epoch: the first at or after step 20 is at step 27
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 27
     assert run_cli(*args(corpus, root, "--ckpt_path", "last")) == 0
     assert_same_run(uninterrupted, root)
 

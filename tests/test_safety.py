@@ -248,3 +248,16 @@ def test_best_checkpoint_is_scored_by_its_own_validation(corpus, tmp_path):
     assert best == [f"best-step={best_step + 1}.ckpt"]  # (metrics.csv logs a validation at global step - 1)
     callback = next(v for k, v in state(root)["callbacks"].items() if k.startswith("MLMCheckpoint"))
     assert float(callback["best_model_score"]) == pytest.approx(val[best_step], abs=1e-5)
+
+
+def test_packed_training_batches_have_one_static_shape(corpus, tmp_path):
+    """(issue 10: torch.compile compiles once) every packed training batch is batch_size x max_length."""
+    from mlm_lightning.data import MLMDataModule
+
+    dm = MLMDataModule(train_files=corpus, cache_dir=str(tmp_path / "c"), vocab_size=300, max_length=32,
+                       batch_size=8)
+    dm.prepare_data()
+    dm.setup("fit")
+    shapes = {tuple(b["input_ids"].shape) for b in dm.train_dataloader()}
+    assert shapes == {(8, 32)}
+    assert len(dm.datasets["train"]) % 8 != 0  # (there was a partial batch to drop)
