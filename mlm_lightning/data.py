@@ -115,14 +115,21 @@ class MLMDataset(Dataset):
 def build_cache(
     directory: str, tokenizer, train_paths: list[str], val_paths: list[str] | None, text_column: str,
     val_fraction: float, val_max_lines: int, seed: int, progress: bool = True, shard_chars: int = shards.SHARD_CHARS,
+    workers: int | None = None,
 ) -> dict:
-    """Tokenize the corpus into `directory` (see `shards`): resumable, and all-or-nothing for `directory`."""
+    """Tokenize the corpus into `directory` (see `shards`): resumable, and all-or-nothing for `directory`.
+
+    `workers`: encoding processes; default one per core for corpora over `shards.PROCESS_MIN_BYTES` (starting
+    them costs about a second), else encoding in this process."""
     partial = f"{directory}.partial"
     os.makedirs(partial, exist_ok=True)
     readers = [("train", corpus.CorpusReader(train_paths, text_column))]
     if val_paths is not None:
         readers.append(("val", corpus.CorpusReader(val_paths, text_column)))
     total = sum(r.total_bytes for _, r in readers)
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = cores if total >= shards.PROCESS_MIN_BYTES else 1
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing", disable=not progress,
                mininterval=1.0, smoothing=0.1)
     with bar:
@@ -133,7 +140,8 @@ def build_cache(
 
             fraction = 1.0 if phase == "val" else (0.0 if val_paths is not None else val_fraction)
             shards.tokenize_phase(reader, tokenizer, partial, phase, val_fraction=fraction,
-                                  val_max_lines=val_max_lines, seed=seed, shard_chars=shard_chars, on_batch=update)
+                                  val_max_lines=val_max_lines, seed=seed, shard_chars=shard_chars, on_batch=update,
+                                  workers=workers)
             base += reader.total_bytes
             bar.update(base - bar.n)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=f".{os.path.basename(directory)}-")

@@ -21,13 +21,14 @@ renamed, so a cache directory that exists is always complete.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 
@@ -38,6 +39,7 @@ SHARD_CHARS = 64_000_000  # ~64 MB of text per shard: the work an interruption c
 BATCH_CHARS = 1_000_000  # text handed to the tokenizer at once (bounded memory, enough for all cores)
 BATCH_LINES = 10_000
 COPY_BYTES = 16 << 20  # buffer when joining shards
+PROCESS_MIN_BYTES = 32 << 20  # corpora from this size are encoded in one process per core
 SPLITS = ("train", "val")
 FILES = {"tokens": None, "word_starts": np.uint8, "offsets": np.int64}
 
@@ -91,31 +93,98 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def encode_batch(backend, texts: list[str]) -> list:
-    """The tokenizer's Rust batch encoding: all cores, and the GIL released (this runs in a thread)."""
-    return backend.encode_batch(texts, add_special_tokens=False) if texts else []
+def encode_batch(backend, texts: list[str], fast: bool = False) -> list:
+    """The tokenizer's Rust batch encoding (the GIL released); `fast`: without offsets and word ids."""
+    if not texts:
+        return []
+    encode = backend.encode_batch_fast if fast else backend.encode_batch
+    return encode(texts, add_special_tokens=False)
 
 
-def to_arrays(encodings: list, sep_id: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+# -- the encoding jobs: in worker processes for big corpora, in a thread of this process for small ones ----
+# Why processes: turning encodings into arrays is Python work (~20% of the Rust time) that holds the GIL;
+# with one process it competes with the tokenizer's own threads for the cores. A process per core, each
+# encoding single-threaded and converting its own batches, keeps every core on useful work (measured:
+# `scripts/bench_data.py`). Batches are submitted in order and their results written in order.
+_JOB: dict = {}
+
+
+def _init_job(tokenizer_json: str | None, backend, sep_id: int, dtype: str, worker: bool) -> None:
+    if worker:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it stops the pool)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core instead of threads
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tokenizer_json)
+    table = continuation_table(tokenizer_json or backend.to_str())
+    _JOB.update(backend=backend, sep_id=sep_id, dtype=np.dtype(dtype), continuation=table)
+
+
+def _encode_job(train: list[str], val: list[str]):
+    backend, table = _JOB["backend"], _JOB["continuation"]
+    return tuple(
+        to_arrays(encode_batch(backend, texts, fast=table is not None), _JOB["sep_id"], _JOB["dtype"], table)
+        for texts in (train, val)
+    )
+
+
+def _pool(tokenizer, workers: int):
+    backend, sep_id = tokenizer.backend_tokenizer, tokenizer.sep_token_id
+    dtype = np.dtype(token_dtype(len(tokenizer))).name
+    if workers <= 1:
+        _init_job(None, backend, sep_id, dtype, worker=False)
+        return ThreadPoolExecutor(1)  # (the Rust encoding uses all cores by itself here)
+    import multiprocessing
+
+    # spawn: a fork of a process that already ran the tokenizer's threads (or torch's) is not safe
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_job,
+                               initargs=(backend.to_str(), None, sep_id, dtype, True))
+
+
+def continuation_table(tokenizer_json: str) -> np.ndarray | None:
+    """For a WordPiece model: a bool per id, True for continuation pieces (`##...`); else None.
+
+    WordPiece encodes each pre-tokenized word on its own, prefixing every piece but the first, so for it
+    "not a continuation piece" is exactly "first piece of a word" (the word ids' answer): the word starts
+    then need no word ids, and the encoding can skip them and the offsets (`encode_batch_fast`, ~20% less
+    Rust time). Other models (BPE, Unigram) take the word ids."""
+    model = json.loads(tokenizer_json).get("model", {})
+    if model.get("type") != "WordPiece":
+        return None
+    prefix = model.get("continuing_subword_prefix") or "##"
+    vocab = model.get("vocab", {})
+    table = np.zeros(max(vocab.values(), default=0) + 1, dtype=bool)
+    table[[i for t, i in vocab.items() if t.startswith(prefix)]] = True
+    return table
+
+
+def to_arrays(encodings: list, sep_id: int, dtype, continuation: np.ndarray | None = None):
     """(tokens, word_starts, line lengths) of encodings, each line followed by [SEP]; lines with no token dropped.
 
     Per line, not per token, Python work: the id lists are flattened by numpy and word starts come from
-    comparing neighbouring word ids (a new word id, or a new line, starts a word).
+    `continuation` (WordPiece) or from comparing neighbouring word ids (a new word id, or a new line, starts a
+    word). Added tokens written in the text (a literal "[MASK]") are words of their own either way.
     """
     if not encodings:
         return np.zeros(0, dtype), np.zeros(0, np.uint8), np.zeros(0, np.int64)
     ids = [e.ids for e in encodings]
-    words = [e.word_ids for e in encodings]
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     body = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum()))
-    # word ids are None only on special tokens written in the text (e.g. a literal "[MASK]"): own words
-    if any(None in w for w in words):  # rare: only those lines pay a Python loop
-        words = [[-1 if x is None else x for x in w] if None in w else w for w in words]
-    wid = np.fromiter(itertools.chain.from_iterable(words), np.int64, count=len(body))
+    if continuation is not None:
+        starts_body = ~continuation[body]
+    else:
+        words = [e.word_ids for e in encodings]
+        # word ids are None only on special tokens written in the text (e.g. a literal "[MASK]"): own words
+        if any(None in w for w in words):  # rare: only those lines pay a Python loop
+            words = [[-1 if x is None else x for x in w] if None in w else w for w in words]
+        wid = np.fromiter(itertools.chain.from_iterable(words), np.int64, count=len(body))
+        starts_body = np.ones(len(body), dtype=bool)
+        if len(body):
+            starts_body[1:] = wid[1:] != wid[:-1]
     lengths = lengths[lengths > 0]
-    starts_body = np.ones(len(body), dtype=bool)
     if len(body):
-        starts_body[1:] = wid[1:] != wid[:-1]
         starts_body[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True  # every line starts a word
     n = len(body) + len(lengths)
     is_sep = np.zeros(n, dtype=bool)
@@ -175,14 +244,13 @@ def _done_shards(partial: str, phase: str) -> list[dict]:
 def tokenize_phase(
     texts: Iterable[str], tokenizer, partial: str, phase: str, *, val_fraction: float = 0.0,
     val_max_lines: int | None = None, seed: int = 0, shard_chars: int = SHARD_CHARS, on_batch=None,
+    workers: int = 1,
 ) -> None:
     """Tokenize `texts` into shards `<partial>/<phase>-NNNNN`, resuming after the shards already there.
 
     `val_fraction` 1.0 sends every line to validation (val_files); otherwise `val_lines` decides, and once
-    `val_max_lines` lines were held out the rest go to training.
+    `val_max_lines` lines were held out the rest go to training. `workers` > 1: encode in that many processes.
     """
-    backend, sep_id = tokenizer.backend_tokenizer, tokenizer.sep_token_id
-    dtype = token_dtype(len(tokenizer))
     done = _done_shards(partial, phase)
     texts = iter(texts)
     line = sum(s["input_lines"] for s in done)
@@ -191,48 +259,46 @@ def tokenize_phase(
         pass
     cap = val_max_lines if val_max_lines is not None else 2**62
 
-    def split_and_encode(batch: list[str], is_val: np.ndarray):
-        # only the Rust encoding runs in the thread: turning its output into arrays (Python, holding the GIL)
-        # happens on the main thread while the next batch is encoded
-        train = [t for t, v in zip(batch, is_val, strict=True) if not v]
-        val = [t for t, v in zip(batch, is_val, strict=True) if v] if is_val.any() else []
-        return len(batch), sum(map(len, batch)), encode_batch(backend, train), encode_batch(backend, val)
-
     shard: _ShardWriter | None = None
+    pool = _pool(tokenizer, workers)
+    pending: collections.deque = collections.deque()  # (future, val lines so far), in corpus order
     try:
-        with ThreadPoolExecutor(1) as pool:
-            pending = None
-            for batch in itertools.chain(_batches(texts), [None]):
-                future = None
-                if batch is not None:
-                    if val_fraction >= 1.0:
-                        is_val = np.ones(len(batch), dtype=bool)
-                    else:
-                        is_val = val_lines(seed, line, len(batch), val_fraction)
-                        over = np.flatnonzero(is_val)[max(0, cap - n_val):]
-                        is_val[over] = False  # the cap is reached: the rest of the corpus trains
-                    line += len(batch)
-                    n_val += int(is_val.sum())
-                    future = pool.submit(split_and_encode, batch, is_val)  # encodes while the next batch is read
-                if pending is not None:
-                    if shard is None:
-                        shard = _ShardWriter(partial, f"{phase}-{len(done):05d}")
-                    (n_lines, chars, train, val), batch_val = pending[0].result(), pending[1]
-                    shard.add("train", *to_arrays(train, sep_id, dtype))
-                    shard.add("val", *to_arrays(val, sep_id, dtype))
-                    shard.input_lines += n_lines
-                    shard.chars += chars
-                    if on_batch is not None:
-                        on_batch()
-                    if shard.chars >= shard_chars or batch is None:
-                        shard.finish({"val_so_far": batch_val})
-                        done.append({})
-                        shard = None
-                pending = (future, n_val) if future is not None else None
+        for batch in itertools.chain(_batches(texts), [None]):
+            if batch is not None:
+                if val_fraction >= 1.0:
+                    is_val = np.ones(len(batch), dtype=bool)
+                else:
+                    is_val = val_lines(seed, line, len(batch), val_fraction)
+                    over = np.flatnonzero(is_val)[max(0, cap - n_val):]
+                    is_val[over] = False  # the cap is reached: the rest of the corpus trains
+                line += len(batch)
+                n_val += int(is_val.sum())
+                train = [t for t, v in zip(batch, is_val, strict=True) if not v]
+                val = [t for t, v in zip(batch, is_val, strict=True) if v] if is_val.any() else []
+                future = pool.submit(_encode_job, train, val)  # encoded while the next batches are read
+                pending.append((future, n_val, len(batch), sum(map(len, batch))))
+            # bounded memory: at most two batches per worker in flight
+            while pending and (len(pending) > 2 * max(1, workers) or batch is None):
+                future, val_so_far, n_lines, chars = pending.popleft()
+                train_arrays, val_arrays = future.result()
+                if shard is None:
+                    shard = _ShardWriter(partial, f"{phase}-{len(done):05d}")
+                shard.add("train", *train_arrays)
+                shard.add("val", *val_arrays)
+                shard.input_lines += n_lines
+                shard.chars += chars
+                if on_batch is not None:
+                    on_batch()
+                if shard.chars >= shard_chars or (batch is None and not pending):
+                    shard.finish({"val_so_far": val_so_far})
+                    done.append({})
+                    shard = None
     except BaseException:
         if shard is not None:
             shard.abort()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
+    pool.shutdown()
 
 
 def join_shards(partial: str, phases: list[str], out_dir: str, vocab_size: int) -> dict:

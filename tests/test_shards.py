@@ -53,12 +53,12 @@ def build(tmp_path, tok, texts_path, **kw):
     return directory
 
 
-@pytest.mark.parametrize("shard_chars", [shards.SHARD_CHARS, 300])
-def test_sharded_output_equals_in_memory_tokenization(write, tmp_path, tok, monkeypatch, shard_chars):
+@pytest.mark.parametrize("shard_chars, workers", [(shards.SHARD_CHARS, 1), (300, 1), (300, 2)])
+def test_sharded_output_equals_in_memory_tokenization(write, tmp_path, tok, monkeypatch, shard_chars, workers):
     monkeypatch.setattr(shards, "BATCH_CHARS", 500)  # many batches and shards even on a small corpus
     lines = varied(500, seed=1) + ["[MASK] river", "\u200b"]  # a literal special token; a line with no token
     path = write("t.txt", lines)
-    directory = build(tmp_path, tok, path, shard_chars=shard_chars)
+    directory = build(tmp_path, tok, path, shard_chars=shard_chars, workers=workers)  # 2: encoding processes
     texts = list(corpus.iter_texts([path]))
     is_val = shards.val_lines(3, 0, len(texts), 0.1)
     assert 40 <= is_val.sum() <= 60
@@ -115,11 +115,11 @@ def test_interrupted_tokenization_resumes_from_complete_shards(write, tmp_path, 
     expected = build(tmp_path / "whole", tok, path, shard_chars=2000)
     real_encode, calls = shards.encode_batch, []
 
-    def failing(backend, texts):
+    def failing(backend, texts, **kw):
         calls.append(len(texts))
         if len(calls) == 40:
             raise KeyboardInterrupt
-        return real_encode(backend, texts)
+        return real_encode(backend, texts, **kw)
 
     monkeypatch.setattr(shards, "encode_batch", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -130,8 +130,8 @@ def test_interrupted_tokenization_resumes_from_complete_shards(write, tmp_path, 
     assert left and all(name.startswith("train-") for name in left)  # complete shards only, no temp dirs
     (tmp_path / "cut" / "cache" / "key.partial" / "notes.txt").write_text("a user's file")
     calls.clear()
-    monkeypatch.setattr(shards, "encode_batch", lambda backend, texts: calls.append(len(texts)) or real_encode(
-        backend, texts))
+    monkeypatch.setattr(shards, "encode_batch", lambda backend, texts, **kw: calls.append(len(texts)) or real_encode(
+        backend, texts, **kw))
     build(tmp_path / "cut", tok, path, shard_chars=2000)
     assert 0 < sum(calls) < 600 * 0.9  # only the lines after the complete shards were tokenized again
     for split in shards.SPLITS:
@@ -213,3 +213,20 @@ def test_progress_bar_counts_megabytes(write, tmp_path, tok, capsys):
     err = capsys.readouterr().err
     size = f"{os.path.getsize(path) / 1024:.2f}k"  # bytes of the file on disk, MB/s and ETA shown
     assert "tokenizing: 100%" in err and f"{size}/{size}" in err and "B/s" in err, err[-300:]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_word_starts_of_a_bpe_tokenizer_come_from_its_word_ids(write, tmp_path, workers):
+    """Not WordPiece (no `##` pieces): the general path, with word ids, gives the same arrays."""
+    from tests.test_word_masking import bpe_tokenizer
+
+    lines = varied(300, seed=2)
+    bpe = bpe_tokenizer(lines)
+    assert shards.continuation_table(bpe.backend_tokenizer.to_str()) is None
+    directory = build(tmp_path, bpe, write("t.txt", lines), workers=workers)
+    texts = list(corpus.iter_texts([str(tmp_path / "t.txt")]))
+    is_val = shards.val_lines(3, 0, len(texts), 0.1)
+    stream = TokenStream.load(directory, "train")
+    ids, starts, offsets = reference([t for t, v in zip(texts, is_val, strict=True) if not v], bpe, bpe.sep_token_id)
+    assert np.array_equal(stream.tokens, ids) and np.array_equal(stream.word_starts.astype(bool), starts)
+    assert not starts.all()  # (some words are split into several pieces)
