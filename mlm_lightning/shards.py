@@ -1,8 +1,9 @@
 """Streaming tokenization of a corpus into on-disk shards, then one memory-mappable file per split.
 
 Memory is bounded by a constant (a few batches of text and their ids), whatever the corpus size: text is
-read as a stream, tokenized in batches by the fast tokenizer's Rust `encode_batch` (all cores, GIL
-released, so the next batch is read while this one is encoded), and the ids are appended to files.
+read as a stream, tokenized in batches by the fast tokenizer's Rust batch encoding (in one process per core
+for big corpora, see `_pool`; the next batches are read while earlier ones are encoded), and the ids are
+appended to files.
 
 Layout of a finished cache directory `<cache>/data/<key>/` (plain little-endian files, readable by any
 later streaming loader such as `litdata` without this package):
