@@ -68,3 +68,27 @@ def run_cli(*args: str) -> int:
     except SystemExit as e:
         return 0 if e.code is None else int(e.code)
     return 0
+
+
+# a tiny BERT module and tokenizer for unit tests of the LightningModule (test modules may override `tokenizer`)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from mlm_lightning.tokenizer import train_wordpiece
+
+    return train_wordpiece(sentences(300), str(tmp_path_factory.mktemp("tok") / "wp"), 200, 64)
+
+
+def module(tokenizer, **kw):
+    import torch
+
+    from mlm_lightning.model import MLMModule
+
+    torch.manual_seed(0)
+    m = MLMModule(**{**TINY, **kw})
+    m.tokenizer = tokenizer
+    m.configure_model()
+    return m

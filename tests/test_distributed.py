@@ -6,7 +6,6 @@
 - too little data for the number of processes is refused before training.
 """
 
-import csv
 import glob
 import hashlib
 import os
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_DATA, TINY_MODEL, sentences
+from tests.test_reliability import losses
 
 pytestmark = pytest.mark.slow
 
@@ -85,15 +85,6 @@ def test_nan_on_one_of_two_processes_stops_both_with_exit_3(corpus, tmp_path):
     assert time.time() - start < 120  # no collective timeout (30 min)
 
 
-def _losses(root):
-    out = {}
-    for f in sorted(glob.glob(f"{root}/lightning_logs/*/metrics.csv")):
-        for row in csv.DictReader(open(f)):
-            if row.get("train/loss"):
-                out[int(row["step"])] = float(row["train/loss"])
-    return out
-
-
 def test_ddp_interrupt_then_resume_is_exact_with_a_dropout_stream_per_process(corpus, tmp_path):
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.val_check_interval", "4",
            "--trainer.max_steps", "16"]
@@ -104,7 +95,7 @@ def test_ddp_interrupt_then_resume_is_exact_with_a_dropout_stream_per_process(co
     proc = subprocess.Popen(cli(*fit_args(corpus, root, *ddp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(_losses(root)) < 6 and proc.poll() is None:
+    while time.time() < deadline and len(losses(root)) < 6 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)

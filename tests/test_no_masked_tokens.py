@@ -7,25 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlm_lightning.collator import MaskingCollator, mask_seed
-from mlm_lightning.model import MLMModule
-from mlm_lightning.tokenizer import train_wordpiece
-from tests.conftest import sentences
-
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64, dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return train_wordpiece(sentences(300), str(tmp_path_factory.mktemp("tok") / "wp"), 200, 64)
-
-
-def module(tokenizer, **kw):
-    torch.manual_seed(0)
-    m = MLMModule(**{**TINY, **kw})
-    m.tokenizer = tokenizer
-    m.configure_model()
-    return m
+from tests.conftest import module, sentences
 
 
 def unk_batch(tokenizer, n=4):
