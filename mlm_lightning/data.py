@@ -179,6 +179,7 @@ class MLMDataModule(L.LightningDataModule):
         batch_size: int = 16,
         max_tokens: int | None = None,
         group_by_length: bool = True,
+        pad_to_multiple_of: int = 8,
         mlm_probability: float = 0.15,
         mask_replace_prob: float = 0.8,
         random_replace_prob: float = 0.1,
@@ -211,6 +212,8 @@ class MLMDataModule(L.LightningDataModule):
             batch_size: Examples per batch.
             max_tokens: With `line_by_line`: fill batches up to this many (padded) tokens instead of `batch_size`.
             group_by_length: With `line_by_line`: batch examples of similar length (less padding).
+            pad_to_multiple_of: With `line_by_line`: pad batches to a multiple of this length (8 suits tensor
+                cores; with `--model.compile` 64, so that few shapes are compiled).
             mlm_probability: Share of (non-special) tokens to predict.
             mask_replace_prob: Of the chosen tokens, the share replaced by [MASK].
             random_replace_prob: Of the chosen tokens, the share replaced by a random token (the rest stay).
@@ -246,6 +249,7 @@ class MLMDataModule(L.LightningDataModule):
             "no validation data: set --data.val_fraction above 0 or pass --data.val_files",
         )
         check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
+        check(pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         check_masking(masking, mlm_probability, mean_span_length)
         check(val_max_lines >= 1, f"val_max_lines must be at least 1, got {val_max_lines}")
         check(tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {tokenizer_sample_mb}")
@@ -349,7 +353,8 @@ class MLMDataModule(L.LightningDataModule):
             )
             self.datasets[split] = ds
         self.collator = MaskingCollator(tok, h.mlm_probability, h.mask_replace_prob, h.random_replace_prob,
-                                        masking=h.masking, mean_span_length=h.mean_span_length)
+                                        masking=h.masking, mean_span_length=h.mean_span_length,
+                                        pad_to_multiple_of=h.pad_to_multiple_of)
 
     def _setup_distributed(self, trainer, tokenize: bool = True) -> None:
         """One vocabulary for all processes, then each node's cache tokenized with it.
@@ -419,7 +424,7 @@ class MLMDataModule(L.LightningDataModule):
             num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
             epoch_key=None if train else -1,
             # packed training: every batch batch_size x max_length, a static shape (torch.compile compiles once)
-            drop_last=train and not h.line_by_line,
+            drop_last=train and not h.line_by_line, pad_multiple=h.pad_to_multiple_of,
         )
         check(
             len(plan) > 0 or not train,

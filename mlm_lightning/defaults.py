@@ -18,6 +18,7 @@ DEMO_EPOCHS = 60
 CORPUS_EPOCHS = 3
 FINETUNE_LEARNING_RATE = 5e-5
 GPU_LOG_EVERY = 50
+COMPILE_PAD_MULTIPLE = 64  # line-by-line lengths padded to 64, 128, ...: a handful of shapes to compile
 MAX_PRETRAINED_LENGTH = 512  # BERT's own; longer models cost quadratic attention for a default
 
 
@@ -52,6 +53,8 @@ def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[objec
         if not _given(given, "data.max_length") and model_positions is not None:
             positions = int(model_positions(pretrained))
             changes["data.max_length"] = (min(positions, MAX_PRETRAINED_LENGTH), f"the model's {positions} positions")
+    if cfg["model"].get("compile") and cfg["data"].get("line_by_line") and not _given(given, "data.pad_to_multiple_of"):
+        changes["data.pad_to_multiple_of"] = (COMPILE_PAD_MULTIPLE, "torch.compile: few distinct batch shapes")
     if on_gpu(cfg["trainer"].get("accelerator")):
         # on a GPU every host sync stalls the device: log (and check the loss) every 50 steps, and feed it
         # from loader workers

@@ -246,3 +246,19 @@ def test_on_a_gpu_logging_is_sparser_and_workers_prepare_batches():
     assert "data.num_workers" not in adjusted_defaults(cfg, given)  # what the user set stays
     cfg.trainer.accelerator = "cpu"
     assert "trainer.log_every_n_steps" not in adjusted_defaults(cfg, Namespace())
+
+
+def test_compile_with_line_by_line_pads_to_few_shapes(write, tmp_path):
+    from jsonargparse import Namespace
+
+    from mlm_lightning.data import MLMDataModule
+    from mlm_lightning.defaults import COMPILE_PAD_MULTIPLE, adjusted_defaults
+
+    cfg = Namespace(trainer=Namespace(accelerator="cpu", max_epochs=3), model=Namespace(compile=True),
+                    data=Namespace(train_files="x.txt", line_by_line=True, pad_to_multiple_of=8))
+    assert adjusted_defaults(cfg, Namespace())["data.pad_to_multiple_of"][0] == COMPILE_PAD_MULTIPLE
+    dm = MLMDataModule(train_files=write("t.txt", sentences(200)), cache_dir=str(tmp_path / "c"), vocab_size=300,
+                       line_by_line=True, max_length=48, batch_size=8, pad_to_multiple_of=16)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert {b["input_ids"].shape[1] % 16 for b in dm.train_dataloader() if "attention_mask" in b} == {0}
