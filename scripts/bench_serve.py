@@ -146,7 +146,7 @@ def main() -> None:
 
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
-    from mlm_lightning.tokenizer import quiet_transformers
+    from mlm_lightning.hub import quiet_transformers
 
     quiet_transformers()
     logging.getLogger("mlm_lightning").setLevel(logging.ERROR)  # FillMasker's note on truncated long sentences
