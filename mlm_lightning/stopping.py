@@ -28,6 +28,7 @@ class GracefulStop(Callback):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._notified = False
+        self._agreed = False
 
     # -- handlers: installed after Lightning's own (registered just before the sanity check) -------------
     def _install(self, trainer) -> None:
@@ -60,10 +61,18 @@ class GracefulStop(Callback):
         GracefulStop.running = False
 
     # -- the stop ----------------------------------------------------------------------------------------
-    def _requested(self, trainer) -> bool:
-        """True on every process if a signal reached any: saving is collective, so all decide alike."""
+    def _requested(self, trainer, batch_idx: int | None = None) -> bool:
+        """True on every process if a signal reached any: saving is collective, so all decide alike.
+
+        With several processes that agreement is a collective and a host sync: asked every
+        `log_every_n_steps` batches only (1 on CPU; 50 on a GPU by default, a few seconds at most)."""
         flag = self.signum is not None
-        return trainer.strategy.reduce_boolean_decision(flag, all=False) if trainer.world_size > 1 else flag
+        if trainer.world_size == 1 or self._agreed:
+            return flag or self._agreed
+        if batch_idx is not None and (batch_idx + 1) % max(1, trainer.log_every_n_steps):
+            return False  # (no batch_idx: once per validation, always asked)
+        self._agreed = trainer.strategy.reduce_boolean_decision(flag, all=False)  # (once true, true everywhere)
+        return self._agreed
 
     def _save(self, trainer, mid_validation: bool = False) -> None:
         checkpoint = trainer.checkpoint_callback
@@ -79,7 +88,7 @@ class GracefulStop(Callback):
                 handler(self.signum or signal.SIGTERM, None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._notified or not self._requested(trainer):
+        if self._notified or not self._requested(trainer, batch_idx):
             return
         if trainer.fit_loop.epoch_loop._should_accumulate():
             return  # mid-window: save once the window's optimizer step has been taken
@@ -87,7 +96,7 @@ class GracefulStop(Callback):
         self._notify_lightning()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.sanity_checking or not (self._notified or self._requested(trainer)):
+        if trainer.sanity_checking or not (self._notified or self._requested(trainer, batch_idx)):
             return
         loop = trainer.fit_loop.epoch_loop
         if loop._should_accumulate() or loop.val_loop.batch_progress.is_last_batch:
