@@ -11,6 +11,7 @@ import csv
 import glob
 import os
 import re
+import tempfile
 
 from mlm_lightning.errors import MLMError, check
 
@@ -123,7 +124,8 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
     fig.suptitle("mlm-lightning: " + ", ".join(labels))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}.png"
+    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=os.path.dirname(os.path.abspath(out)))
+    os.close(fd)  # (a name of our own: nothing of the user's is overwritten on the way)
     try:  # written aside and renamed: never a half-written picture
         fig.savefig(tmp, dpi=80, metadata={"Software": MARKER})
         os.replace(tmp, out)
