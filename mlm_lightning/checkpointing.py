@@ -89,6 +89,8 @@ class MLMCheckpoint(ModelCheckpoint):
         # differ between nodes without a shared directory, and one process skipping a collective save hangs all)
         if self._last_saved == (trainer.global_step, mid_validation):
             return
+        if not mid_validation and self.save_last and self._last_global_step_saved == trainer.global_step:
+            return  # Lightning's own save at this step (a validation end) wrote last.ckpt already
         check_finite = getattr(trainer.lightning_module, "check_finite", None)
         if check_finite is not None:
             check_finite()  # never write weights after a NaN as the "last good" checkpoint
@@ -112,6 +114,23 @@ class MLMCheckpoint(ModelCheckpoint):
         for counts in (progress["total"], progress["current"]):
             counts["processed"] = counts["completed"]
             counts["started"] = counts["ready"] = counts["completed"] + 1
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # the checkpoint is data: Lightning later deletes or exports the paths it names (old top-k files, the
+        # previous last.ckpt), so keep only .ckpt files directly in this run's checkpoint directory
+        home = os.path.realpath(self.dirpath) if self.dirpath else None
+
+        def ours(path) -> bool:
+            path = str(path or "")
+            return bool(home) and path.endswith(".ckpt") and os.path.dirname(os.path.realpath(path)) == home
+
+        self.best_k_models = {p: v for p, v in self.best_k_models.items() if ours(p)}
+        for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if not ours(getattr(self, name)):
+                setattr(self, name, "")
+        if not self.best_model_path:
+            self.best_model_score = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -142,5 +161,5 @@ class MLMCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # after an interrupt last.ckpt was written at a consistent point; after any other exception (a NaN,
         # a crash mid-step) the last good checkpoint stays as it is
-        saved = os.path.exists(self.last_path()) and self.last_model_path
+        saved = self.dirpath is not None and os.path.exists(self.last_path()) and self.last_model_path
         exception.last_checkpoint = self.last_path() if saved else None

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mlm_lightning import corpus, shards
 from mlm_lightning.collator import MaskingCollator, check_masking, mask_seed
-from mlm_lightning.errors import check
+from mlm_lightning.errors import MLMError, check
 from mlm_lightning.sampling import BatchPlan, ResumableDataLoader
 from mlm_lightning.tokenizer import (
     load_tokenizer,
@@ -367,13 +367,28 @@ class MLMDataModule(L.LightningDataModule):
         import torch.distributed as dist
 
         strategy = trainer.strategy
+
+        def together(work):
+            """Run `work` here, then raise on every process the first error any process had: a process that
+            failed alone would leave the others waiting in the next collective (torchrun kills no one)."""
+            error, result = None, None
+            try:
+                result = work()
+            except MLMError as e:
+                error = str(e)
+            errors = [None] * trainer.world_size
+            dist.all_gather_object(errors, error)
+            check(not any(errors), next((e for e in errors if e), ""))
+            return result
+
         if not self.hparams.tokenizer:
-            files = tokenizer_files(self.load_tokenizer(train_if_missing=True)) if trainer.is_global_zero else None
+            files = together(lambda: tokenizer_files(self.load_tokenizer(train_if_missing=True))
+                             if trainer.is_global_zero else None)
             files = strategy.broadcast(files, src=0)
             if not trainer.is_global_zero:
                 self.tokenizer = self._received_tokenizer(files)
         prints = [None] * trainer.world_size
-        dist.all_gather_object(prints, tokenizer_fingerprint(self.load_tokenizer()))
+        dist.all_gather_object(prints, together(lambda: tokenizer_fingerprint(self.load_tokenizer())))
         check(
             len(set(prints)) == 1,
             f"the processes have different vocabularies (fingerprints by process: {', '.join(prints)}); give every"
@@ -382,9 +397,8 @@ class MLMDataModule(L.LightningDataModule):
         if not tokenize:
             return
         for first in (trainer.is_global_zero, trainer.local_rank == 0 and not trainer.is_global_zero):
-            if first and not os.path.isdir(self._data_dir()):
-                self._build_cache()
-            strategy.barrier("mlm-lightning-tokenized")
+            # (the gather in `together` is also the barrier: the others wait until this turn's cache exists)
+            together(lambda first=first: self._build_cache() if first and not os.path.isdir(self._data_dir()) else None)
 
     def _received_tokenizer(self, files: dict[str, str]):
         target = self._tokenizer_dir()

@@ -124,7 +124,9 @@ def _previous_export(directory: str) -> list[str] | None:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(files, list) or not all(isinstance(n, str) and os.path.basename(n) == n for n in files):
+    if not isinstance(files, list) or not all(
+        isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n for n in files
+    ):
         return None
     entries = set(os.listdir(directory))
     ours = set(files) | {MANIFEST}

@@ -122,6 +122,12 @@ def build_cli_class():
             self.fit_started = time.perf_counter()
             trainer = self.trainer
             check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
+            last = trainer.checkpoint_callback.last_path()
+            check(
+                self.config[self.subcommand].get("ckpt_path") is not None or not os.path.exists(last),
+                f"{last} is another run's checkpoint and a new fit would overwrite it: resume it with"
+                " --ckpt_path last, or pick another --trainer.default_root_dir",
+            )
             log.info(
                 "training on %s: %d process%s (%d node%s x %d device%s), precision %s; checkpoints in %s",
                 trainer.accelerator.__class__.__name__.removesuffix("Accelerator").lower(), trainer.world_size,

@@ -119,8 +119,11 @@ class MLMModule(L.LightningModule):
             loss = logits.sum() * 0.0
             if stage != "train":
                 # batch_size 0 leaves the epoch mean untouched; logging anyway keeps the same keys on
-                # every rank for sync_dist. The accuracy/perplexity metrics are simply not updated.
+                # every rank for sync_dist. The accuracy/perplexity metrics are logged (every process must
+                # reach their synced epoch-end compute) but not updated.
                 self.log(f"{stage}/loss", loss.detach(), batch_size=0, prog_bar=True, sync_dist=True)
+                self.log(f"{stage}/acc", self.val_acc, batch_size=1)
+                self.log(f"{stage}/ppl", self.val_ppl, batch_size=1, prog_bar=True)
             return loss
         loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
         self.log(f"{stage}/loss", loss, batch_size=n_masked, prog_bar=True, sync_dist=stage != "train")
@@ -164,10 +167,10 @@ class MLMModule(L.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:  # the earliest bad step of all processes
             import torch.distributed as dist
 
-            key = torch.where(first[0] > 0, first[0], torch.full_like(first[0], float("inf"))).clone()
-            dist.all_reduce(key, op=dist.ReduceOp.MIN)
-            step = key.item()
-            first = torch.tensor([0.0 if step == float("inf") else step, float("nan")])
+            rows = [torch.zeros_like(first) for _ in range(self.trainer.world_size)]
+            dist.all_gather(rows, first)
+            bad = [r for r in torch.stack(rows).cpu() if r[0] > 0]
+            first = min(bad, key=lambda r: float(r[0])) if bad else torch.zeros(2)
         step, value = first.tolist()
         if step > 0:
             raise NonFiniteLossError(
@@ -185,7 +188,12 @@ class MLMModule(L.LightningModule):
         return self._shared_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking and self.val_ppl.update_count:
+        if self.trainer.sanity_checking:
+            return
+        count = torch.tensor(float(self.val_ppl.update_count), device=self.device)
+        if self.trainer.world_size > 1:  # decided alike on every process: compute() is a collective
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        if count.item() > 0:
             self.val_ppl_history.append((self.global_step, float(self.val_ppl.compute())))
 
     def test_step(self, batch: dict, batch_idx: int):

@@ -96,7 +96,12 @@ class GracefulStop(Callback):
         self._notify_lightning()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.sanity_checking or not (self._notified or self._requested(trainer, batch_idx)):
+        if trainer.sanity_checking:
+            return
+        plan = getattr(trainer.val_dataloaders, "batch_sampler", None)
+        if trainer.world_size > 1 and not getattr(plan, "lockstep", False):
+            return  # processes with different numbers of validation batches: agree at the validation end only
+        if not (self._notified or self._requested(trainer, batch_idx)):
             return
         loop = trainer.fit_loop.epoch_loop
         if loop._should_accumulate() or loop.val_loop.batch_progress.is_last_batch:
@@ -108,5 +113,5 @@ class GracefulStop(Callback):
         if trainer.sanity_checking or self._notified or not self._requested(trainer):
             return
         if not trainer.fit_loop.epoch_loop._should_accumulate():
-            self._save(trainer)  # (MLMCheckpoint then ranks this validation and refreshes last.ckpt again)
+            self._save(trainer)  # (MLMCheckpoint ran first: it ranked this validation and wrote last.ckpt)
             self._notify_lightning()

@@ -261,3 +261,23 @@ def test_packed_training_batches_have_one_static_shape(corpus, tmp_path):
     shapes = {tuple(b["input_ids"].shape) for b in dm.train_dataloader()}
     assert shapes == {(8, 32)}
     assert len(dm.datasets["train"]) % 8 != 0  # (there was a partial batch to drop)
+
+
+def test_a_new_fit_does_not_overwrite_another_runs_last_ckpt(run, corpus, capsys):
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    assert run_cli(*fit(corpus, run, "--trainer.max_steps", "2")) == 2  # same root, no --ckpt_path
+    assert "is another run's checkpoint" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_paths_in_a_checkpoints_callback_state_outside_the_run_are_dropped(tmp_path):
+    home = tmp_path / "checkpoints"
+    home.mkdir()
+    cb = MLMCheckpoint(dirpath=str(home))
+    evil = f"{home}/../../thesis.tex"
+    cb.load_state_dict({"dirpath": str(home), "best_model_path": evil, "best_model_score": torch.tensor(1.0),
+                        "kth_best_model_path": evil, "best_k_models": {evil: torch.tensor(1.0),
+                                                                       f"{home}/best-step=4.ckpt": torch.tensor(2.0)},
+                        "last_model_path": "/etc/passwd", "kth_value": torch.tensor(1.0), "monitor": "val/loss"})
+    assert list(cb.best_k_models) == [f"{home}/best-step=4.ckpt"]
+    assert cb.best_model_path == cb.kth_best_model_path == cb.last_model_path == ""
