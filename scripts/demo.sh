@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-mlm-lightning fit --config configs/default.yaml --trainer.default_root_dir runs/demo "$@"
+# --ckpt_path last: a second run resumes (or, when finished, re-exports) the first instead of being refused
+# for overwriting its checkpoints
+mlm-lightning fit --config configs/default.yaml --trainer.default_root_dir runs/demo --ckpt_path last "$@"
 mlm-lightning fill-mask --model runs/demo/export \
   "break may only occur syntactically nested in a for or [MASK] loop." \
   "a class definition defines a [MASK] object." \

@@ -3,28 +3,19 @@
 import json
 
 import pytest
-import torch
 from transformers import pipeline
 
 from mlm_lightning.errors import MLMError
-from mlm_lightning.export import load_model, save_hf
-from mlm_lightning.model import MLMModule
+from mlm_lightning.export import load_model
 from mlm_lightning.predict import FillMasker
-from mlm_lightning.tokenizer import train_wordpiece
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli, sentences
+from tests.serving import tiny_model
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A random tiny BERT exported in Hugging Face format."""
-    tmp = tmp_path_factory.mktemp("fm")
-    tok = train_wordpiece(sentences(300), str(tmp / "tok"), 200, 24)
-    m = MLMModule(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=64)
-    m.tokenizer = tok
-    torch.manual_seed(0)
-    m.configure_model()
-    return save_hf(m.model.eval(), tok, str(tmp / "export"))
+    return tiny_model(tmp_path_factory.mktemp("fm"))
 
 
 def test_matches_transformers_pipeline(exported, capsys):
