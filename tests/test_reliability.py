@@ -211,3 +211,13 @@ def test_resume_with_another_tokenizer_is_refused(corpus, tmp_path, capsys):
     code = run_cli(*args(corpus, root, "--data.vocab_size", "250", "--ckpt_path", "last"))
     err = capsys.readouterr().err
     assert code == 2 and "trained with another tokenizer" in err and "Traceback" not in err
+
+
+def test_the_process_group_is_destroyed_when_a_ddp_command_ends(corpus, tmp_path):
+    """Left to interpreter finalization, a gloo group sometimes aborts a finished process (exit -6)."""
+    import torch.distributed as dist
+
+    code = run_cli(*args(corpus, tmp_path / "run", "--trainer.devices", "1", "--trainer.strategy", "ddp",
+                         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"))
+    assert code == 0
+    assert not dist.is_initialized()
