@@ -9,6 +9,7 @@ Both ways of forming examples are O(1) views of that stream, so one cache serves
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import tempfile
 import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -120,7 +122,35 @@ def build_cache(
     """Tokenize the corpus into `directory` (see `shards`): resumable, and all-or-nothing for `directory`.
 
     `workers`: encoding processes; default one per core for corpora over `shards.PROCESS_MIN_BYTES` (starting
-    them costs about a second), else encoding in this process."""
+    them costs about a second), else encoding in this process.
+
+    One process at a time per cache directory (a file lock beside it): jobs started together on one corpus, a sweep
+    say, would otherwise tokenize it each, and the first to finish would remove the work area the others still read.
+    The lock is the OS's (released if the holder dies), so a crashed run never blocks the next one.
+    """
+    os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
+    lock = FileLock(f"{directory}.lock")  # (left in place: removing a lock file others may hold is a race)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is tokenizing this corpus into %s; waiting for it", directory)
+        lock.acquire()
+    try:
+        if os.path.isdir(directory):  # it finished while we waited
+            with open(os.path.join(directory, "meta.json")) as f:
+                return json.load(f)
+        return _tokenize_into(directory, tokenizer, train_paths, val_paths, text_column, val_fraction, val_max_lines,
+                              seed, progress, shard_chars, workers)
+    finally:
+        lock.release()
+
+
+def _tokenize_into(
+    directory: str, tokenizer, train_paths: list[str], val_paths: list[str] | None, text_column: str,
+    val_fraction: float, val_max_lines: int, seed: int, progress: bool = True, shard_chars: int = shards.SHARD_CHARS,
+    workers: int | None = None,
+) -> dict:
+    """`build_cache` without the lock."""
     partial = f"{directory}.partial"
     os.makedirs(partial, exist_ok=True)
     readers = [("train", corpus.CorpusReader(train_paths, text_column))]

@@ -141,6 +141,47 @@ def test_interrupted_tokenization_resumes_from_complete_shards(write, tmp_path, 
     assert os.listdir(directory + ".partial") == ["notes.txt"]  # shards removed, the user's file kept
 
 
+def test_jobs_started_together_tokenize_a_corpus_once(write, tmp_path, tok, monkeypatch):
+    """Two jobs on one corpus and cache (a sweep): one tokenizes, the other waits for its cache (no shared work area
+    pulled from under it)."""
+    import threading
+    import time
+
+    path = write("t.txt", varied(300, seed=4))
+    real, phases = shards.tokenize_phase, []
+
+    def slow(*a, **k):
+        phases.append(k.get("val_fraction"))
+        time.sleep(1.0)  # long enough for the second job to arrive while the first is working
+        return real(*a, **k)
+
+    monkeypatch.setattr(shards, "tokenize_phase", slow)
+    metas, errors = [], []
+
+    def job():
+        try:
+            metas.append(open_meta(build(tmp_path, tok, path)))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(metas) == 2 and metas[0] == metas[1]
+    assert len(phases) == 1  # tokenized once (one phase: train, with its validation split)
+    assert not os.path.exists(str(tmp_path / "cache" / "key.partial"))
+
+
+def open_meta(directory):
+    import json
+
+    with open(os.path.join(directory, "meta.json")) as f:
+        return json.load(f)
+
+
 def test_memory_stays_flat_as_the_corpus_grows(write, tmp_path, tok, monkeypatch):
     monkeypatch.setattr(shards, "BATCH_CHARS", 20_000)
     monkeypatch.setattr(shards, "COPY_BYTES", 1 << 16)
