@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlm_lightning.errors import check
+from mlm_lightning.errors import MLMError, check
 
 log = logging.getLogger("mlm_lightning")
 
@@ -41,18 +41,39 @@ class FillMasker:
     # -- input ------------------------------------------------------------------------------------------
     def encode(self, text: str, index: int = 0) -> Encoded:
         """Tokenize one sentence; `[MASK]` and the tokenizer's own mask token both work."""
-        where = f"input {index + 1}"
-        check(text.strip() != "", f"{where} is empty; give a sentence with [MASK] where a word should go")
-        tok = self.tokenizer
+        encoded = self.encode_many([text], [index])[0]
+        if isinstance(encoded, MLMError):
+            raise encoded
+        return encoded
+
+    def encode_many(self, texts: list[str], indices: list[int]) -> list[Encoded | MLMError]:
+        """`encode` for many sentences in one call of the fast tokenizer (its Rust batch encoding: the server's
+        batches and the terminal's files); a bad sentence gets its error in its slot, the others are unaffected."""
+        tok, mask_id = self.tokenizer, self.tokenizer.mask_token_id
         if tok.mask_token != "[MASK]":
-            text = text.replace("[MASK]", tok.mask_token)
-        ids = tok(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        masks = [i for i, t in enumerate(ids) if t == tok.mask_token_id]
-        check(bool(masks), f"{where} has no mask: {text[:80]!r}; write [MASK] where a word should be predicted")
-        if len(ids) > self.max_length:
-            ids, masks = self._window(ids, masks, where)
-            self.truncated.append(index + 1)
-        return Encoded(index, text, ids, masks)
+            texts = [t.replace("[MASK]", tok.mask_token) for t in texts]
+        out: list[Encoded | MLMError] = [
+            MLMError(f"input {i + 1} is empty; give a sentence with [MASK] where a word should go") for i in indices
+        ]
+        todo = [n for n, t in enumerate(texts) if t.strip()]
+        if not todo:
+            return out
+        batch = tok([texts[n] for n in todo], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        for n, ids in zip(todo, batch, strict=True):
+            where, text = f"input {indices[n] + 1}", texts[n]
+            masks = [i for i, t in enumerate(ids) if t == mask_id]
+            if not masks:
+                out[n] = MLMError(f"{where} has no mask: {text[:80]!r}; write [MASK] where a word should be predicted")
+                continue
+            if len(ids) > self.max_length:
+                try:
+                    ids, masks = self._window(ids, masks, where)
+                except MLMError as e:
+                    out[n] = e
+                    continue
+                self.truncated.append(indices[n] + 1)
+            out[n] = Encoded(indices[n], text, ids, masks)
+        return out
 
     def _window(self, ids: list[int], masks: list[int], where: str) -> tuple[list[int], list[int]]:
         """Truncate to the model's length, keeping the masks inside the kept window."""
@@ -112,7 +133,10 @@ class FillMasker:
         check(len(texts) > 0, "no input sentences; pass sentences, --file FILE, or lines on stdin")
         indices = list(range(len(texts))) if indices is None else indices
         self.truncated: list[int] = []
-        encoded = [self.encode(t, i) for t, i in zip(texts, indices, strict=True)]  # validate all first
+        encoded = self.encode_many(texts, indices)  # validate all first
+        for e in encoded:
+            if isinstance(e, MLMError):
+                raise e
         if self.truncated:
             shown = ", ".join(map(str, self.truncated[:5])) + (", ..." if len(self.truncated) > 5 else "")
             log.warning(

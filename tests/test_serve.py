@@ -93,6 +93,22 @@ def test_own_mask_token_works_like_mask(tmp_path):
     assert_same_answer(json.loads(a), pipeline("fill-mask", model=path)("the cat <mask> the river ."))
 
 
+
+def test_a_bad_text_in_a_batch_fails_its_own_request_only(model, fill_mask):
+    """One batch, tokenized in one call: the request with a bad text gets its 400, the others their answers."""
+    from mlm_lightning.serve import BadRequest
+
+    masker = FillMasker(*load_model(model))
+    masker.pipeline_sequences = True
+    good = ["the cat [MASK] the river .", "a [MASK] sees the ball ."]
+    out = make_work(masker)([([good[0]], True, 3, True), (["fine [MASK] .", "no mask"], False, 3, True),
+                             (good, False, 2, True), (["  "], True, 3, True)])
+    assert isinstance(out[1], BadRequest) and out[1].status == 400 and "input 2 has no mask" in str(out[1])
+    assert isinstance(out[3], BadRequest) and "input 1 is empty" in str(out[3])
+    assert_same_answer(json.loads(out[0]), fill_mask(good[0], top_k=3))
+    for answer, text in zip(json.loads(out[2]), good, strict=True):
+        assert_same_answer(answer, fill_mask(text, top_k=2))
+
 BAD = [
     (b"{", 400, "not valid JSON"),
     (b"", 400, "not valid JSON"),
