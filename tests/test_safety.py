@@ -163,7 +163,8 @@ def test_sigterm_during_a_long_validation_saves_within_seconds_and_resume_reruns
     assert code == 143, capsys.readouterr().err
     assert state(root)["global_step"] == step + 1  # (metrics.csv logs a validation at global step - 1)
     waited = os.path.getmtime(root / "checkpoints" / "last.ckpt") - float(os.environ["MLM_TEST_SIGNAL_SENT"])
-    assert waited < 5 + 1  # the batch under way (5 s) and the save, not the rest of the validation
+    # the batch under way (5 s) and the save (margin for a loaded CI machine), not the rest of the validation (~25 s)
+    assert waited < 5 + 4
     assert run_cli(*fit(corpus, root, *VAL, "--ckpt_path", "last")) == 0
     assert same_weights(straight, root)
     # the validation cut short was run again, whole: same value as in the uninterrupted run
