@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 
 import lightning as L
 import numpy as np
@@ -37,6 +38,7 @@ from mlm_lightning.tokenizer import (
 
 log = logging.getLogger("mlm_lightning")
 CACHE_VERSION = shards.FORMAT_VERSION
+CHECK_IN_S = 5.0  # processes waiting for another one's data preparation check in this often
 
 
 def default_cache_dir() -> str:
@@ -400,16 +402,37 @@ class MLMDataModule(L.LightningDataModule):
 
         def together(work):
             """Run `work` here, then raise on every process the first error any process had: a process that
-            failed alone would leave the others waiting in the next collective (torchrun kills no one)."""
-            error, result = None, None
-            try:
-                result = work()
-            except MLMError as e:
-                error = str(e)
+            failed alone would leave the others waiting in the next collective (torchrun kills no one).
+
+            `work` runs in a thread while every process checks in every few seconds: tokenizing a big corpus on
+            rank 0 can take longer than the process group's timeout (30 min by default), which one long gather
+            on the waiting processes would hit."""
+            box: dict = {}
+
+            def run():
+                try:
+                    box["result"] = work()
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
+                    box["error"] = e
+
+            thread = threading.Thread(target=run, name="mlm-lightning-data", daemon=True)
+            thread.start()
+            busy = [True]
+            while any(busy):  # every process leaves this loop at the same check-in
+                thread.join(timeout=CHECK_IN_S)
+                busy = [None] * trainer.world_size
+                dist.all_gather_object(busy, thread.is_alive())
+            error = box.get("error")
+            if error is None or isinstance(error, MLMError):
+                message = None if error is None else str(error)
+            else:
+                message = f"process {trainer.global_rank} failed preparing the data: {type(error).__name__}: {error}"
             errors = [None] * trainer.world_size
-            dist.all_gather_object(errors, error)
+            dist.all_gather_object(errors, message)
+            if error is not None and not isinstance(error, MLMError):
+                raise error  # this process's own failure, with its traceback
             check(not any(errors), next((e for e in errors if e), ""))
-            return result
+            return box.get("result")
 
         if not self.hparams.tokenizer:
             files = together(lambda: tokenizer_files(self.load_tokenizer(train_if_missing=True))

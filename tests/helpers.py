@@ -91,3 +91,18 @@ def write_sharded_checkpoint(rank: int, world: int, ckpt_path: str, out_dir: str
             torch.save(rest, os.path.join(out_dir, "meta.pt"))
     finally:
         dist.destroy_process_group()
+
+
+class SlowTokenization(Callback):
+    """Make tokenizing the corpus take `seconds` longer (patched when the callback is made: before data setup)."""
+
+    def __init__(self, seconds: float = 10.0):
+        from mlm_lightning import shards
+
+        real = shards.tokenize_phase
+
+        def slow(*args, **kwargs):
+            time.sleep(seconds)
+            return real(*args, **kwargs)
+
+        shards.tokenize_phase = slow

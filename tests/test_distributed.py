@@ -121,3 +121,18 @@ def test_too_little_data_for_the_processes_is_refused_before_training(write, tmp
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("mlm-lightning: error")]
     assert lines and "processes" in lines[0] and "batch" in lines[0]
+
+
+def test_tokenizing_longer_than_the_process_group_timeout(corpus, tmp_path):
+    """Rank 0 tokenizes for longer than the collective timeout (15 s here, 30 min by default): the waiting process
+    checks in every few seconds instead of sitting in one gather until it times out."""
+    result = subprocess.run(
+        cli(*fit_args(corpus, tmp_path / "slow", "--trainer.devices", "2",
+                      "--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy",
+                      "--trainer.strategy.timeout", "0:00:15", "--trainer.max_steps", "2",
+                      "--trainer.val_check_interval", "2", "--data.cache_dir", str(tmp_path / "cache"),
+                      "--trainer.callbacks+=tests.helpers.SlowTokenization", "--trainer.callbacks.seconds", "25")),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "slow" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -217,7 +217,12 @@ def test_the_process_group_is_destroyed_when_a_ddp_command_ends(corpus, tmp_path
     """Left to interpreter finalization, a gloo group sometimes aborts a finished process (exit -6)."""
     import torch.distributed as dist
 
-    code = run_cli(*args(corpus, tmp_path / "run", "--trainer.devices", "1", "--trainer.strategy", "ddp",
-                         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"))
+    saved = dict(os.environ)
+    try:
+        code = run_cli(*args(corpus, tmp_path / "run", "--trainer.devices", "1", "--trainer.strategy", "ddp",
+                             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"))
+    finally:  # Lightning's DDP sets LOCAL_RANK & co. here: a later `fit --trainer.devices 2` would await a rank 1
+        os.environ.clear()
+        os.environ.update(saved)
     assert code == 0
     assert not dist.is_initialized()
