@@ -131,12 +131,18 @@ def build_cache(
     The lock is the OS's (released if the holder dies), so a crashed run never blocks the next one.
     """
     os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
-    lock = FileLock(f"{directory}.lock")  # (left in place: removing a lock file others may hold is a race)
+    # (the lock file stays: removing a file others may hold is a race; no "soft" lock-file fallback either: a
+    # crashed run would leave it behind and block every later one)
+    lock = FileLock(f"{directory}.lock", fallback_to_soft=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         log.info("another process is tokenizing this corpus into %s; waiting for it", directory)
         lock.acquire()
+    except (NotImplementedError, OSError) as e:  # a filesystem without flock (some network mounts)
+        log.warning("cannot lock %s (%s): tokenizing without a lock; start one job on this corpus first",
+                    directory, e)
+        lock = None
     try:
         if os.path.isdir(directory):  # it finished while we waited
             with open(os.path.join(directory, "meta.json")) as f:
@@ -144,7 +150,8 @@ def build_cache(
         return _tokenize_into(directory, tokenizer, train_paths, val_paths, text_column, val_fraction, val_max_lines,
                               seed, progress, shard_chars, workers)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _tokenize_into(

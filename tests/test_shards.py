@@ -175,6 +175,21 @@ def test_jobs_started_together_tokenize_a_corpus_once(write, tmp_path, tok, monk
     assert not os.path.exists(str(tmp_path / "cache" / "key.partial"))
 
 
+def test_a_filesystem_without_flock_tokenizes_without_a_lock(write, tmp_path, tok, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    path = write("t.txt", varied(100, seed=5))
+    with caplog.at_level("WARNING", logger="mlm_lightning"):
+        directory = build(tmp_path, tok, path)
+    assert open_meta(directory)["train_lines"] > 0
+    assert "tokenizing without a lock" in caplog.text
+
+
 def open_meta(directory):
     import json
 
