@@ -56,10 +56,7 @@ class FillMasker:
             MLMError(f"input {i + 1} is empty; give a sentence with [MASK] where a word should go") for i in indices
         ]
         todo = [n for n, t in enumerate(texts) if t.strip()]
-        if not todo:
-            return out
-        batch = tok([texts[n] for n in todo], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        for n, ids in zip(todo, batch, strict=True):
+        for n, ids in zip(todo, self._token_ids([texts[n] for n in todo]), strict=True):
             where, text = f"input {indices[n] + 1}", texts[n]
             masks = [i for i, t in enumerate(ids) if t == mask_id]
             if not masks:
@@ -74,6 +71,12 @@ class FillMasker:
                 self.truncated.append(indices[n] + 1)
             out[n] = Encoded(indices[n], text, ids, masks)
         return out
+
+    def _token_ids(self, texts: list[str], chunk: int = 4096):
+        """Token ids of each text, tokenized `chunk` at a time (the fast tokenizer's full encodings are large)."""
+        for start in range(0, len(texts), chunk):
+            yield from self.tokenizer(texts[start : start + chunk], add_special_tokens=True, truncation=False,
+                                      verbose=False)["input_ids"]
 
     def _window(self, ids: list[int], masks: list[int], where: str) -> tuple[list[int], list[int]]:
         """Truncate to the model's length, keeping the masks inside the kept window."""
