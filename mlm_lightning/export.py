@@ -8,8 +8,7 @@ What export does to an existing directory (the rule, also in the README):
 - anything else (a run directory with checkpoints, a user's own files, `.`) is refused with one line: export
   never deletes or overwrites what it did not write.
 
-Checkpoints are data: they are read with `weights_only=True`, and the tokenizer files embedded in them are
-taken only under the known file names (never a name from the file that could become a path).
+Reading checkpoints and model dirs is `model.checkpoint`'s job; this module only writes.
 """
 
 from __future__ import annotations
@@ -18,105 +17,13 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
-
-import torch
 
 from mlm_lightning.errors import MLMError, check
-from mlm_lightning.hub import load_pretrained
-from mlm_lightning.network import bert_from_config, load_bert
-from mlm_lightning.tokenizer import TOKENIZER_FILES
+from mlm_lightning.model.checkpoint import load_checkpoint
 
 MANIFEST = ".mlm-lightning-export"
 
 
-def check_checkpoint_path(path: str) -> None:
-    """A .ckpt file, or a sharded (FSDP) / DeepSpeed checkpoint directory."""
-    from mlm_lightning import sharded
-
-    check(os.path.exists(path), f"checkpoint {path!r} does not exist; check the path or use --ckpt_path last")
-    check(
-        (os.path.isfile(path) and zipfile.is_zipfile(path)) or (os.path.isdir(path) and sharded.kind(path)),
-        f"{path!r} is not a checkpoint (expected a .ckpt written by mlm-lightning fit, or a sharded FSDP/DeepSpeed"
-        " checkpoint directory)",
-    )
-
-
-def _tokenizer_from_files(files: object, source: str):
-    """A tokenizer from the {file name: text} dict stored in a checkpoint, written to a private temp dir."""
-    from transformers import AutoTokenizer
-
-    check(isinstance(files, dict) and "tokenizer.json" in files, f"{source} has no embedded tokenizer")
-    for name, text in files.items():
-        check(
-            name in TOKENIZER_FILES and isinstance(text, str),
-            f"{source} carries an unexpected tokenizer file {str(name)[:80]!r}; refusing it (a checkpoint may only"
-            f" hold {', '.join(TOKENIZER_FILES)})",
-        )
-    config = files.get("tokenizer_config.json")
-    if config is not None:
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError:
-            config = None
-        check(isinstance(config, dict), f"{source} has an invalid tokenizer_config.json")
-        # no remote code, and no file names from the checkpoint (e.g. "vocab_file": "/etc/...")
-        check("auto_map" not in config, f"{source}: its tokenizer asks for custom code (auto_map); refusing it")
-        for key, value in config.items():
-            check(
-                not (key.endswith("_file") and isinstance(value, str) and value),
-                f"{source}: its tokenizer_config.json names a file ({key}); refusing it",
-            )
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        try:
-            return AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise MLMError(f"{source} has an unreadable tokenizer ({type(e).__name__})") from None
-
-
-def load_checkpoint(path: str):
-    """(BertForMaskedLM, tokenizer) from an mlm-lightning .ckpt (loaded with `weights_only=True`) or a sharded
-    FSDP / DeepSpeed checkpoint directory (see `sharded.py`)."""
-    check_checkpoint_path(path)
-    if os.path.isdir(path):
-        from mlm_lightning.sharded import load_directory
-
-        ckpt = load_directory(path)
-    else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise MLMError(f"{path!r} could not be read as a checkpoint ({type(e).__name__}); is it complete?") from e
-    meta = ckpt.get("mlm_lightning") if isinstance(ckpt, dict) else None
-    check(isinstance(meta, dict), f"{path!r} is not an mlm-lightning checkpoint (no model config/tokenizer inside)")
-    source = f"checkpoint {path!r}"
-    model = bert_from_config(meta.get("bert_config"), source)
-    weights = ckpt.get("state_dict")
-    check(isinstance(weights, dict), f"{source} holds no weights")
-    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise MLMError(f"{source}: its weights do not fit its model config ({str(e).splitlines()[0]})") from None
-    return model.eval(), _tokenizer_from_files(meta.get("tokenizer_files"), source)
-
-
-def load_model(path: str):
-    """(model, tokenizer) from an exported/Hugging Face directory, a hub id, or a .ckpt file. BERT only."""
-    from transformers import AutoTokenizer
-
-    from mlm_lightning import sharded
-
-    if os.path.isfile(path) or (os.path.isdir(path) and sharded.kind(path)):
-        return load_checkpoint(path)
-    model = load_bert(path, "model")
-    return model.eval(), load_pretrained(AutoTokenizer, path, "tokenizer")
-
-
-# -- writing ------------------------------------------------------------------------------------------------
 def _previous_export(directory: str) -> list[str] | None:
     """The file names of the export in `directory` if it holds nothing else; else None."""
     try:

@@ -18,8 +18,9 @@ import time
 import numpy as np
 import torch
 
-from mlm_lightning.collator import MaskingCollator, mask_seed
-from mlm_lightning.tokenizer import train_wordpiece
+from mlm_lightning.data.masking import MaskingCollator
+from mlm_lightning.data.seeds import mask_seed
+from mlm_lightning.data.tokenizer import train_wordpiece
 
 
 def examples(tokenizer, rows=32, length=128, lines_per_block=6, seed=0):

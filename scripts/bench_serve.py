@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 def demo_shaped_model(tmp: str) -> str:
     import torch
 
-    from mlm_lightning.corpus import default_corpus
+    from mlm_lightning.data.corpus import default_corpus
+    from mlm_lightning.data.tokenizer import train_wordpiece
     from mlm_lightning.export import save_hf
     from mlm_lightning.model import MLMModule
-    from mlm_lightning.tokenizer import train_wordpiece
 
     with open(default_corpus(tmp), encoding="utf-8") as f:
         texts = f.read().splitlines()
@@ -52,7 +52,7 @@ def demo_shaped_model(tmp: str) -> str:
 
 def masked_sentences(n: int, seed: int = 0) -> list[str]:
     """`n` sentences of 8-30 words from the default corpus (CPython's language reference), one word masked."""
-    from mlm_lightning.corpus import default_corpus
+    from mlm_lightning.data.corpus import default_corpus
 
     with tempfile.TemporaryDirectory() as tmp, open(default_corpus(tmp), encoding="utf-8") as f:
         candidates = [s.strip() for line in f for s in re.split(r"(?<=\.) ", line) if 8 <= len(s.split()) <= 30]
@@ -67,8 +67,8 @@ def masked_sentences(n: int, seed: int = 0) -> list[str]:
 
 def offline_rate(model: str, texts: list[str], seconds: float) -> float:
     """Sentences/s through FillMasker in batches of 64 (the `fill-mask` command's path and default)."""
-    from mlm_lightning.export import load_model
-    from mlm_lightning.predict import FillMasker
+    from mlm_lightning.model.checkpoint import load_model
+    from mlm_lightning.model.fill_mask import FillMasker
 
     masker = FillMasker(*load_model(model), top_k=5, batch_size=64)
     masker(texts)  # warm-up

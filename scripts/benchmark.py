@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlm_lightning.corpus import default_corpus, iter_texts  # noqa: E402
 from mlm_lightning.data import MLMDataModule  # noqa: E402
+from mlm_lightning.data.corpus import default_corpus, iter_texts  # noqa: E402
 from mlm_lightning.hub import quiet_transformers  # noqa: E402
 from mlm_lightning.model import MLMModule  # noqa: E402
 
@@ -151,7 +151,7 @@ def run_loop(args, dm):
 def run_ours(args, dm, max_steps: int, extra_callbacks=(), val_every: int | None = None):
     import lightning as L
 
-    from mlm_lightning.callbacks import ThroughputLogger
+    from mlm_lightning.training.callbacks import ThroughputLogger
 
     class Timing(L.Callback):
         def __init__(self):

@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlm_lightning.callbacks import ThroughputLogger, peak_flops, train_flops  # noqa: E402
-from mlm_lightning.corpus import default_corpus, iter_texts  # noqa: E402
 from mlm_lightning.data import MLMDataModule  # noqa: E402
+from mlm_lightning.data.corpus import default_corpus, iter_texts  # noqa: E402
+from mlm_lightning.data.tokenizer import train_wordpiece  # noqa: E402
 from mlm_lightning.errors import check  # noqa: E402
 from mlm_lightning.model import MLMModule  # noqa: E402
-from mlm_lightning.tokenizer import train_wordpiece  # noqa: E402
+from mlm_lightning.model.arch import train_flops  # noqa: E402
+from mlm_lightning.training.callbacks import ThroughputLogger, peak_flops  # noqa: E402
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "meditations.txt"
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)

@@ -77,7 +77,7 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from mlm_lightning.tokenizer import train_wordpiece
+    from mlm_lightning.data.tokenizer import train_wordpiece
 
     return train_wordpiece(sentences(300), str(tmp_path_factory.mktemp("tok") / "wp"), 200, 64)
 

@@ -7,6 +7,8 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from mlm_lightning.model import arch
+
 
 class SignalAt(Callback):
     """Send this process a signal after optimizer step `step` (simulates a preemption or Ctrl-C)."""
@@ -28,7 +30,7 @@ class NanAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step + 1 == self.step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
-                pl_module.model.cls.predictions.transform.dense.weight.fill_(float("nan"))
+                arch.head_module(pl_module.model).weight.fill_(float("nan"))
 
 
 
@@ -97,7 +99,7 @@ class SlowTokenization(Callback):
     """Make tokenizing the corpus take `seconds` longer (patched when the callback is made: before data setup)."""
 
     def __init__(self, seconds: float = 10.0):
-        from mlm_lightning import shards
+        from mlm_lightning.data import shards
 
         real = shards.tokenize_phase
 

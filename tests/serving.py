@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_model(tmp: Path, mask_token: str | None = None) -> str:
     """A random tiny BERT (vocab ~200, 24-token tokenizer limit) exported in Hugging Face format."""
+    from mlm_lightning.data.tokenizer import train_wordpiece
     from mlm_lightning.export import save_hf
     from mlm_lightning.model import MLMModule
-    from mlm_lightning.tokenizer import train_wordpiece
 
     tok = train_wordpiece(sentences(300), str(tmp / "tok"), 200, 24)
     if mask_token:  # a tokenizer whose own mask token is not [MASK] (like RoBERTa's <mask>)

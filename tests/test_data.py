@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from mlm_lightning import data as data_module
 from mlm_lightning.data import MLMDataModule
+from mlm_lightning.data import module as data_module
+from mlm_lightning.data.sampling import BatchPlan
 from mlm_lightning.errors import MLMError
-from mlm_lightning.sampling import BatchPlan
 from tests.conftest import sentences
 
 
@@ -181,7 +181,7 @@ def test_bad_input_messages(tmp_path, files, kwargs, message):
 
 
 def test_a_huge_line_is_split_not_fatal(write, tmp_path):
-    from mlm_lightning.corpus import MAX_CHARS_PER_EXAMPLE
+    from mlm_lightning.data.corpus import MAX_CHARS_PER_EXAMPLE
 
     huge = " ".join(sentences(12_000))  # ~330k characters on one line
     assert len(huge) > 3 * MAX_CHARS_PER_EXAMPLE

@@ -6,8 +6,8 @@ import pytest
 from transformers import pipeline
 
 from mlm_lightning.errors import MLMError
-from mlm_lightning.export import load_model
-from mlm_lightning.predict import FillMasker
+from mlm_lightning.model.checkpoint import load_model
+from mlm_lightning.model.fill_mask import FillMasker
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli, sentences
 from tests.serving import tiny_model
 

@@ -8,7 +8,7 @@ import lzma
 import pytest
 import zstandard
 
-from mlm_lightning import corpus
+from mlm_lightning.data import corpus
 from mlm_lightning.errors import MLMError
 from tests.conftest import sentences
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlm_lightning.collator import MaskingCollator, mask_seed
-from mlm_lightning.tokenizer import train_wordpiece
+from mlm_lightning.data.masking import MaskingCollator
+from mlm_lightning.data.seeds import mask_seed
+from mlm_lightning.data.tokenizer import train_wordpiece
 from tests.conftest import sentences
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlm_lightning.collator import MaskingCollator, mask_seed
+from mlm_lightning.data.masking import MaskingCollator
+from mlm_lightning.data.seeds import mask_seed
 from tests.conftest import module, sentences
 
 

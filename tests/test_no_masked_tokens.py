@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mlm_lightning.collator import MaskingCollator, mask_seed
+from mlm_lightning.data.masking import MaskingCollator
+from mlm_lightning.data.seeds import mask_seed
 from tests.conftest import module, sentences
 
 

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from mlm_lightning.checkpointing import AtomicCheckpointIO
 from mlm_lightning.errors import MLMError
-from mlm_lightning.export import load_checkpoint
+from mlm_lightning.model.checkpoint import load_checkpoint
+from mlm_lightning.training.checkpointing import AtomicCheckpointIO
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
 
 STEPS = "40"
@@ -182,7 +182,7 @@ def test_ddp_two_processes_on_cpu(corpus, tmp_path):
 
 
 def test_interrupt_during_tokenization_leaves_no_half_cache(write, tmp_path, capsys, monkeypatch):
-    from mlm_lightning import shards
+    from mlm_lightning.data import shards
 
     real = shards.tokenize_phase
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlm_lightning.checkpointing import MLMCheckpoint
+from mlm_lightning.data.sampling import BatchPlan
 from mlm_lightning.errors import MLMError
-from mlm_lightning.export import MANIFEST, load_checkpoint
-from mlm_lightning.sampling import BatchPlan
+from mlm_lightning.export import MANIFEST
+from mlm_lightning.model.checkpoint import load_checkpoint
+from mlm_lightning.training.checkpointing import MLMCheckpoint
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
 
 

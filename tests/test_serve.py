@@ -10,9 +10,9 @@ import threading
 import pytest
 from transformers import pipeline
 
-from mlm_lightning.export import load_model
-from mlm_lightning.predict import FillMasker
-from mlm_lightning.serve import make_work
+from mlm_lightning.model.checkpoint import load_model
+from mlm_lightning.model.fill_mask import FillMasker
+from mlm_lightning.serve.app import make_work
 from tests.conftest import sentences
 from tests.serving import Server, assert_same_answer, get, post, tiny_model
 
@@ -96,7 +96,7 @@ def test_own_mask_token_works_like_mask(tmp_path):
 
 def test_a_bad_text_in_a_batch_fails_its_own_request_only(model, fill_mask):
     """One batch, tokenized in one call: the request with a bad text gets its 400, the others their answers."""
-    from mlm_lightning.serve import BadRequest
+    from mlm_lightning.serve.app import BadRequest
 
     masker = FillMasker(*load_model(model))
     masker.pipeline_sequences = True

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mlm_lightning.errors import MLMError
-from mlm_lightning.export import load_checkpoint
+from mlm_lightning.model.checkpoint import load_checkpoint
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
 from tests.helpers import write_sharded_checkpoint
 

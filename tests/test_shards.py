@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mlm_lightning import corpus, shards
-from mlm_lightning.data import MLMDataModule, TokenStream, build_cache
-from mlm_lightning.sampling import BatchPlan, ResumableDataLoader
-from mlm_lightning.tokenizer import sample_texts, train_wordpiece
+from mlm_lightning.data import MLMDataModule, corpus, seeds, shards
+from mlm_lightning.data.cache import TokenStream, build_cache
+from mlm_lightning.data.sampling import BatchPlan, ResumableDataLoader
+from mlm_lightning.data.tokenizer import sample_texts, train_wordpiece
 from tests.conftest import sentences
 
 WORDS = ["river", "unbelievable", "catastrophe", "don't", "state-of-the-art", "x", "3.14", "naïve", "Übermensch"]
@@ -60,7 +60,7 @@ def test_sharded_output_equals_in_memory_tokenization(write, tmp_path, tok, monk
     path = write("t.txt", lines)
     directory = build(tmp_path, tok, path, shard_chars=shard_chars, workers=workers)  # 2: encoding processes
     texts = list(corpus.iter_texts([path]))
-    is_val = shards.val_lines(3, 0, len(texts), 0.1)
+    is_val = seeds.val_lines(3, 0, len(texts), 0.1)
     assert 40 <= is_val.sum() <= 60
     for split, chosen in (("train", ~is_val), ("val", is_val)):
         stream = TokenStream.load(directory, split)
@@ -214,7 +214,7 @@ def test_memory_stays_flat_as_the_corpus_grows(write, tmp_path, tok, monkeypatch
 
 
 def test_tokenizer_sample_is_seeded_and_capped(write, tmp_path, monkeypatch):
-    from mlm_lightning import tokenizer
+    from mlm_lightning.data import tokenizer
 
     monkeypatch.setattr(tokenizer, "SAMPLE_CHUNK_LINES", 50)  # many chunks: a tight size
     path = write("t.txt", varied(40_000, seed=6))  # ~1.8 MB
@@ -281,7 +281,7 @@ def test_word_starts_of_a_bpe_tokenizer_come_from_its_word_ids(write, tmp_path, 
     assert shards.continuation_table(bpe.backend_tokenizer.to_str()) is None
     directory = build(tmp_path, bpe, write("t.txt", lines), workers=workers)
     texts = list(corpus.iter_texts([str(tmp_path / "t.txt")]))
-    is_val = shards.val_lines(3, 0, len(texts), 0.1)
+    is_val = seeds.val_lines(3, 0, len(texts), 0.1)
     stream = TokenStream.load(directory, "train")
     ids, starts, offsets = reference([t for t, v in zip(texts, is_val, strict=True) if not v], bpe, bpe.sep_token_id)
     assert np.array_equal(stream.tokens, ids) and np.array_equal(stream.word_starts.astype(bool), starts)

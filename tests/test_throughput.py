@@ -7,8 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForMaskedLM
 
-import mlm_lightning.callbacks as callbacks
-from mlm_lightning.callbacks import ThroughputLogger, train_flops
+import mlm_lightning.training.callbacks as callbacks
+from mlm_lightning.model.arch import train_flops
+from mlm_lightning.training.callbacks import ThroughputLogger
 
 # one with intermediate = 4h (bert-base's ratio), one with intermediate != 4h (the default tiny model's 2x is
 # 4h too; 96 = 1.5h is not)

@@ -32,8 +32,8 @@ def bert_dir(tmp_path_factory):
     """A local pretrained-BERT directory (save_pretrained output) with `max_position_embeddings` positions."""
     from transformers import BertConfig, BertForMaskedLM
 
+    from mlm_lightning.data.tokenizer import train_wordpiece
     from mlm_lightning.export import save_hf
-    from mlm_lightning.tokenizer import train_wordpiece
 
     tmp = tmp_path_factory.mktemp("bert")
     tok = train_wordpiece(sentences(300), str(tmp / "tok"), 200, 512)
@@ -158,7 +158,7 @@ def test_fit_writes_a_plot_of_the_whole_run(resumed):
     root, _ = resumed
     data = (root / "plot.png").read_bytes()
     assert data.startswith(PNG) and len(data) > 10_000
-    from mlm_lightning.plot import read_metrics
+    from mlm_lightning.training.plot import read_metrics
 
     steps = [s for s, _ in read_metrics(str(root))["train/loss"]]
     assert steps == list(range(1, 11))  # both logged versions, joined
@@ -185,7 +185,7 @@ def test_plot_never_overwrites_a_users_file(resumed, tmp_path, capsys):
 
 
 def test_read_metrics_joins_versions_later_wins(tmp_path):
-    from mlm_lightning.plot import read_metrics
+    from mlm_lightning.training.plot import read_metrics
 
     for version, steps in ((0, range(0, 10)), (1, range(5, 15))):
         d = tmp_path / "lightning_logs" / f"version_{version}"
@@ -201,7 +201,7 @@ def test_read_metrics_joins_versions_later_wins(tmp_path):
 
 # -- the bar and the summary table -------------------------------------------------------------------------
 def test_progress_bar_shows_run_eta_and_tokens_not_v_num():
-    from mlm_lightning.progress import MLMTQDMProgressBar, RunReport
+    from mlm_lightning.training.progress import MLMTQDMProgressBar, RunReport
 
     report = RunReport()
     report.start_time, report.start_step = time.perf_counter() - 10.0, 0
@@ -217,7 +217,7 @@ def test_progress_bar_shows_run_eta_and_tokens_not_v_num():
 
 
 def test_model_summary_has_no_flops_column():
-    from mlm_lightning.progress import CompactModelSummary
+    from mlm_lightning.training.progress import CompactModelSummary
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -236,7 +236,7 @@ def test_model_summary_has_no_flops_column():
 def test_on_a_gpu_logging_is_sparser_and_workers_prepare_batches():
     from jsonargparse import Namespace
 
-    from mlm_lightning.defaults import GPU_LOG_EVERY, adjusted_defaults
+    from mlm_lightning.cli.defaults import GPU_LOG_EVERY, adjusted_defaults
 
     cfg = Namespace(trainer=Namespace(accelerator="gpu", max_epochs=3, log_every_n_steps=1),
                     model=Namespace(model_name_or_path=None), data=Namespace(train_files="x.txt", num_workers=0))
@@ -251,8 +251,8 @@ def test_on_a_gpu_logging_is_sparser_and_workers_prepare_batches():
 def test_compile_with_line_by_line_pads_to_few_shapes(write, tmp_path):
     from jsonargparse import Namespace
 
+    from mlm_lightning.cli.defaults import COMPILE_PAD_MULTIPLE, adjusted_defaults
     from mlm_lightning.data import MLMDataModule
-    from mlm_lightning.defaults import COMPILE_PAD_MULTIPLE, adjusted_defaults
 
     cfg = Namespace(trainer=Namespace(accelerator="cpu", max_epochs=3), model=Namespace(compile=True),
                     data=Namespace(train_files="x.txt", line_by_line=True, pad_to_multiple_of=8))

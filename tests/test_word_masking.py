@@ -13,9 +13,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mlm_lightning.collator import MaskingCollator, check_masking, expected_span_words, mask_seed
+from mlm_lightning.data.masking import MaskingCollator, check_masking, expected_span_words
+from mlm_lightning.data.seeds import mask_seed
+from mlm_lightning.data.tokenizer import SPECIAL_TOKENS, train_wordpiece
 from mlm_lightning.errors import MLMError
-from mlm_lightning.tokenizer import SPECIAL_TOKENS, train_wordpiece
 
 SYLLABLES = ["ka", "lo", "mi", "tre", "spo", "ven", "dar", "qui", "bel", "nox", "ur", "esh"]
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mlm_lightning.errors import MLMError, check
+from mlm_lightning.model import arch
 
 log = logging.getLogger("mlm_lightning")
 
@@ -100,8 +101,8 @@ class FillMasker:
             attention[row, : len(e.ids)] = 1
         rows = torch.tensor([r for r, e in enumerate(batch) for _ in e.masks])
         cols = torch.tensor([m for e in batch for m in e.masks])
-        hidden = self.model.bert(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device))[0]
-        logits = self.model.cls(hidden[rows.to(self.device), cols.to(self.device)]).float()
+        hidden = arch.encode(self.model, input_ids.to(self.device), attention.to(self.device))
+        logits = arch.head(self.model, hidden[rows.to(self.device), cols.to(self.device)]).float()
         probs, tokens = logits.softmax(-1).topk(k or self.top_k, dim=-1)
         probs, tokens = probs.cpu(), tokens.cpu()
         out, k = [], 0

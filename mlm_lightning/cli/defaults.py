@@ -75,10 +75,3 @@ def on_gpu(accelerator) -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def pretrained_positions(name_or_path: str) -> int:
-    """The position embeddings of a pretrained model; anything that is not BERT is refused here, early."""
-    from mlm_lightning.network import bert_config
-
-    return bert_config(name_or_path).max_position_embeddings

@@ -1,13 +1,19 @@
 """`mlm-lightning COMMAND`: LightningCLI's `fit|validate|test|predict` and the commands in `COMMANDS`.
 
-Every command takes `--name value` options and `--help`. The Lightning ones are in `lightning_cli.py`; the
+Every command takes `--name value` options and `--help`. The Lightning ones are in `cli/lightning.py`; the
 others are plain typed functions (options from the signature, help from the docstring, positional
-arguments from a `*name` parameter) parsed with jsonargparse here. Any failure is one line and an exit code.
+arguments from a `*name` parameter) parsed with jsonargparse here. Any failure is one line and an exit code:
+`_describe` is the one mapping from exceptions to lines and codes, for every command.
+
+Imports of Lightning, torch and jsonargparse are inside functions on purpose: `mlm-lightning --help` and the
+dispatch must not pay for them (about 2 s); a command imports what it needs once chosen.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -30,9 +36,6 @@ def _quiet_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == "0" else logging.WARNING)
     log.propagate = False
-    from mlm_lightning.hub import quiet_transformers
-
-    quiet_transformers()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
                  "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -43,7 +46,7 @@ def _quiet_logging() -> None:
 
 
 def _early_signal_handler(signum, frame):
-    stopping = sys.modules.get("mlm_lightning.stopping")
+    stopping = sys.modules.get("mlm_lightning.training.stopping")
     if stopping is None or not stopping.GracefulStop.running:  # during a fit, GracefulStop handles signals
         raise Interrupted(signum)
 
@@ -57,10 +60,10 @@ LIGHTNING_COMMANDS = {
 }
 # The other commands: name -> "module:function" (a typed function; its docstring's first line is its help)
 COMMANDS = {
-    "fill-mask": "mlm_lightning.commands:fill_mask",
-    "export": "mlm_lightning.commands:export",
-    "plot": "mlm_lightning.commands:plot",
-    "serve": "mlm_lightning.serve:serve",
+    "fill-mask": "mlm_lightning.cli.commands:fill_mask",
+    "export": "mlm_lightning.cli.commands:export",
+    "plot": "mlm_lightning.cli.commands:plot",
+    "serve": "mlm_lightning.serve.app:serve",
 }
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
@@ -76,11 +79,18 @@ def _load_command(name: str):
 
 
 def _one_line(name: str) -> str:
+    """A command's help line: its function's docstring, read from the source without importing the module (the
+    server's module would import FastAPI and uvicorn, a second of `--help` start-up)."""
     if name in LIGHTNING_COMMANDS:
         return LIGHTNING_COMMANDS[name]
+    module, function = COMMANDS[name].split(":")
     try:
-        return (inspect.getdoc(_load_command(name)) or "").splitlines()[0].rstrip(".")
-    except (MLMError, ImportError, IndexError):
+        origin = importlib.util.find_spec(module).origin
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+        return (ast.get_docstring(node) or "").splitlines()[0].rstrip(".")
+    except (AttributeError, ImportError, OSError, StopIteration, IndexError, SyntaxError):
         return "(not available in this installation)"
 
 
@@ -129,12 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not argv or argv[0] in ("-h", "--help"):
             return print_help()
+        from mlm_lightning.hub import quiet_transformers  # (transformers: ~0.7 s, not for the help above)
+
+        quiet_transformers()
         if argv[0] in COMMANDS:
             return run_command(argv[0], argv[1:])
         check(argv[0].startswith("-") or argv[0] in LIGHTNING_COMMANDS,
               f"unknown command {argv[0]!r}; the commands are {', '.join([*LIGHTNING_COMMANDS, *COMMANDS])}"
               " (mlm-lightning --help)")
-        from mlm_lightning.lightning_cli import run_lightning_cli
+        from mlm_lightning.cli.lightning import run_lightning_cli
 
         run_lightning_cli(argv)
     except BaseException as e:  # noqa: BLE001 - every failure becomes one line and an exit code
@@ -160,7 +173,7 @@ def _describe(e: BaseException, command: str = "fit") -> tuple[int | None, str]:
     if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException):
         return None, ""
     if isinstance(e, (SIGTERMException, Interrupted, KeyboardInterrupt)):
-        stopping = sys.modules.get("mlm_lightning.stopping")
+        stopping = sys.modules.get("mlm_lightning.training.stopping")
         signum = getattr(e, "signum", None) or (stopping and stopping.GracefulStop.last_signum) or signal.SIGINT
         name = signal.Signals(signum).name
         saved = getattr(e, "last_checkpoint", None)

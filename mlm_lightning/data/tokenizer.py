@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 
+from mlm_lightning.data.seeds import uniform
 from mlm_lightning.errors import check
 from mlm_lightning.hub import load_pretrained
 
@@ -81,8 +82,6 @@ def sample_texts(reader, sample_mb: float, seed: int) -> Iterator[str]:
     of (seed, chunk index): the same corpus and seed give the same sample, spread over the whole corpus.
     The whole corpus is still read (decompressing is cheap next to training), but only the sample is kept.
     """
-    from mlm_lightning.shards import uniform
-
     cap = sample_mb * 2**20
     if reader.total_bytes <= cap:
         yield from reader

@@ -2,7 +2,8 @@
 
 `mlm_lightning.cli` turns each into a command line with jsonargparse (same `--name value` style and `--help`
 as the Lightning commands): the signature gives the options, the docstring their help, and a `*name`
-parameter the positional arguments.
+parameter the positional arguments. Each imports what it needs inside (`plot` needs no torch, a second of
+start-up).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def fill_mask(
         device: cpu, cuda or auto.
         batch_size: Sentences per forward pass.
     """
-    from mlm_lightning.export import load_model
-    from mlm_lightning.predict import FillMasker, format_text, pick_device
+    from mlm_lightning.model.checkpoint import load_model
+    from mlm_lightning.model.fill_mask import FillMasker, format_text, pick_device
 
     texts = list(sentences)
     if file:
@@ -88,7 +89,7 @@ def plot(*runs: str, out: str | None = None) -> None:
         runs: Run directories (a fit's --trainer.default_root_dir, holding lightning_logs/).
         out: The PNG to write. Default: RUN_DIR/plot.png for one run, ./plot.png for several.
     """
-    from mlm_lightning.plot import plot_runs
+    from mlm_lightning.training.plot import plot_runs
 
     check(len(runs) > 0, "plot needs a run directory: mlm-lightning plot RUN_DIR [RUN_DIR ...] [--out FILE]")
     for run in runs:

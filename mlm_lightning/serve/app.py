@@ -23,8 +23,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from mlm_lightning.batcher import Batcher
 from mlm_lightning.errors import MLMError, check
+from mlm_lightning.model.checkpoint import load_model
+from mlm_lightning.model.fill_mask import FillMasker, pick_device
+from mlm_lightning.serve.batcher import Batcher
 
 log = logging.getLogger("mlm_lightning")
 
@@ -124,7 +126,7 @@ def create_app(masker, *, model_name: str, max_batch_size: int = 32, max_wait_ms
     masker.batch_size = max_batch_size
     max_top_k = min(max_top_k, len(masker.tokenizer))
     batcher = Batcher(make_work(masker), max_batch_size, max_wait_ms / 1000)
-    page = resources.files("mlm_lightning").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("mlm_lightning").joinpath("serve/static/index.html").read_text(encoding="utf-8")
     info = {"model": model_name, "mask_token": masker.tokenizer.mask_token, "max_top_k": max_top_k,
             "max_inputs": max_inputs, "examples": EXAMPLES if examples is None else examples}
 
@@ -209,9 +211,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str = "
         examples: Example sentences the page offers (default: a few for the demo model).
         access_log: Log every request (uvicorn's access log) on stderr.
     """
-    from mlm_lightning.export import load_model
-    from mlm_lightning.predict import FillMasker, pick_device
-
     for s in (signal.SIGINT, signal.SIGTERM):  # stopped while loading: the same exit codes, nothing to clean up
         signal.signal(s, _exit_on_signal)
     check(max_batch_size >= 1 and max_inputs >= 1 and max_top_k >= 1 and max_wait_ms >= 0,

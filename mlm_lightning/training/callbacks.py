@@ -1,7 +1,7 @@
 """Callbacks that make runs observable (checkpoints: `checkpointing.py`; signals: `stopping.py`).
 
 - `ThroughputLogger`: real tokens/s, padding share and (on GPU) MFU with Lightning's `Throughput`; FLOPs from
-  `train_flops` (the model's real config).
+  `arch.train_flops` (the model's real config).
 - `JSONLPredictionWriter`: `predict` output in input order.
 """
 
@@ -16,28 +16,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
-
-def train_flops(config, seq_len: int, n_tokens: int, n_head_rows: int) -> int:
-    """Matmul FLOPs of one training step (forward + backward) of a `BertForMaskedLM` with this `config`.
-
-    Per token and layer the forward pass multiplies by the Q, K, V, O projections (4 h^2 weights) and the
-    feed-forward pair (2 h * intermediate_size weights): 2 FLOPs per weight (multiply + add); attention adds
-    scores (QK^T) and values (AV), 2 * 2 * seq_len * h. The MLM head (transform h^2 + decoder h * vocab) runs
-    on `n_head_rows` rows: the masked positions with `sparse_head`, every position without. Embeddings are
-    lookups (no FLOPs) and `BertForMaskedLM` has no pooler. The backward pass costs twice the forward
-    (gradients of inputs and of weights), so training = 3 x forward (the usual 6 x parameters per token).
-    Softmax, LayerNorm and GELU are not matmuls and are left out, as in MFU figures elsewhere.
-
-    Args:
-        config: A `BertConfig` (hidden_size, intermediate_size, num_hidden_layers, vocab_size).
-        seq_len: The (padded) sequence length the attention runs over.
-        n_tokens: Tokens through the encoder.
-        n_head_rows: Rows through the MLM head.
-    """
-    h, layers = config.hidden_size, config.num_hidden_layers
-    per_token_layer = 2 * (4 * h * h + 2 * h * config.intermediate_size) + 2 * 2 * seq_len * h
-    head_row = 2 * (h * h + h * config.vocab_size)
-    return 3 * (n_tokens * layers * per_token_layer + n_head_rows * head_row)
+from mlm_lightning.model.arch import train_flops
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:

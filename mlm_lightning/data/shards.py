@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 
+from mlm_lightning.data.seeds import val_lines
 from mlm_lightning.errors import check
 
 FORMAT_VERSION = 2
@@ -47,39 +48,6 @@ FILES = {"tokens": None, "word_starts": np.uint8, "offsets": np.int64}
 
 def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 2**16 else np.uint32
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer on uint64 arrays (wrapping arithmetic): a cheap, well-mixed seeded hash."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def uniform(seed: int, index) -> np.ndarray:
-    """A seeded uniform draw in [0, 1) per index: a pure function of (seed, index)."""
-    with np.errstate(over="ignore"):
-        k = np.asarray(index).astype(np.uint64)
-        h = _mix(k + np.uint64(seed & (2**64 - 1)) * np.uint64(0x9E3779B97F4A7C15))
-    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53
-
-
-def val_lines(seed: int, start: int, count: int, fraction: float) -> np.ndarray:
-    """Which of lines `start .. start+count-1` (indices in the corpus stream) are validation lines.
-
-    The stream is cut into blocks of 1/fraction lines and one seeded position per block is held out: a pure
-    function of (seed, line index), decided before tokenizing, that holds out almost exactly `fraction` of
-    any corpus (Bernoulli draws would leave a small corpus with none) and spreads them over the whole corpus.
-    """
-    i = np.arange(start, start + count, dtype=np.int64)
-    if fraction <= 0 or count == 0:
-        return np.zeros(count, dtype=bool)
-    block = 1.0 / fraction
-    out = np.zeros(count, dtype=bool)
-    for k in (np.floor(i / block).astype(np.int64), np.floor(i / block).astype(np.int64) + 1):
-        out |= np.floor(k * block + uniform(seed, k) * block).astype(np.int64) == i
-    return out
 
 
 def _batches(texts: Iterator[str]) -> Iterator[list[str]]:

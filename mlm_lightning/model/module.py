@@ -1,4 +1,4 @@
-"""`MLMModule`: a `transformers.BertForMaskedLM` trained with Lightning.
+"""`MLMModule`: a Hugging Face masked-LM (`BertForMaskedLM`) trained with Lightning.
 
 The network is built in `configure_model()`, after the data module has produced the tokenizer (whose
 vocabulary may have just been trained on the corpus). The MLM head and the loss run only at masked
@@ -17,9 +17,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from mlm_lightning.data.tokenizer import tokenizer_files
 from mlm_lightning.errors import NonFiniteLossError, check
-from mlm_lightning.network import load_bert, new_bert
-from mlm_lightning.tokenizer import tokenizer_files
+from mlm_lightning.model import arch, checkpoint
+from mlm_lightning.model.fill_mask import FillMasker
 
 
 class MLMModule(L.LightningModule):
@@ -90,7 +91,7 @@ class MLMModule(L.LightningModule):
             self.tokenizer = self.trainer.datamodule.load_tokenizer()
         check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule or set .tokenizer")
         # from_pretrained() returns eval mode and Lightning keeps module modes: train (dropout on) explicitly
-        self.model = build_model(self.hparams, self.tokenizer).train()
+        self.model = arch.build(self.hparams, self.tokenizer).train()
         if not self.hparams.model_name_or_path and self._trainer is not None and self.trainer.datamodule is not None:
             # a new model only ever saw max_length positions: exported tokenizers truncate there
             self.tokenizer.model_max_length = self.trainer.datamodule.hparams.max_length
@@ -98,16 +99,16 @@ class MLMModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100)
         self.val_ppl = Perplexity(ignore_index=-100)
         if self.hparams.compile:
-            self.model.bert.compile(dynamic=None)
+            arch.compile_encoder(self.model)
 
     # -- steps ------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and labels at the masked positions only (sparse) or everywhere (dense, -100 elsewhere)."""
-        hidden = self.model.bert(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
+        hidden = arch.encode(self.model, batch["input_ids"], batch.get("attention_mask"))
         if self.hparams.sparse_head:
             hidden = hidden.flatten(0, 1).index_select(0, batch["masked_positions"])
-            return self.model.cls(hidden), batch["masked_labels"]
-        return self.model.cls(hidden).flatten(0, 1), batch["labels"].flatten()
+            return arch.head(self.model, hidden), batch["masked_labels"]
+        return arch.head(self.model, hidden).flatten(0, 1), batch["labels"].flatten()
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
         logits, labels = self(batch)
@@ -200,8 +201,6 @@ class MLMModule(L.LightningModule):
         return self._shared_step(batch, "test")
 
     def predict_step(self, batch: list[tuple[int, str]], batch_idx: int) -> list[dict]:
-        from mlm_lightning.predict import FillMasker
-
         indices, texts = zip(*batch, strict=True)
         masker = FillMasker(self.model, self.tokenizer, self.device, self.top_k, len(texts))
         results = masker(list(texts), joint=self.joint, indices=list(indices))
@@ -211,12 +210,8 @@ class MLMModule(L.LightningModule):
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
 
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(param)
         h = self.hparams
-        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = arch.decay_groups(self.model, h.weight_decay)
         fused = self.device.type == "cuda" or None
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -231,15 +226,14 @@ class MLMModule(L.LightningModule):
         if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
-    # -- checkpoints carry the architecture and tokenizer (any .ckpt exports on its own) and each process's
-    #    RNG state that drives dropout (a resumed run draws the same dropout masks as an uninterrupted one) ---
+    # -- checkpoints carry the architecture and tokenizer and each process's RNG state (`checkpoint.py`) --------
     def _rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":  # this process's own device only
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
+    def on_save_checkpoint(self, ckpt: dict) -> None:
         if self._tokenizer_files is None:
             self._tokenizer_files = tokenizer_files(self.tokenizer)
         states = [self._rng_state()]
@@ -249,14 +243,10 @@ class MLMModule(L.LightningModule):
             states = [None] * self.trainer.world_size
             dist.all_gather_object(states, self._rng_state())
             states = [{k: v.cpu() for k, v in s.items()} for s in states]
-        checkpoint["mlm_lightning"] = {
-            "bert_config": self.model.config.to_dict(),
-            "tokenizer_files": self._tokenizer_files,
-            "rng": states,  # one entry per process, by global rank
-        }
+        checkpoint.write_payload(ckpt, self.model.config, self._tokenizer_files, states)
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("mlm_lightning", {}).get("tokenizer_files", {}).get("tokenizer.json")
+    def on_load_checkpoint(self, ckpt: dict) -> None:
+        saved = checkpoint.saved_tokenizer_json(ckpt)
         if saved is not None and self.tokenizer is not None:
             # (runs before the weights are loaded, so a mismatch never surfaces as a tensor-shape error)
             check(
@@ -267,8 +257,7 @@ class MLMModule(L.LightningModule):
             )
         if self._trainer is None or self.trainer.state.fn != "fit":
             return
-        states = checkpoint.get("mlm_lightning", {}).get("rng") or []
-        states = [states] if isinstance(states, dict) else states  # (checkpoints of mlm-lightning 0.1)
+        states = checkpoint.saved_rng_states(ckpt)
         world = self.trainer.world_size
         if len(states) != world:
             rank_zero_warn(
@@ -280,22 +269,6 @@ class MLMModule(L.LightningModule):
         torch.set_rng_state(state["torch"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
-
-
-def build_model(hparams, tokenizer):
-    """A `BertForMaskedLM` from `model_name_or_path` (BERT only), or from scratch with the sizes in `hparams`."""
-    vocab = len(tokenizer)
-    if hparams.model_name_or_path:
-        model = load_bert(hparams.model_name_or_path)
-        check(
-            vocab <= model.config.vocab_size,
-            f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}; use the model's"
-            " own tokenizer (leave --data.tokenizer unset)",
-        )
-        return model
-    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "max_position_embeddings", "dropout")
-    return new_bert(vocab, tokenizer.pad_token_id, **{k: hparams[k] for k in sizes})
 
 
 def _vocab(tokenizer_json: str) -> dict:

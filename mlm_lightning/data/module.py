@@ -1,33 +1,32 @@
 """`MLMDataModule`: corpus -> tokenizer -> cached token stream -> examples -> masked batches.
 
 The corpus is streamed through the tokenizer once into a flat token stream (every line followed by [SEP]),
-word starts and line offsets, written to disk shard by shard (`shards.py`, bounded memory) and memory-mapped.
-Both ways of forming examples are O(1) views of that stream, so one cache serves every `max_length`:
+word starts and line offsets, written to disk shard by shard (`shards`, bounded memory) into the cache
+(`cache`) and memory-mapped. Both ways of forming examples are O(1) views of that stream, so one cache serves
+every `max_length`:
 - `line_by_line`: one line per example, truncated to `max_length`, batched by similar length;
 - packed (default): the stream cut into `max_length` blocks, each starting with [CLS]; no padding at all.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
-import threading
 
 import lightning as L
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from mlm_lightning import corpus, shards
-from mlm_lightning.collator import MaskingCollator, check_masking, mask_seed
-from mlm_lightning.errors import MLMError, check
-from mlm_lightning.sampling import BatchPlan, ResumableDataLoader
-from mlm_lightning.tokenizer import (
+from mlm_lightning.data import corpus
+from mlm_lightning.data.cache import CACHE_VERSION, TokenStream, build_cache, default_cache_dir
+from mlm_lightning.data.distributed import together
+from mlm_lightning.data.masking import MaskingCollator, check_masking
+from mlm_lightning.data.sampling import BatchPlan, ResumableDataLoader
+from mlm_lightning.data.seeds import mask_seed
+from mlm_lightning.data.tokenizer import (
     load_tokenizer,
     sample_texts,
     save_tokenizer_files,
@@ -35,44 +34,9 @@ from mlm_lightning.tokenizer import (
     tokenizer_fingerprint,
     train_wordpiece,
 )
+from mlm_lightning.errors import check
 
 log = logging.getLogger("mlm_lightning")
-CACHE_VERSION = shards.FORMAT_VERSION
-CHECK_IN_S = 5.0  # processes waiting for another one's data preparation check in this often
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("MLM_LIGHTNING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mlm-lightning")
-
-
-class TokenStream:
-    """A split of the corpus: `tokens`, `word_starts` (1 on each word's first piece) and `offsets`
-    (line i is tokens[offsets[i]:offsets[i+1]], its last token [SEP]), memory-mapped from the cache.
-
-    Pickling (DataLoader workers, fork or spawn) sends the directory, never the arrays: each worker
-    re-opens the memory maps, so no worker holds a copy of the corpus.
-    """
-
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, word_starts: np.ndarray | None = None,
-                 source: tuple[str, str] | None = None):
-        self.tokens, self.offsets, self.source = tokens, offsets, source
-        self.word_starts = word_starts if word_starts is not None else np.ones(len(tokens), np.uint8)
-
-    @classmethod
-    def load(cls, directory: str, split: str) -> TokenStream:
-        tokens, word_starts, offsets = shards.open_split(directory, split)
-        return cls(tokens, offsets, word_starts, source=(directory, split))
-
-    def __getstate__(self) -> dict:
-        if self.source is None:
-            return self.__dict__
-        return {"source": self.source}
-
-    def __setstate__(self, state: dict) -> None:
-        if set(state) == {"source"}:
-            self.__dict__.update(TokenStream.load(*state["source"]).__dict__)
-        else:
-            self.__dict__.update(state)
 
 
 class MLMDataset(Dataset):
@@ -116,93 +80,6 @@ class MLMDataset(Dataset):
                 "mask_seed": mask_seed(self.seed, epoch, i)}
 
 
-def build_cache(
-    directory: str, tokenizer, train_paths: list[str], val_paths: list[str] | None, text_column: str,
-    val_fraction: float, val_max_lines: int, seed: int, progress: bool = True, shard_chars: int = shards.SHARD_CHARS,
-    workers: int | None = None,
-) -> dict:
-    """Tokenize the corpus into `directory` (see `shards`): resumable, and all-or-nothing for `directory`.
-
-    `workers`: encoding processes; default one per core for corpora over `shards.PROCESS_MIN_BYTES` (starting
-    them costs about a second), else encoding in this process.
-
-    One process at a time per cache directory (a file lock beside it): jobs started together on one corpus, a sweep
-    say, would otherwise tokenize it each, and the first to finish would remove the work area the others still read.
-    The lock is the OS's (released if the holder dies), so a crashed run never blocks the next one.
-    """
-    os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
-    # (the lock file stays: removing a file others may hold is a race; no "soft" lock-file fallback either: a
-    # crashed run would leave it behind and block every later one)
-    lock = FileLock(f"{directory}.lock", fallback_to_soft=False)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("another process is tokenizing this corpus into %s; waiting for it", directory)
-        lock.acquire()
-    except (NotImplementedError, OSError) as e:  # a filesystem without flock (some network mounts)
-        log.warning("cannot lock %s (%s): tokenizing without a lock; start one job on this corpus first",
-                    directory, e)
-        lock = None
-    try:
-        if os.path.isdir(directory):  # it finished while we waited
-            with open(os.path.join(directory, "meta.json")) as f:
-                return json.load(f)
-        return _tokenize_into(directory, tokenizer, train_paths, val_paths, text_column, val_fraction, val_max_lines,
-                              seed, progress, shard_chars, workers)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _tokenize_into(
-    directory: str, tokenizer, train_paths: list[str], val_paths: list[str] | None, text_column: str,
-    val_fraction: float, val_max_lines: int, seed: int, progress: bool = True, shard_chars: int = shards.SHARD_CHARS,
-    workers: int | None = None,
-) -> dict:
-    """`build_cache` without the lock."""
-    partial = f"{directory}.partial"
-    os.makedirs(partial, exist_ok=True)
-    readers = [("train", corpus.CorpusReader(train_paths, text_column))]
-    if val_paths is not None:
-        readers.append(("val", corpus.CorpusReader(val_paths, text_column)))
-    total = sum(r.total_bytes for _, r in readers)
-    if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = cores if total >= shards.PROCESS_MIN_BYTES else 1
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing", disable=not progress,
-               mininterval=1.0, smoothing=0.1)
-    with bar:
-        base = 0
-        for phase, reader in readers:
-            def update(reader=reader, base=base):
-                bar.update(base + reader.bytes_done() - bar.n)
-
-            fraction = 1.0 if phase == "val" else (0.0 if val_paths is not None else val_fraction)
-            shards.tokenize_phase(reader, tokenizer, partial, phase, val_fraction=fraction,
-                                  val_max_lines=val_max_lines, seed=seed, shard_chars=shard_chars, on_batch=update,
-                                  workers=workers)
-            base += reader.total_bytes
-            bar.update(base - bar.n)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=f".{os.path.basename(directory)}-")
-    try:  # joined aside and renamed: a cache directory that exists is complete
-        meta = shards.join_shards(partial, [p for p, _ in readers], tmp, len(tokenizer))
-        n_train, n_val = meta["train_lines"], meta["val_lines"]
-        check(n_train + (n_val if val_paths is None else 0) > 0, "the training files contain no text; add text to them")
-        if val_paths is None:
-            check(
-                n_val > 0 and n_train > 0,
-                f"the corpus has {n_train + n_val} lines, too few for a {val_fraction} validation split;"
-                " add text, raise --data.val_fraction or pass --data.val_files",
-            )
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            if not os.path.isdir(directory):  # a concurrent writer may have won the rename
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shards.remove_shards(partial, [p for p, _ in readers])  # our own work area, now joined into `directory`
-    return meta
 
 
 class MLMDataModule(L.LightningDataModule):
@@ -273,7 +150,6 @@ class MLMDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        check(0 < mlm_probability < 1, f"mlm_probability must be in (0, 1), got {mlm_probability}; e.g. 0.15")
         check(
             0 <= mask_replace_prob and 0 <= random_replace_prob and mask_replace_prob + random_replace_prob <= 1,
             f"mask_replace_prob + random_replace_prob must be at most 1 and neither negative, got "
@@ -289,7 +165,7 @@ class MLMDataModule(L.LightningDataModule):
         )
         check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
         check(pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        check_masking(masking, mlm_probability, mean_span_length)
+        check_masking(masking, mlm_probability, mean_span_length)  # (mlm_probability too)
         check(val_max_lines >= 1, f"val_max_lines must be at least 1, got {val_max_lines}")
         check(tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {tokenizer_sample_mb}")
         self.cache_dir = cache_dir or default_cache_dir()
@@ -403,52 +279,15 @@ class MLMDataModule(L.LightningDataModule):
         loads or trains the tokenizer and sends its files to every process, which keeps them in its node's
         cache (node-local or shared alike). Then global rank 0 tokenizes, and afterwards the first process of
         each node whose cache does not have the result yet (node-local caches)."""
-        import torch.distributed as dist
-
         strategy = trainer.strategy
-
-        def together(work):
-            """Run `work` here, then raise on every process the first error any process had: a process that
-            failed alone would leave the others waiting in the next collective (torchrun kills no one).
-
-            `work` runs in a thread while every process checks in every few seconds: tokenizing a big corpus on
-            rank 0 can take longer than the process group's timeout (30 min by default), which one long gather
-            on the waiting processes would hit."""
-            box: dict = {}
-
-            def run():
-                try:
-                    box["result"] = work()
-                except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
-                    box["error"] = e
-
-            thread = threading.Thread(target=run, name="mlm-lightning-data", daemon=True)
-            thread.start()
-            busy = [True]
-            while any(busy):  # every process leaves this loop at the same check-in
-                thread.join(timeout=CHECK_IN_S)
-                busy = [None] * trainer.world_size
-                dist.all_gather_object(busy, thread.is_alive())
-            error = box.get("error")
-            if error is None or isinstance(error, MLMError):
-                message = None if error is None else str(error)
-            else:
-                message = f"process {trainer.global_rank} failed preparing the data: {type(error).__name__}: {error}"
-            errors = [None] * trainer.world_size
-            dist.all_gather_object(errors, message)
-            if error is not None and not isinstance(error, MLMError):
-                raise error  # this process's own failure, with its traceback
-            check(not any(errors), next((e for e in errors if e), ""))
-            return box.get("result")
-
         if not self.hparams.tokenizer:
-            files = together(lambda: tokenizer_files(self.load_tokenizer(train_if_missing=True))
+            files = together(trainer, lambda: tokenizer_files(self.load_tokenizer(train_if_missing=True))
                              if trainer.is_global_zero else None)
             files = strategy.broadcast(files, src=0)
             if not trainer.is_global_zero:
                 self.tokenizer = self._received_tokenizer(files)
         prints = [None] * trainer.world_size
-        dist.all_gather_object(prints, together(lambda: tokenizer_fingerprint(self.load_tokenizer())))
+        dist.all_gather_object(prints, together(trainer, lambda: tokenizer_fingerprint(self.load_tokenizer())))
         check(
             len(set(prints)) == 1,
             f"the processes have different vocabularies (fingerprints by process: {', '.join(prints)}); give every"
@@ -458,7 +297,8 @@ class MLMDataModule(L.LightningDataModule):
             return
         for first in (trainer.is_global_zero, trainer.local_rank == 0 and not trainer.is_global_zero):
             # (the gather in `together` is also the barrier: the others wait until this turn's cache exists)
-            together(lambda first=first: self._build_cache() if first and not os.path.isdir(self._data_dir()) else None)
+            together(trainer, lambda first=first: self._build_cache()
+                     if first and not os.path.isdir(self._data_dir()) else None)
 
     def _received_tokenizer(self, files: dict[str, str]):
         target = self._tokenizer_dir()

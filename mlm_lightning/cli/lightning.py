@@ -1,0 +1,234 @@
+"""LightningCLI subcommands `fit|validate|test|predict` on `MLMModule` + `MLMDataModule`.
+
+Every option of `MLMModule` (`--model.*`), `MLMDataModule` (`--data.*`), the Lightning `Trainer`
+(`--trainer.*`) and `MLMCheckpoint` (`--checkpoint.*`) comes from their typed signatures; docstrings are
+the `--help`. Inputs are validated before the Trainer is built; a bad one is a single line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu
+from mlm_lightning.data import MLMDataModule
+from mlm_lightning.errors import MLMError, check
+from mlm_lightning.export import check_export_dir, save_hf
+from mlm_lightning.model import MLMModule
+from mlm_lightning.model.arch import usable_positions
+from mlm_lightning.model.checkpoint import check_checkpoint_path, load_checkpoint
+from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
+from mlm_lightning.training.checkpointing import AtomicCheckpointIO, MLMCheckpoint
+from mlm_lightning.training.plot import metrics_files, plot_runs
+from mlm_lightning.training.progress import CompactModelSummary, RunReport, duration, progress_bar
+from mlm_lightning.training.stopping import GracefulStop
+
+log = logging.getLogger("mlm_lightning")
+
+
+class MLMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(MLMCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(JSONLPredictionWriter, "prediction_writer")
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="fit: where the best model is exported in Hugging Face format"
+                            " (default: <trainer.default_root_dir>/export)")
+
+    def parse_arguments(self, parser, args) -> None:
+        # Defaults that depend on other options (see defaults.py) are applied right after parsing.
+        # `--print_config` prints inside jsonargparse's parse, before any LightningCLI hook, so it is
+        # held back and asked for again with the adjusted values appended as explicit options.
+        printing = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
+        plain = [a for a in args if a not in printing]
+        super().parse_arguments(parser, plain)
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        try:
+            given = parser.parse_args(plain, defaults=False)[sub]
+            changes = adjusted_defaults(self.config[sub], given, usable_positions)
+        except ArgumentError:  # cannot tell what the user set: change nothing rather than override them
+            log.warning("could not tell which options were set; no defaults adjusted (see --print_config)")
+            changes = {}
+        for key, (value, _) in changes.items():
+            self.config[sub][key] = value
+        if changes and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+            log.info("defaults for this run: %s; set them to change", ", ".join(
+                f"--{k} {'null' if v is None else v} ({why})" for k, (v, why) in changes.items()))
+        if printing:
+            super().parse_arguments(parser, args + [f"--{k}={json.dumps(v)}" for k, (v, _) in changes.items()])
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before any other hook: check it first
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and ckpt not in ("last", "best", "hpc"):
+            check_checkpoint_path(ckpt)
+            strategy = str(self.config[subcommand].trainer.strategy).lower()
+            check(
+                not os.path.isdir(ckpt) or "fsdp" in strategy or "deepspeed" in strategy,
+                f"{ckpt!r} is a sharded checkpoint directory: resume it with the strategy that wrote it"
+                " (--trainer.strategy fsdp or deepspeed), or turn it into a model with mlm-lightning export",
+            )
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        trainer, data, model = cfg.trainer, cfg.data, cfg.model
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = os.path.join(trainer.default_root_dir or ".", "checkpoints")
+        if data.tokenizer is None and model.model_name_or_path:
+            data.tokenizer = model.model_name_or_path
+        _check_accelerator(trainer.accelerator, trainer.devices)
+        positions = usable_positions(model.model_name_or_path) if model.model_name_or_path else \
+            model.max_position_embeddings
+        check(
+            data.max_length <= positions,
+            f"max_length {data.max_length} is beyond the model's {positions} position embeddings;"
+            f" use --data.max_length {positions} or less",
+        )
+
+    def instantiate_trainer(self, **kwargs):
+        # our progress bar and model summary stand in for Lightning's defaults, unless the user chose
+        # their own or turned them off (Lightning refuses a bar callback with enable_progress_bar false)
+        cfg = self._get(self.config_init, "trainer", default={})
+        chosen = cfg.get("callbacks") or []
+        extra = []
+        if cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
+            extra.append(progress_bar(refresh_rate=10 if on_gpu(cfg.get("accelerator")) else 1))
+        if cfg.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in chosen):
+            extra.append(CompactModelSummary())
+        self.trainer_defaults["callbacks"] = extra
+        if cfg.get("logger") in (None, True):  # Lightning's default is TensorBoard when it is installed; the
+            # CSV log (metrics.csv, the plot's source) stays
+            kwargs.setdefault("logger", CSVLogger(cfg.get("default_root_dir") or "."))
+        trainer = super().instantiate_trainer(**kwargs)
+        # after the checkpoint callback (Lightning puts it last at init): GracefulStop asks it to save
+        trainer.callbacks += [ThroughputLogger(), RunReport(), GracefulStop()]
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_fit(self) -> None:
+        self.fit_started = time.perf_counter()
+        trainer = self.trainer
+        check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
+        last = trainer.checkpoint_callback.last_path()
+        check(
+            self.config[self.subcommand].get("ckpt_path") is not None or not os.path.exists(last),
+            f"{last} is another run's checkpoint and a new fit would overwrite it: resume it with"
+            " --ckpt_path last, or pick another --trainer.default_root_dir",
+        )
+        log.info(
+            "training on %s: %d process%s (%d node%s x %d device%s), precision %s; checkpoints in %s",
+            trainer.accelerator.__class__.__name__.removesuffix("Accelerator").lower(), trainer.world_size,
+            "es" if trainer.world_size > 1 else "", trainer.num_nodes, "s" if trainer.num_nodes > 1 else "",
+            trainer.num_devices, "s" if trainer.num_devices > 1 else "", trainer.precision,
+            trainer.checkpoint_callback.dirpath,
+        )
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero or trainer.global_step == 0:
+            return
+        report = next((c for c in trainer.callbacks if isinstance(c, RunReport)), None)
+        if report is not None and report.start_time is not None:
+            log.info("fit done in %s: %s", duration(time.perf_counter() - self.fit_started), report.summary())
+        history = getattr(self.model, "val_ppl_history", [])
+        if history:
+            best = min(history, key=lambda h: h[1])
+            log.info("val/ppl: %.1f (step %d) -> %.1f (step %d), best %.1f (step %d)", history[0][1],
+                     history[0][0], history[-1][1], history[-1][0], best[1], best[0])
+        self._export_best()
+        root = trainer.default_root_dir
+        dirs = [lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)]
+        if dirs:
+            log.info("logs: %s", ", ".join(dirs))
+        self._plot(root)
+
+    def _export_dir(self) -> str:
+        return self.config[self.subcommand].export_dir or os.path.join(self.trainer.default_root_dir, "export")
+
+    def _run_dirs(self) -> tuple[str, ...]:
+        """What an export must never contain: the run's checkpoints and logs."""
+        dirs = [self.trainer.checkpoint_callback.dirpath]
+        for logger in self.trainer.loggers:
+            dirs += [getattr(logger, "root_dir", None), getattr(logger, "log_dir", None)]
+        return tuple(str(d) for d in dirs if d)
+
+    def _export_best(self) -> None:
+        trainer = self.trainer
+        ckpt_cb = trainer.checkpoint_callback
+        best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+        log.info("checkpoints: %s", ckpt_cb.dirpath)
+        if best and os.path.exists(best):
+            model, tokenizer = load_checkpoint(best)
+            path = save_hf(model, tokenizer, self._export_dir(), self._run_dirs())
+            which = "best" if ckpt_cb.best_model_path else "last (no validation ran)"
+            log.info("%s checkpoint: %s", which, best)
+            log.info("exported that model (Hugging Face format) to %s", path)
+            print(path)
+
+    def _plot(self, root: str) -> None:
+        if not metrics_files(root):
+            log.info("plot: none (no CSV log in %s/lightning_logs; draw one with mlm-lightning plot)", root)
+            return
+        try:
+            log.info("plot: %s", plot_runs([root], os.path.join(root, "plot.png")))
+        except MLMError as e:  # e.g. a user's own plot.png in the way: the fit itself succeeded
+            log.warning("plot not written: %s", e)
+
+
+def _check_accelerator(accelerator, devices) -> None:
+    name = str(accelerator).lower()
+    if name in ("gpu", "cuda"):
+        check(
+            torch.cuda.is_available(),
+            f"--trainer.accelerator {name} was asked for but this machine has no usable CUDA GPU"
+            f" (torch {torch.__version__}); use --trainer.accelerator cpu (or auto)",
+        )
+        if isinstance(devices, int) and devices > 0:
+            count = torch.cuda.device_count()
+            check(devices <= count, f"--trainer.devices {devices} but only {count} GPU(s) are visible")
+    if name == "mps":
+        check(torch.backends.mps.is_available(), "--trainer.accelerator mps asked for but MPS is not available")
+
+
+def run_lightning_cli(argv: list[str]) -> None:
+    try:
+        MLMCLI(
+            MLMModule,
+            MLMDataModule,
+            args=argv,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+            trainer_defaults={
+                "default_root_dir": "runs",
+                "max_epochs": CORPUS_EPOCHS,  # the offline demo gets its 60 from defaults.py (or its config)
+                "log_every_n_steps": 1,  # short runs log too; the loss is synced every step anyway (NaN check)
+                "gradient_clip_val": 1.0,
+                "use_distributed_sampler": False,  # our BatchPlan shards batches across processes itself
+            },
+        )
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the process group while the interpreter is whole (Lightning does so only for NCCL, at exit).
+
+    A gloo group left to interpreter finalization sometimes aborts the process ("terminate called without an active
+    exception", exit -6: pytorch/pytorch#190489): a two-process CPU fit that had finished its work failed so in CI.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
