@@ -1,15 +1,240 @@
-"""Test-only callbacks, importable by class path from the CLI (`--trainer.callbacks+=tests.helpers.X`)."""
+"""What the tests share: tiny models and corpora, the fit-argument builder, metric readers, a server process, and
+test-only callbacks importable by class path from the CLI (`--trainer.callbacks+=tests.helpers.X`).
 
+Test modules import from here (and fixtures come from conftest.py); no test module imports another.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
 import os
+import random
+import re
 import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
-from mlm_lightning.model import arch
+from mlm_lightning.cli.main import main
+from mlm_lightning.data import shards
+from mlm_lightning.data.tokenizer import SPECIAL_TOKENS, train_wordpiece
+from mlm_lightning.export import save_hf
+from mlm_lightning.model import MLMModule, arch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a tiny BERT that trains in seconds on 2 CPU cores; with dropout, so exact-resume tests cover its RNG
+TINY_MODEL = [
+    "--model.hidden_size", "32", "--model.num_hidden_layers", "2", "--model.num_attention_heads", "2",
+    "--model.intermediate_size", "64", "--model.max_position_embeddings", "64", "--model.dropout", "0.1",
+]
+TINY_DATA = ["--data.max_length", "32", "--data.batch_size", "8", "--data.vocab_size", "300"]
+
+SUBJECTS = ["the cat", "the dog", "a bird", "my friend", "the teacher", "our neighbour"]
+VERBS = ["sees", "likes", "finds", "follows", "helps", "calls"]
+OBJECTS = ["the ball", "a tree", "the river", "a small house", "the old car", "the red door"]
 
 
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} ." for _ in range(n)]
+
+
+# -- running the CLI -------------------------------------------------------------------------------------------
+def run_cli(*args: str) -> int:
+    """Run `mlm-lightning ARGS` in this process; returns the exit code."""
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return 0 if e.code is None else int(e.code)
+    return 0
+
+
+# the sizes of `module`'s tiny BERT (no dropout: unit tests compare exact values)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, dropout=0.0)
+
+
+def fit_args(corpus: str, root, *extra: str) -> list[str]:
+    """`fit` of the tiny model on `corpus` into `root` on the CPU, logging every step, no bar or summary."""
+    return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.accelerator", "cpu",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1", *extra]
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of `mlm-lightning ARGS` in a new process."""
+    return [sys.executable, "-m", "mlm_lightning.cli", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- reading a run ---------------------------------------------------------------------------------------------
+def metric_rows(root) -> list[dict]:
+    """Every row of every `metrics.csv` under `root/lightning_logs`, in version order."""
+    rows = []
+    for f in sorted(glob.glob(f"{root}/lightning_logs/*/metrics.csv")):
+        with open(f) as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def metric(root, key: str) -> dict[int, float]:
+    """{step: value} of one logged metric (e.g. `train/loss`)."""
+    return {int(r["step"]): float(r[key]) for r in metric_rows(root) if r.get(key)}
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def state(root, name: str = "last.ckpt") -> dict:
+    return torch.load(f"{root}/checkpoints/{name}", weights_only=True)
+
+
+# -- tiny models -----------------------------------------------------------------------------------------------
+def module(tokenizer, **kw):
+    """A tiny `MLMModule` built on `tokenizer`, its weights seeded (unit tests of the LightningModule)."""
+    torch.manual_seed(0)
+    m = MLMModule(**{**TINY, **kw})
+    m.tokenizer = tokenizer
+    m.configure_model()
+    return m
+
+
+def tiny_model(tmp: Path, mask_token: str | None = None) -> str:
+    """A random tiny BERT (vocab ~200, 24-token tokenizer limit) exported in Hugging Face format."""
+    tok = train_wordpiece(sentences(300), str(tmp / "tok"), 200, 24)
+    if mask_token:  # a tokenizer whose own mask token is not [MASK] (like RoBERTa's <mask>)
+        tok.add_special_tokens({"mask_token": mask_token})
+    m = MLMModule(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=64)
+    m.tokenizer = tok
+    torch.manual_seed(0)
+    m.configure_model()
+    return save_hf(m.model.eval(), tok, str(tmp / "export"))
+
+
+class Server:
+    """`mlm-lightning serve --port 0 ...` in its own process, started in `cwd`; stderr is collected."""
+
+    def __init__(self, model: str, cwd: Path, *args: str):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlm_lightning.cli", "serve", "--model", model, "--port", "0", *args],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()  # drain stderr so the server never blocks on it
+        if not self.ready.wait(120) or self.proc.poll() is not None:
+            self.proc.kill()
+            raise RuntimeError("the server did not start:\n" + self.log)
+        self.url = re.search(r"http://[^ ]+", next(x for x in self.lines if "serving" in x)).group(0)
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "serving" in line:
+                self.ready.set()
+        self.ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10) -> tuple[int, float]:
+        """Send `signum`; (exit code, seconds until the process was gone)."""
+        start = time.monotonic()
+        self.proc.send_signal(signum)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        return code, time.monotonic() - start
+
+
+def post(url: str, body, path: str = "/api/fill-mask", raw: bool = False) -> tuple[int, object]:
+    """POST JSON (or raw bytes) -> (status, decoded JSON body)."""
+    data = body if raw else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url + path, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def assert_same_candidates(ours: list[dict], expected: list[dict], tol: float = 1e-4) -> None:
+    """One mask's candidates: the same scores (within `tol`), keys, tokens and sequences, rank by rank.
+
+    Two candidates whose scores are within float noise (a random model has near ties) may come in either order,
+    depending on the shapes of the matmuls; they are compared as a set."""
+    assert len(ours) == len(expected)
+    assert all(set(c) == {"score", "token", "token_str", "sequence"} for c in ours)
+    for a, b in zip(ours, expected, strict=True):
+        assert abs(a["score"] - b["score"]) < tol, (a, b)
+    def key(c):
+        return (c["token"], c["token_str"], c["sequence"])
+
+    rank = 0
+    while rank < len(ours):  # group ranks whose expected scores tie within 1e-6
+        end = rank + 1
+        while end < len(ours) and abs(expected[end]["score"] - expected[end - 1]["score"]) < 1e-6:
+            end += 1
+        assert sorted(map(key, ours[rank:end])) == sorted(map(key, expected[rank:end])), (ours, expected)
+        rank = end
+
+
+def assert_same_answer(ours, expected) -> None:
+    """A pipeline answer for one text: a list of candidates (one mask) or a list of those (several)."""
+    if expected and isinstance(expected[0], list):
+        assert isinstance(ours[0], list) and len(ours) == len(expected)
+        for a, b in zip(ours, expected, strict=True):
+            assert_same_candidates(a, b)
+    else:
+        assert_same_candidates(ours, expected)
+
+
+def bpe_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (no `##` pieces) with BERT's special tokens, trained on `texts`."""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+# -- test-only callbacks ---------------------------------------------------------------------------------------
 class SignalAt(Callback):
     """Send this process a signal after optimizer step `step` (simulates a preemption or Ctrl-C)."""
 
@@ -99,8 +324,6 @@ class SlowTokenization(Callback):
     """Make tokenizing the corpus take `seconds` longer (patched when the callback is made: before data setup)."""
 
     def __init__(self, seconds: float = 10.0):
-        from mlm_lightning.data import shards
-
         real = shards.tokenize_phase
 
         def slow(*args, **kwargs):

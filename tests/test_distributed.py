@@ -10,7 +10,6 @@ import glob
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,26 +17,9 @@ import time
 import pytest
 import torch
 
-from tests.conftest import TINY_DATA, TINY_MODEL, sentences
-from tests.test_reliability import losses
+from tests.helpers import cli, fit_args, free_port, metric, sentences
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fit_args(corpus, root, *extra):
-    return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.accelerator", "cpu",
-            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1", *extra]
-
-
-def cli(*args):
-    return [sys.executable, "-m", "mlm_lightning.cli", *args]
 
 
 def weights(root):
@@ -95,7 +77,7 @@ def test_ddp_interrupt_then_resume_is_exact_with_a_dropout_stream_per_process(co
     proc = subprocess.Popen(cli(*fit_args(corpus, root, *ddp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(losses(root)) < 6 and proc.poll() is None:
+    while time.time() < deadline and len(metric(root, "train/loss")) < 6 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)

@@ -5,7 +5,6 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,25 +13,17 @@ import torch
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_checkpoint
 from mlm_lightning.training.checkpointing import AtomicCheckpointIO
-from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
+from tests.helpers import cli, fit_args, metric, run_cli
 
 STEPS = "40"
 
 
 def args(corpus, root, *extra):
-    return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.max_steps", STEPS,
-            "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(root),
-            "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "10",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+    return fit_args(corpus, root, "--trainer.max_steps", STEPS, "--trainer.val_check_interval", "10", *extra)
 
 
 def losses(root) -> dict[int, float]:
-    out = {}
-    for f in sorted(glob.glob(f"{root}/lightning_logs/*/metrics.csv")):
-        for row in csv.DictReader(open(f)):
-            if row.get("train/loss"):
-                out[int(row["step"])] = float(row["train/loss"])
-    return out
+    return metric(root, "train/loss")
 
 
 def weights(root):
@@ -139,16 +130,12 @@ def test_checkpoints_are_loaded_without_unpickling_code(tmp_path):
         AtomicCheckpointIO().load_checkpoint(path)
 
 
-def _cli(*a):
-    return [sys.executable, "-m", "mlm_lightning.cli", *a]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("after", [5, 10])  # 10: around the validation at step 10
 def test_sigterm_to_a_real_process_then_resume(corpus, tmp_path, uninterrupted, after):
     root = tmp_path / "proc"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_cli(*args(corpus, root)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cli(*args(corpus, root)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(losses(root)) < after and proc.poll() is None:
@@ -159,7 +146,7 @@ def test_sigterm_to_a_real_process_then_resume(corpus, tmp_path, uninterrupted, 
     assert os.path.exists(root / "checkpoints" / "last.ckpt")
     done = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < done < int(STEPS)
-    resumed = subprocess.run(_cli(*args(corpus, root, "--ckpt_path", "last")), env=env, capture_output=True,
+    resumed = subprocess.run(cli(*args(corpus, root, "--ckpt_path", "last")), env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(uninterrupted, root)
@@ -169,7 +156,7 @@ def test_sigterm_to_a_real_process_then_resume(corpus, tmp_path, uninterrupted, 
 def test_ddp_two_processes_on_cpu(corpus, tmp_path):
     root = tmp_path / "ddp"
     result = subprocess.run(
-        _cli(*args(corpus, root, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "12",
+        cli(*args(corpus, root, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "12",
                   "--trainer.val_check_interval", "4")),
         capture_output=True, text=True, timeout=600,
     )

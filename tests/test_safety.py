@@ -1,6 +1,5 @@
 """Safety (issue: nothing destroyed, checkpoints are data, interrupts lose nothing, odd settings are right)."""
 
-import csv
 import glob
 import os
 import signal
@@ -16,26 +15,9 @@ from mlm_lightning.errors import MLMError
 from mlm_lightning.export import MANIFEST
 from mlm_lightning.model.checkpoint import load_checkpoint
 from mlm_lightning.training.checkpointing import MLMCheckpoint
-from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
-
-
-def fit(corpus, root, *extra):
-    return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.accelerator", "cpu",
-            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1", *extra]
-
-
-def metrics(root, key):
-    out = {}
-    for f in sorted(glob.glob(f"{root}/lightning_logs/*/metrics.csv")):
-        for row in csv.DictReader(open(f)):
-            if row.get(key):
-                out[int(row["step"])] = float(row[key])
-    return out
-
-
-def state(root, name="last.ckpt"):
-    return torch.load(f"{root}/checkpoints/{name}", weights_only=True)
+from tests.helpers import fit_args as fit
+from tests.helpers import metric as metrics
+from tests.helpers import run_cli, state
 
 
 def same_weights(a, b):

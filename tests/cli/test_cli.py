@@ -1,30 +1,12 @@
 """The `mlm-lightning` command: a short fit, validate from its checkpoint, and one-line errors."""
 
-import csv
-import glob
 import os
 
 import pytest
 import torch
 
-from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
-
-
-def fit_args(corpus, root, *extra):
-    return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.accelerator", "cpu",
-            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-            "--trainer.log_every_n_steps", "1", "--trainer.enable_model_summary", "false", *extra]
-
-
-def metrics(root):
-    rows = []
-    for f in sorted(glob.glob(f"{root}/lightning_logs/*/metrics.csv")):
-        rows += list(csv.DictReader(open(f)))
-    return rows
-
-
-def column(rows, key):
-    return [float(r[key]) for r in rows if r.get(key)]
+from tests.helpers import column, fit_args, run_cli
+from tests.helpers import metric_rows as metrics
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import socket
 
 import pytest
 import torch
@@ -10,14 +9,7 @@ import torch.multiprocessing as mp
 
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_checkpoint
-from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
-from tests.helpers import write_sharded_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import TINY_DATA, TINY_MODEL, free_port, run_cli, write_sharded_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import TINY_DATA, TINY_MODEL, run_cli, sentences
+from tests.helpers import TINY_DATA, TINY_MODEL, run_cli, sentences
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

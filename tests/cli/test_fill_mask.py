@@ -8,8 +8,7 @@ from transformers import pipeline
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
-from tests.conftest import TINY_DATA, TINY_MODEL, run_cli, sentences
-from tests.serving import tiny_model
+from tests.helpers import TINY_DATA, TINY_MODEL, run_cli, sentences, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from transformers import pipeline
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
 from mlm_lightning.serve.app import make_work
-from tests.conftest import sentences
-from tests.serving import Server, assert_same_answer, get, post, tiny_model
+from tests.helpers import Server, assert_same_answer, get, post, sentences, tiny_model
 
 MAX_INPUTS = 8
 

@@ -10,13 +10,12 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from mlm_lightning.data.masking import MaskingCollator, check_masking, expected_span_words
 from mlm_lightning.data.seeds import mask_seed
-from mlm_lightning.data.tokenizer import SPECIAL_TOKENS, train_wordpiece
+from mlm_lightning.data.tokenizer import train_wordpiece
 from mlm_lightning.errors import MLMError
+from tests.helpers import bpe_tokenizer
 
 SYLLABLES = ["ka", "lo", "mi", "tre", "spo", "ven", "dar", "qui", "bel", "nox", "ur", "esh"]
 
@@ -25,17 +24,6 @@ def lines(n: int, seed: int = 0, max_words: int = 25) -> list[str]:
     rng = random.Random(seed)
     words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 4))) for _ in range(300)]
     return [" ".join(rng.choices(words, k=rng.randint(1, max_words))) + rng.choice([" .", " ,", ""]) for _ in range(n)]
-
-
-def bpe_tokenizer(texts):
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
 
 
 @pytest.fixture(scope="module", params=["wordpiece", "bpe"])

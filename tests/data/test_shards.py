@@ -13,7 +13,7 @@ from mlm_lightning.data import MLMDataModule, corpus, seeds, shards
 from mlm_lightning.data.cache import TokenStream, build_cache
 from mlm_lightning.data.sampling import BatchPlan, ResumableDataLoader
 from mlm_lightning.data.tokenizer import sample_texts, train_wordpiece
-from tests.conftest import sentences
+from tests.helpers import bpe_tokenizer, sentences
 
 WORDS = ["river", "unbelievable", "catastrophe", "don't", "state-of-the-art", "x", "3.14", "naïve", "Übermensch"]
 
@@ -274,8 +274,6 @@ def test_progress_bar_counts_megabytes(write, tmp_path, tok, capsys):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_word_starts_of_a_bpe_tokenizer_come_from_its_word_ids(write, tmp_path, workers):
     """Not WordPiece (no `##` pieces): the general path, with word ids, gives the same arrays."""
-    from tests.test_word_masking import bpe_tokenizer
-
     lines = varied(300, seed=2)
     bpe = bpe_tokenizer(lines)
     assert shards.continuation_table(bpe.backend_tokenizer.to_str()) is None

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from mlm_lightning.data.masking import MaskingCollator
 from mlm_lightning.data.seeds import mask_seed
-from tests.conftest import module, sentences
+from tests.helpers import module, sentences
 
 
 def unk_batch(tokenizer, n=4):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import Server, post, tiny_model
+from tests.helpers import Server, post, tiny_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mlm_lightning.data.masking import MaskingCollator
 from mlm_lightning.data.seeds import mask_seed
-from tests.conftest import module, sentences
+from tests.helpers import module, sentences
 
 
 def batch_of(tokenizer, n=8, seed=0, padded=True):
