@@ -67,6 +67,13 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
             max_position_embeddings=64, dropout=0.0)
 
 
+def error_line(err: str) -> str:
+    """The one error line a refused command printed on stderr (asserts there is exactly one, and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("mlm-lightning: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
 def fit_args(corpus: str, root, *extra: str) -> list[str]:
     """`fit` of the tiny model on `corpus` into `root` on the CPU, logging every step, no bar or summary."""
     return ["fit", "--data.train_files", corpus, *TINY_MODEL, *TINY_DATA, "--trainer.accelerator", "cpu",
@@ -98,6 +105,25 @@ def metric_rows(root) -> list[dict]:
 def metric(root, key: str) -> dict[int, float]:
     """{step: value} of one logged metric (e.g. `train/loss`)."""
     return {int(r["step"]): float(r[key]) for r in metric_rows(root) if r.get(key)}
+
+
+def run_steps(root, key: str = "train/loss") -> list[list[int]]:
+    """The steps at which each fit into `root` logged `key`: one list per `lightning_logs/version_N`, in order.
+
+    A resumed fit logs from the step it resumed at: its list starts there, not at 0 (a fit that silently started
+    from scratch instead would log from 0, and a seeded retrain can end with the very same weights)."""
+    out = []
+    files = glob.glob(f"{root}/lightning_logs/version_*/metrics.csv")
+    for f in sorted(files, key=lambda p: int(p.split("version_")[-1].split(os.sep)[0])):
+        with open(f) as fh:
+            out.append(sorted({int(r["step"]) for r in csv.DictReader(fh) if r.get(key)}))
+    return out
+
+
+def assert_resumed_at(root, step: int) -> None:
+    """The last fit into `root` resumed at optimizer step `step` (its first logged training step)."""
+    runs = run_steps(root)
+    assert len(runs) >= 2 and runs[-1] and runs[-1][0] == step, runs
 
 
 def column(rows: list[dict], key: str) -> list[float]:
@@ -331,3 +357,27 @@ class SlowTokenization(Callback):
             return real(*args, **kwargs)
 
         shards.tokenize_phase = slow
+
+
+class SignalInSanityCheck(Callback):
+    """Send this process a signal during the sanity check (before any training step)."""
+
+    def __init__(self, signum: int = int(signal.SIGTERM)):
+        self.signum = signum
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking:
+            os.kill(os.getpid(), self.signum)
+
+
+class ExpectMasking(Callback):
+    """Fail the fit unless the data module's collator masks with `masking` and `mean_span_length`: the options
+    given on the command line reached it."""
+
+    def __init__(self, masking: str, mean_span_length: float):
+        self.masking, self.mean_span_length = masking, mean_span_length
+
+    def on_train_start(self, trainer, pl_module):
+        strategy = trainer.datamodule.collator.strategy
+        if (strategy.name, strategy.mean_span_length) != (self.masking, self.mean_span_length):
+            raise RuntimeError(f"the collator masks with {strategy.name}/{strategy.mean_span_length}")

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import cli, fit_args, free_port, metric, sentences
+from tests.helpers import assert_resumed_at, cli, fit_args, free_port, metric, sentences
 
 pytestmark = pytest.mark.slow
 
@@ -54,17 +54,15 @@ def test_two_nodes_with_node_local_caches_train_one_vocabulary(corpus, tmp_path)
 
 
 def test_nan_on_one_of_two_processes_stops_both_with_exit_3(corpus, tmp_path):
-    start = time.time()
     result = subprocess.run(
         cli(*fit_args(corpus, tmp_path / "nan", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                       "--trainer.max_steps", "20", "--trainer.val_check_interval", "4",
                       "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "5",
                       "--trainer.callbacks.rank", "1")),
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=600,  # far below a collective's timeout (30 min): no hang
     )
     assert result.returncode == 3, result.stderr[-3000:]
     assert "the loss became nan at step 5" in result.stderr
-    assert time.time() - start < 120  # no collective timeout (30 min)
 
 
 def test_ddp_interrupt_then_resume_is_exact_with_a_dropout_stream_per_process(corpus, tmp_path):
@@ -89,6 +87,7 @@ def test_ddp_interrupt_then_resume_is_exact_with_a_dropout_stream_per_process(co
     resumed = subprocess.run(cli(*fit_args(corpus, root, *ddp, "--ckpt_path", "last")), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed_at(root, ckpt["global_step"])
     a, b = weights(straight)["state_dict"], weights(root)["state_dict"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

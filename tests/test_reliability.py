@@ -13,7 +13,7 @@ import torch
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_checkpoint
 from mlm_lightning.training.checkpointing import AtomicCheckpointIO
-from tests.helpers import cli, fit_args, metric, run_cli
+from tests.helpers import assert_resumed_at, cli, fit_args, metric, run_cli, run_steps
 
 STEPS = "40"
 
@@ -59,6 +59,7 @@ def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted,
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
     assert max(losses(root)) == step - 1  # stopped right after that step
     assert run_cli(*args(corpus, root, "--ckpt_path", "last")) == 0
+    assert_resumed_at(root, step)  # it continued from the checkpoint (a seeded retrain ends the same)
     assert_same_run(uninterrupted, root)
 
 
@@ -69,7 +70,11 @@ def test_signal_during_validation_cuts_it_short_then_resumes_exactly(corpus, tmp
     assert code == 143, capsys.readouterr().err
     # validation runs at batch 10 of each 17-batch epoch: the first at or after step 20 is at step 27
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 27
+    # cut short: that validation never finished (metrics.csv logs a validation at global step - 1), the one before did
+    assert run_steps(root, "val/loss") == [[9]]
     assert run_cli(*args(corpus, root, "--ckpt_path", "last")) == 0
+    assert_resumed_at(root, 27)
+    assert 26 in run_steps(root, "val/loss")[-1]  # run again, whole, by the resumed fit
     assert_same_run(uninterrupted, root)
 
 
@@ -117,17 +122,25 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 
 class Evil:
+    def __init__(self, mark: str):
+        self.mark = mark
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (open, (self.mark, "w"))  # unpickling it creates the file
 
 
-def test_checkpoints_are_loaded_without_unpickling_code(tmp_path):
+def test_checkpoints_are_loaded_without_unpickling_code(tmp_path, monkeypatch):
+    mark = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "mlm_lightning": Evil()}, path)
+    torch.save({"state_dict": {}, "mlm_lightning": Evil(str(mark))}, path)
+    # torch >= 2.6 loads weights-only by default; this makes a call that leaves it unset unpickle anything, as
+    # older torch (which the package allows) does: only an explicit weights_only=True refuses the file now
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(MLMError, match="could not be read as a checkpoint"):
         load_checkpoint(str(path))
     with pytest.raises(Exception, match="Weights only load failed"):
         AtomicCheckpointIO().load_checkpoint(path)
+    assert not mark.exists()
 
 
 @pytest.mark.slow
@@ -149,6 +162,7 @@ def test_sigterm_to_a_real_process_then_resume(corpus, tmp_path, uninterrupted, 
     resumed = subprocess.run(cli(*args(corpus, root, "--ckpt_path", "last")), env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert_resumed_at(root, done)
     assert_same_run(uninterrupted, root)
 
 

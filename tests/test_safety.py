@@ -15,9 +15,9 @@ from mlm_lightning.errors import MLMError
 from mlm_lightning.export import MANIFEST
 from mlm_lightning.model.checkpoint import load_checkpoint
 from mlm_lightning.training.checkpointing import MLMCheckpoint
+from tests.helpers import assert_resumed_at, error_line, run_cli, run_steps, state
 from tests.helpers import fit_args as fit
 from tests.helpers import metric as metrics
-from tests.helpers import run_cli, state
 
 
 def same_weights(a, b):
@@ -81,6 +81,7 @@ def test_fit_with_export_dir_equal_to_the_run_root_keeps_every_checkpoint(corpus
     assert sorted(os.listdir(root / "checkpoints")) == before and (root / "notes.txt").read_text() == "mine"
     fresh = tmp_path / "fresh"  # a run root that does not exist yet is refused too
     assert run_cli(*fit(corpus, fresh, "--trainer.max_steps", "2", "--export_dir", str(fresh))) == 2
+    assert "would contain" in error_line(capsys.readouterr().err)
 
 
 # -- 2. a checkpoint is data: no file name from it becomes a path ---------------------------------------
@@ -146,10 +147,12 @@ def test_sigterm_during_a_long_validation_saves_within_seconds_and_resume_reruns
                         "--trainer.callbacks+=tests.helpers.SignalDuringValidation", "--trainer.callbacks.step", "15"))
     assert code == 143, capsys.readouterr().err
     assert state(root)["global_step"] == step + 1  # (metrics.csv logs a validation at global step - 1)
+    assert step not in run_steps(root, "val/loss")[0]  # that validation was cut short: it never logged its end
     waited = os.path.getmtime(root / "checkpoints" / "last.ckpt") - float(os.environ["MLM_TEST_SIGNAL_SENT"])
-    # within 5 s: the batch under way (2.5 s) and the save, not the rest of the validation (~12 s)
-    assert waited < 5
+    # the batch under way (2.5 s) and the save, not the rest of the validation (5 more batches, 12.5 s)
+    assert waited < 10
     assert run_cli(*fit(corpus, root, *VAL, "--ckpt_path", "last")) == 0
+    assert_resumed_at(root, step + 1)
     assert same_weights(straight, root)
     # the validation cut short was run again, whole: same value as in the uninterrupted run
     assert metrics(root, "val/loss")[step] == pytest.approx(metrics(straight, "val/loss")[step], abs=1e-6)
@@ -169,6 +172,7 @@ def test_interrupt_inside_an_accumulation_window_then_resume_is_exact(corpus, tm
     assert code == 143, capsys.readouterr().err
     assert state(root)["global_step"] == 8  # batch 15 is mid-window: saved after batch 16, step 8
     assert run_cli(*fit(corpus, root, *VAL, "--trainer.accumulate_grad_batches", "2", "--ckpt_path", "last")) == 0
+    assert_resumed_at(root, 8)
     assert same_weights(accumulated, root)
 
 
@@ -193,6 +197,16 @@ def test_a_second_ctrl_c_exits_130_at_once(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 130, err
     assert "interrupted by SIGINT" in err and "Traceback" not in err
+    # at once: the second Ctrl-C came before the first one's checkpoint (a single Ctrl-C saves step 5, below)
+    assert "no training step to save" in err and not (tmp_path / "cc" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_single_ctrl_c_saves_then_exits_130(corpus, tmp_path, capsys):
+    code = run_cli(*fit(corpus, tmp_path / "c1", "--trainer.max_steps", "30",
+                        "--trainer.callbacks+=tests.helpers.SignalAtBatch", "--trainer.callbacks.batch", "5",
+                        "--trainer.callbacks.signum", str(int(signal.SIGINT))))
+    assert code == 130 and "saved" in capsys.readouterr().err
+    assert state(tmp_path / "c1")["global_step"] == 5
 
 
 # -- 6. token-budget batches: a stable count per epoch, within the budget after padding ----------------

@@ -299,7 +299,7 @@ def remove_shards(partial: str, phases: list[str]) -> None:
     """Remove the shards (and leftover temporary shards) this module wrote, then `partial` if that empties it.
 
     Only names this module creates are removed, so a file someone put there is never deleted; and only under the
-    cache's lock (`data.build_cache`), so no other process is writing or reading them.
+    cache's lock (`cache.build_cache`), so no other process is writing or reading them.
     """
     if not os.path.isdir(partial):
         return

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import column, fit_args, run_cli
+from tests.helpers import column, fit_args, metric, run_cli
 from tests.helpers import metric_rows as metrics
 
 
@@ -33,10 +33,17 @@ def test_fit_writes_checkpoints_metrics_and_export(trained):
 
 
 def test_validate_from_checkpoint_reports_ppl(trained, corpus, capsys):
+    import re
+
+    [best] = [n for n in os.listdir(trained / "checkpoints") if n.startswith("best-step=")]
+    step = int(best.removeprefix("best-step=").removesuffix(".ckpt"))
     args = fit_args(corpus, trained)[1:]
-    code = run_cli("validate", *args, "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
+    code = run_cli("validate", *args, "--ckpt_path", str(trained / "checkpoints" / best))
     assert code == 0
-    assert "val/ppl" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    ppl = float(re.search(r"val/ppl\D+([0-9.]+)", out).group(1))
+    # the checkpoint's own weights: the fit's validation at that step measured the same (logged at step - 1)
+    assert ppl == pytest.approx(metric(trained, "val/ppl")[step - 1], rel=1e-4)
 
 
 def test_print_config(corpus, capsys):
@@ -65,7 +72,8 @@ def _no_mask_tokenizer(tmp_path):
     "extra, message",
     [
         (["--data.train_files", "no/such/file.txt"], "does not exist"),
-        (["--trainer.accelerator", "gpu"], "no usable CUDA GPU"),
+        pytest.param(["--trainer.accelerator", "gpu"], "no usable CUDA GPU", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="a GPU is there: the option is not bad input here")),
         (["--ckpt_path", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
         (["--ckpt_path", "CORPUS"], "is not a checkpoint"),
         (["--data.max_length", "100"], "beyond the model's 64 position embeddings"),
@@ -88,6 +96,8 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys, extra, message):
 
 def test_continue_from_a_local_model_dir(trained, corpus, tmp_path):
     """`model_name_or_path` = a save_pretrained directory: its weights and its tokenizer are used."""
+    from safetensors.torch import load_file
+
     root = tmp_path / "continued"
     code = run_cli("fit", "--data.train_files", corpus, "--model.model_name_or_path", str(trained / "export"),
                    "--data.max_length", "32", "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root),
@@ -96,6 +106,15 @@ def test_continue_from_a_local_model_dir(trained, corpus, tmp_path):
     assert (root / "export" / "model.safetensors").exists()
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["mlm_lightning"]["bert_config"]["hidden_size"] == 32  # the directory's model, not a new one
+    # its weights: 3 steps at the fine-tuning rate (5e-5) move each by ~1e-4 at most; a fresh init differs by ~0.02
+    saved = load_file(str(trained / "export" / "model.safetensors"))
+    now = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    common = saved.keys() & now.keys()
+    assert len(common) > 20
+    assert max((saved[k].float() - now[k].float()).abs().max().item() for k in common) < 1e-3
+    # and it starts where the directory's training ended, far below a random model's first loss
+    first, random_first = metric(root, "train/loss")[0], metric(trained, "train/loss")[0]
+    assert first < random_first - 1.0, (first, random_first)
 
 
 def test_hub_id_resolves_from_the_local_hf_cache(trained, corpus, tmp_path, monkeypatch):
@@ -121,7 +140,8 @@ def test_predict_subcommand_writes_jsonl_in_order(trained, corpus, tmp_path):
     inputs = tmp_path / "in.txt"
     inputs.write_text("the cat [MASK] the river .\n\n[MASK] dog sees a tree .\na bird [MASK] the ball .\n")
     out = tmp_path / "pred.jsonl"
-    code = run_cli("predict", *fit_args(corpus, trained)[1:], "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
+    last = str(trained / "checkpoints" / "last.ckpt")
+    code = run_cli("predict", *fit_args(corpus, trained)[1:], "--ckpt_path", last,
                    "--data.predict_files", str(inputs), "--prediction_writer.output", str(out), "--model.top_k", "2")
     assert code == 0
     import json
@@ -131,6 +151,15 @@ def test_predict_subcommand_writes_jsonl_in_order(trained, corpus, tmp_path):
     assert rows[1]["text"] == "[MASK] dog sees a tree ."
     assert all(len(r["predictions"][0]) == 2 and {"score", "token", "token_str", "sequence"} <= set(
         r["predictions"][0][0]) for r in rows)
+    # the checkpoint's model answered: the same candidates as fill-mask on that checkpoint
+    from mlm_lightning.model.checkpoint import load_checkpoint
+    from mlm_lightning.model.fill_mask import FillMasker
+
+    expected = FillMasker(*load_checkpoint(last), top_k=2)([r["text"] for r in rows])
+    for row, want in zip(rows, expected, strict=True):
+        got, ref = row["predictions"][0], want["predictions"][0]
+        assert [c["token"] for c in got] == [c["token"] for c in ref]
+        assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(got, ref, strict=True))
 
 
 def test_fill_mask_reads_stdin(trained, capsys, monkeypatch):

@@ -8,7 +8,7 @@ from transformers import pipeline
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
-from tests.helpers import TINY_DATA, TINY_MODEL, run_cli, sentences, tiny_model
+from tests.helpers import TINY_DATA, TINY_MODEL, error_line, run_cli, sentences, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,14 @@ def test_matches_transformers_pipeline(exported, capsys):
 
 
 def test_several_masks_and_joint_mode(exported):
-    masker = FillMasker(*load_model(exported), top_k=3)
+    import torch
+
+    model, tokenizer = load_model(exported)
+    with torch.no_grad():  # a random tiny BERT barely mixes its positions: sharper weights make context matter
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(5.0)
+    masker = FillMasker(model, tokenizer, top_k=3)
     [independent] = masker(["the [MASK] likes [MASK] river ."])
     assert len(independent["predictions"]) == 2 and all(len(p) == 3 for p in independent["predictions"])
     [joint] = masker(["the [MASK] likes [MASK] river ."], joint=True)
@@ -38,6 +45,15 @@ def test_several_masks_and_joint_mode(exported):
     assert [p["token"] for p in first_joint] == [p["token"] for p in first_independent]
     assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(first_joint, first_independent, strict=True))
     assert "[MASK]" not in joint["filled"]
+    # the second mask sees the first one's choice: exactly the prediction for the sentence with it filled in,
+    # and not the independent one (which saw [MASK] there)
+    top = first_joint[0]["token_str"]
+    [given] = masker([f"the {top} likes [MASK] river ."])
+    second_joint, second_given = joint["predictions"][1], given["predictions"][0]
+    assert [p["token"] for p in second_joint] == [p["token"] for p in second_given]
+    assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(second_joint, second_given, strict=True))
+    second_independent = independent["predictions"][1]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(second_joint, second_independent, strict=True)) > 1e-4
 
 
 def test_batches_keep_input_order(exported):
@@ -81,3 +97,13 @@ def test_trained_model_predicts_the_obvious_token(tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["predictions"][0][0]["token_str"] == "fox"
     assert lines[1]["predictions"][0][0]["token_str"] == "d"
+
+
+def test_fill_mask_reads_a_file(exported, tmp_path, capsys):
+    sentences_file = tmp_path / "in.txt"
+    sentences_file.write_text("the cat [MASK] the river .\n\na [MASK] sees the ball .\n")
+    assert run_cli("fill-mask", "--model", exported, "--json", "--file", str(sentences_file)) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["the cat [MASK] the river .", "a [MASK] sees the ball ."]  # blank skipped
+    assert run_cli("fill-mask", "--model", exported, "--file", str(tmp_path / "missing.txt")) == 2
+    assert "--file" in error_line(capsys.readouterr().err)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_checkpoint
-from tests.helpers import TINY_DATA, TINY_MODEL, free_port, run_cli, write_sharded_checkpoint
+from tests.helpers import TINY_DATA, TINY_MODEL, error_line, free_port, run_cli, write_sharded_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -58,4 +58,4 @@ def test_a_crafted_sharded_index_is_not_unpickled(checkpoints, tmp_path, monkeyp
 
 def test_a_plain_directory_is_not_a_checkpoint(tmp_path, capsys):
     assert run_cli("export", "--ckpt_path", str(tmp_path), "--export_dir", str(tmp_path / "x")) == 2
-    assert "is not a checkpoint" in capsys.readouterr().err
+    assert "is not a checkpoint" in error_line(capsys.readouterr().err)

@@ -1,11 +1,12 @@
 """`mlm-lightning serve`: pipeline parity, 4xx for every bad request, no mix-ups under concurrency, clean stops.
 
-One real server process for the module (its last test stops it with SIGTERM)."""
+One real server process shared by the module; the tests that stop a server start their own."""
 
 import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 from transformers import pipeline
@@ -13,7 +14,7 @@ from transformers import pipeline
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
 from mlm_lightning.serve.app import make_work
-from tests.helpers import Server, assert_same_answer, get, post, sentences, tiny_model
+from tests.helpers import Server, assert_same_answer, get, post, run_cli, sentences, tiny_model
 
 MAX_INPUTS = 8
 
@@ -161,49 +162,82 @@ def test_concurrent_requests_each_get_their_own_answer(server, fill_mask):
     words = [s.split() for s in sentences(400, seed=7)]
     texts = [" ".join(w[:j] + ["[MASK]"] + w[j + 1 :]) for n, w in enumerate(words) for j in [n % (len(w) - 1)]]
     texts = [t.replace("the", "[MASK]", 1) if n % 7 == 0 else t for n, t in enumerate(texts)]  # some with 2 masks
-    failures, lock = [], threading.Lock()
+    failures, answered, lock = [], [], threading.Lock()
 
     def client(t: int) -> None:
         top_k = 1 + t % 5
         for i in range(25):
             n = t * 25 + i
             inputs = [texts[n], texts[(n + 1) % 400]] if i % 5 == 0 else texts[n]
-            status, out = post(server.url, {"inputs": inputs, "parameters": {"top_k": top_k}})
-            try:
+            try:  # every failure is recorded (a timeout too): a thread that dies silently would pass the test
+                status, out = post(server.url, {"inputs": inputs, "parameters": {"top_k": top_k}})
                 assert status == 200, out
                 if isinstance(inputs, list):
                     for answer, text in zip(out, inputs, strict=True):
                         assert_same_answer(answer, fill_mask(text, top_k=top_k))
                 else:
                     assert_same_answer(out, fill_mask(inputs, top_k=top_k))
-            except AssertionError as e:
                 with lock:
-                    failures.append((t, i, str(e)[:300]))
+                    answered.append((t, i))
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below
+                with lock:
+                    failures.append((t, i, f"{type(e).__name__}: {str(e)[:300]}"))
 
     threads = [threading.Thread(target=client, args=(t,)) for t in range(16)]
     for th in threads:
         th.start()
     for th in threads:
-        th.join()
+        th.join(timeout=300)
     assert failures == []
+    assert sorted(answered) == [(t, i) for t in range(16) for i in range(25)]  # every request got its answer
     stats = json.loads(get(server.url, "/health")[1])
     assert stats["largest_batch"] > 1  # concurrent requests really shared forward passes
 
 
-def test_sigterm_stops_the_server_and_nothing_was_written(server, cwd):
-    """(runs last in this module) SIGTERM: graceful stop within seconds, exit 143; no file in the working dir."""
+def test_sigterm_stops_the_server_and_nothing_was_written(model, tmp_path):
+    """SIGTERM: graceful stop within seconds, exit 143; no file in the working dir (a server of its own: the tests
+    of this module pass in any order)."""
+    server = Server(model, tmp_path)
+    assert post(server.url, {"inputs": "the cat [MASK] the river ."})[0] == 200
     code, seconds = server.stop(signal.SIGTERM)
     assert code == 143 and seconds < 5, (code, seconds, server.log)
     assert "stopped by SIGTERM" in server.log
-    assert os.listdir(cwd) == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_batch_size_wait_and_a_request_in_flight_at_sigterm(model, tmp_path):
+    """--max_batch_size caps a batch, --max_wait_ms is how long a lone request waits for company, and a request
+    in flight when SIGTERM comes is still answered before the server exits."""
+    server = Server(model, tmp_path, "--max_batch_size", "2", "--max_wait_ms", "400")
+    start = time.monotonic()
+    assert post(server.url, {"inputs": "the cat [MASK] the river ."})[0] == 200
+    assert time.monotonic() - start >= 0.4  # it waited for others to join its batch (a lower bound: load-proof)
+    answers: list = []
+    threads = [threading.Thread(target=lambda: answers.append(post(server.url, {"inputs": "a [MASK] sees the ball ."})))
+               for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert [a[0] for a in answers] == [200] * 6
+    stats = json.loads(get(server.url, "/health")[1])
+    assert stats["largest_batch"] == 2 and stats["batches"] >= 4  # 7 requests, batches of at most 2
+    server.stop(signal.SIGTERM)
+
+    slow = Server(model, tmp_path, "--max_wait_ms", "5000")  # a lone request waits 5 s: in flight meanwhile
+    late: list = []
+    th = threading.Thread(target=lambda: late.append(post(slow.url, {"inputs": "the dog [MASK] a tree ."})))
+    th.start()
+    time.sleep(1.5)
+    code, _ = slow.stop(signal.SIGTERM, timeout=60)
+    th.join(timeout=60)
+    assert code == 143 and late and late[0][0] == 200, (code, late, slow.log)
 
 
 @pytest.mark.slow
 def test_sigint_exits_130_and_a_busy_port_is_one_line(model, tmp_path):
     s = Server(model, tmp_path)
     port = s.url.rsplit(":", 1)[1]
-    from tests.conftest import run_cli
-
     assert run_cli("serve", "--model", model, "--port", port) == 2  # the port is taken: exit 2 at once
     code, seconds = s.stop(signal.SIGINT)
     assert code == 130 and seconds < 5 and "stopped by SIGINT" in s.log

@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForMaskedLM
 
 import mlm_lightning.training.callbacks as callbacks
+from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import train_flops
 from mlm_lightning.training.callbacks import ThroughputLogger
 
@@ -43,14 +44,18 @@ def test_train_flops_is_six_times_the_matmul_weights(sizes):
 @pytest.mark.parametrize("sizes", CONFIGS)
 @pytest.mark.parametrize("sparse", [True, False])
 def test_train_flops_equals_the_counted_matmuls_of_a_real_step(sizes, sparse):
-    """PyTorch's own FLOP counter over a forward + backward as `MLMModule.forward` runs it (sparse head or not)."""
-    model = bert(sizes)
+    """PyTorch's own FLOP counter over a forward + backward of `MLMModule.forward` itself (sparse head or not)."""
+    module = MLMModule(sparse_head=sparse)
+    module.model = model = bert(sizes)
     batch, seq = 3, 24
     ids = torch.randint(5, model.config.vocab_size, (batch, seq))
     positions = torch.tensor([1, 7, 30, 50, 71])
+    labels = torch.full((batch, seq), -100)
+    labels.view(-1)[positions] = ids.view(-1)[positions]
+    inputs = {"input_ids": ids, "labels": labels, "masked_positions": positions,
+              "masked_labels": ids.view(-1)[positions]}
     with FlopCounterMode(display=False) as counter:
-        hidden = model.bert(input_ids=ids)[0].flatten(0, 1)
-        logits = model.cls(hidden.index_select(0, positions) if sparse else hidden)
+        logits, _ = module(inputs)
         logits.float().logsumexp(-1).sum().backward()
     rows = positions.numel() if sparse else batch * seq
     assert counter.get_total_flops() == train_flops(model.config, seq, batch * seq, rows)
