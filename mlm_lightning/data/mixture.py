@@ -88,6 +88,7 @@ class MixtureDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         epoch, g = key if isinstance(key, tuple) else (0, key)
+        g = int(g)
         s = int(np.searchsorted(self.offsets, g, side="right") - 1)
         item = self.parts[s][(epoch, g - int(self.offsets[s]))]
         item["mask_seed"] = mask_seed(self.seed, epoch, g)

@@ -160,7 +160,7 @@ class MixturePlan(Sampler[list[tuple[int, int]]]):
 
     def __init__(self, plans: list[BatchPlan], lengths: list[np.ndarray], weights: list[float], offsets: list[int],
                  *, seed: int = 0, num_replicas: int = 1, rank: int = 0, epoch_tokens: int | None = None):
-        self.plans, self.lengths, self.offsets = plans, [np.asarray(x) for x in lengths], offsets
+        self.plans, self.lengths, self.offsets = plans, [np.asarray(x) for x in lengths], [int(o) for o in offsets]
         total = float(sum(weights))
         self.weights = np.array([w / total for w in weights])
         self.seed, self.num_replicas, self.rank, self.epoch_tokens = seed, num_replicas, rank, epoch_tokens
@@ -220,7 +220,7 @@ class ConcatPlan(Sampler[list[tuple[int, int]]]):
     sources), indices shifted by the source's offset in a `MixtureDataset`."""
 
     def __init__(self, plans: list[BatchPlan], offsets: list[int]):
-        self.plans, self.offsets = plans, offsets
+        self.plans, self.offsets = plans, [int(o) for o in offsets]
         self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
