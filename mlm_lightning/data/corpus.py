@@ -176,13 +176,30 @@ def _remote_files(spec: str, storage_options: dict | None, what: str, kinds: str
         spec.endswith("/") or info.get("mimetype") == "text/html"))
     if not is_dir:
         return [url_of(path)]
-    dataset = _hf_dataset_files(spec, storage_options)
-    if dataset is not None:
-        return dataset
     found = _retrying(spec, lambda: fs.find(path, detail=True))
-    files = sorted(url_of(p) for p, i in found.items() if i.get("type") != "directory" and is_corpus_file(p))
+    listed = sorted(url_of(p) for p, i in found.items() if i.get("type") != "directory")
+    files = _with_datasets(spec, listed, storage_options)
     check(bool(files), f"{what}: {spec!r} lists no {kinds}; point at your text files")
     return files
+
+
+def _with_datasets(root: str, listed: list[str], storage_options: dict | None) -> list[str]:
+    """The corpus files among `listed` (all files under directory `root`, sorted); a `datasets` save_to_disk
+    directory in there (one with a state.json) gives its Arrow files, in its own order, and none of its json."""
+    whole = _hf_dataset_files(root, storage_options)  # (a DatasetDict is refused here, with its splits named)
+    if whole is not None:
+        return whole
+    dirs = {f.rsplit("/", 1)[0] for f in listed if f.endswith("/state.json")}
+    dirs = {d for d in dirs if not any(d.startswith(o + "/") for o in dirs)}  # the outermost ones
+    out, done = [], set()
+    for f in listed:
+        owner = next((d for d in dirs if f.startswith(d + "/")), None)
+        if owner is None:
+            out += [f] if is_corpus_file(f) else []
+        elif owner not in done:
+            done.add(owner)
+            out += _hf_dataset_files(owner, storage_options) or []
+    return out
 
 
 def _join(base: str, name: str) -> str:
@@ -241,10 +258,9 @@ def resolve_files(spec: str | Sequence[str] | None, what: str = "train_files",
             matches = [p for p in matches if is_corpus_file(p)]
             check(bool(matches), f"{what}: the glob {s!r} matches no {kinds}; check the pattern")
             files += matches
-        elif os.path.isdir(s) and _hf_dataset_files(s) is not None:
-            files += _hf_dataset_files(s)
         elif os.path.isdir(s):
-            found = sorted(str(p) for p in Path(s).rglob("*") if p.is_file() and is_corpus_file(str(p)))
+            listed = sorted(str(p) for p in Path(s).rglob("*") if p.is_file())
+            found = _with_datasets(s, listed, None)
             check(bool(found), f"{what}: the directory {s!r} has no {kinds}; point at your text files")
             files += found
         else:

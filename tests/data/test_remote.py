@@ -18,7 +18,7 @@ from mlm_lightning.data import cache, corpus
 from mlm_lightning.data import module as data_module
 from mlm_lightning.data.cache import TokenStream
 from mlm_lightning.data.module import MLMDataModule
-from tests.helpers import fit_args, free_port, run_cli, sentences
+from tests.helpers import fit_args, free_port, run_cli, save_to_disk, sentences
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -127,6 +127,16 @@ def test_second_run_reads_nothing_from_the_bucket_and_a_changed_object_gets_a_ne
     changed = prepared(url, tmp_path, storage_options=so, tokenizer=tokenizer)
     assert changed._data_dir() != first._data_dir()
     assert len(changed.datasets["train"]) > len(first.datasets["train"])
+
+
+def test_save_to_disk_dir_in_a_bucket(s3, tmp_path):
+    endpoint, client = s3
+    save_to_disk(tmp_path / "ds", sentences(80, seed=3))
+    for path in (tmp_path / "ds").iterdir():
+        client.put_object(Bucket="corp", Key=f"ds/{path.name}", Body=path.read_bytes())
+    files = corpus.resolve_files("s3://corp/ds", storage_options=options(endpoint))
+    assert files == ["s3://corp/ds/data-00000-of-00002.arrow", "s3://corp/ds/data-00001-of-00002.arrow"]
+    assert list(corpus.iter_texts(files, storage_options=options(endpoint))) == sentences(80, seed=3)
 
 
 def test_fingerprint_of_local_files_is_unchanged(tmp_path):
