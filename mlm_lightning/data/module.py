@@ -192,7 +192,8 @@ class MLMDataModule(L.LightningDataModule):
         else:
             self.train_paths = None
         self.val_paths = None if val_files is None else corpus.resolve_files(val_files, "val_files", storage_options)
-        self.predict_paths = corpus.resolve_files(predict_files, "predict_files") if predict_files else None
+        self.predict_paths = corpus.resolve_files(predict_files, "predict_files", storage_options) \
+            if predict_files else None
         self.tokenizer = None
         self.datasets: dict[str, MLMDataset] = {}
         self._train_loader: ResumableDataLoader | None = None
@@ -362,7 +363,8 @@ class MLMDataModule(L.LightningDataModule):
         mask = self.load_tokenizer().mask_token
         self.predict_lines = []
         for path in self.predict_paths:
-            for lineno, line in enumerate(corpus.iter_texts([path], self.hparams.text_column), start=1):
+            lines = corpus.iter_texts([path], self.hparams.text_column, self.storage_options)
+            for lineno, line in enumerate(lines, start=1):
                 check("[MASK]" in line or mask in line, f"{path} line {lineno} has no [MASK]: {line[:60]!r}")
                 self.predict_lines.append(line)
 

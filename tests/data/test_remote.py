@@ -5,9 +5,12 @@ the store; a changed object gets a new key; a dropped connection is resumed; eve
 """
 
 import functools
+import glob
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -268,3 +271,32 @@ def test_fit_from_s3(s3, tmp_path):
                              "--data.cache_dir", str(tmp_path / "cache")))
     assert code == 0
     assert list((tmp_path / "run").rglob("last.ckpt"))
+
+
+@pytest.mark.slow
+def test_each_node_tokenizes_the_bucket_once_into_its_own_cache(s3, tmp_path):
+    """Two nodes (simulated with gloo), node-local caches: process 0 trains the vocabulary from the bucket and
+    tokenizes into node 0's cache, the first process of node 1 into node 1's, under the same key."""
+    endpoint, _ = s3
+    port, procs, logs = free_port(), [], []
+    for node in (0, 1):
+        env = {**os.environ, "MLM_LIGHTNING_CACHE": str(tmp_path / f"cache{node}"), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "--module", "mlm_lightning.cli",
+               *fit_args("s3://corp/corpus/", tmp_path / f"run{node}", "--trainer.num_nodes", "2",
+                         "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+                         "--data.storage_options", json.dumps(options(endpoint)))]
+        logs.append(open(tmp_path / f"node{node}.log", "w+"))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    outs = [open(log.name).read() for log in logs]
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    keys = [[os.path.basename(os.path.dirname(m)) for m in glob.glob(f"{tmp_path}/cache{n}/data/*/meta.json")]
+            for n in (0, 1)]
+    assert len(keys[0]) == 1 and keys[0] == keys[1]  # each node tokenized it once, into its own cache
+    assert len(glob.glob(f"{tmp_path}/cache1/tokenizers/*/tokenizer.json")) == 1  # given by process 0, not trained
