@@ -137,3 +137,9 @@ class SourceLogger(Callback):
         n_masked = batch["masked_positions"].numel()  # a shape: no sync
         pl_module.log(f"val/loss/{batch['source']}", loss.detach(), batch_size=n_masked, sync_dist=True,
                       on_step=False, on_epoch=True)
+
+
+def attach_logger(trainer, names: list[str]) -> None:
+    """Give `trainer` a `SourceLogger` unless it has one (a data module reused by a new trainer attaches it again)."""
+    if trainer is not None and not any(isinstance(c, SourceLogger) for c in trainer.callbacks):
+        trainer.callbacks.append(SourceLogger(names))

@@ -287,6 +287,8 @@ class MLMDataModule(L.LightningDataModule):
             if distributed:
                 self._setup_distributed(self.trainer, tokenize=False)
             return self._setup_predict()
+        if self.sources is not None:
+            mixture.attach_logger(self.trainer, [s.name for s in self.sources])
         if self.datasets:
             return
         if distributed:
@@ -314,9 +316,6 @@ class MLMDataModule(L.LightningDataModule):
                                         pad_to_multiple_of=h.pad_to_multiple_of)
         if self.sources is not None:
             self.collator = mixture.MixtureCollator(self.collator)
-            trainer = self.trainer
-            if trainer is not None and not any(isinstance(c, mixture.SourceLogger) for c in trainer.callbacks):
-                trainer.callbacks.append(mixture.SourceLogger([s.name for s in self.sources]))
 
     def _setup_distributed(self, trainer, tokenize: bool = True) -> None:
         """One vocabulary for all processes, then each node's cache tokenized with it.
