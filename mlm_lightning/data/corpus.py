@@ -212,13 +212,18 @@ def _hf_dataset_files(directory: str, storage_options: dict | None = None) -> li
     `state.json` lists them (`_data_files`); `dataset_dict.json` marks a DatasetDict, whose splits are the
     datasets. Read directly with pyarrow: no `datasets` install, no conversion."""
     state_path, dict_path = _join(directory, "state.json"), _join(directory, "dataset_dict.json")
-    if is_url(directory):
-        fs, _ = _filesystem(directory, storage_options)
-        exists = lambda p: _retrying(p, lambda: fs.exists(fs._strip_protocol(p)))  # noqa: E731
-        read = lambda p: _retrying(p, lambda: fs.cat_file(fs._strip_protocol(p)))  # noqa: E731
-    else:
-        exists = os.path.isfile
-        read = lambda p: Path(p).read_bytes()  # noqa: E731
+    def exists(p: str) -> bool:
+        if not is_url(p):
+            return os.path.isfile(p)
+        fs, inner = _filesystem(p, storage_options)
+        return _retrying(p, lambda: fs.exists(inner))
+
+    def read(p: str) -> bytes:
+        if not is_url(p):
+            return Path(p).read_bytes()
+        fs, inner = _filesystem(p, storage_options)
+        return _retrying(p, lambda: fs.cat_file(inner))
+
     if exists(dict_path):
         splits = json.loads(read(dict_path)).get("splits", [])
         raise MLMError(f"{directory} is a datasets DatasetDict with splits {splits}; point at one split:"
@@ -480,14 +485,18 @@ class CorpusReader:
             raise MLMError(f"{path}: cannot read Arrow rows after row {row} ({_first_line(e)})") from None
 
     def _parquet(self, path: str, size: int) -> Iterator[str]:
+        with contextlib.ExitStack() as stack:
+            if is_url(path):  # random access (footer first): fsspec's seekable file, REMOTE_BLOCK per request
+                fs, inner = _filesystem(path, self.storage_options)
+                source = stack.enter_context(_retrying(path, lambda: fs.open(inner, "rb", block_size=REMOTE_BLOCK)))
+            else:
+                source = path
+            yield from self._parquet_rows(path, size, source)
+
+    def _parquet_rows(self, path: str, size: int, source) -> Iterator[str]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if is_url(path):  # random access (footer first): fsspec's seekable file, REMOTE_BLOCK per request
-            fs, inner = _filesystem(path, self.storage_options)
-            source = _retrying(path, lambda: fs.open(inner, "rb", block_size=REMOTE_BLOCK))
-        else:
-            source = path
         try:
             pf = pq.ParquetFile(source)
         except (pa.ArrowException, OSError) as e:

@@ -142,6 +142,17 @@ def test_save_to_disk_dir_in_a_bucket(s3, tmp_path):
     assert list(corpus.iter_texts(files, storage_options=options(endpoint))) == sentences(80, seed=3)
 
 
+def test_parquet_in_a_bucket(s3, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    endpoint, client = s3
+    pq.write_table(pa.table({"body": sentences(70)}), tmp_path / "a.parquet", row_group_size=20)
+    client.put_object(Bucket="corp", Key="pq/a.parquet", Body=(tmp_path / "a.parquet").read_bytes())
+    reader = corpus.CorpusReader(["s3://corp/pq/a.parquet"], "body", options(endpoint))
+    assert list(reader) == sentences(70) and reader.bytes_done() == (tmp_path / "a.parquet").stat().st_size
+
+
 def test_fingerprint_of_local_files_is_unchanged(tmp_path):
     """Caches made before URLs were read stay valid: the local key is still path|size|mtime_ns."""
     import hashlib
