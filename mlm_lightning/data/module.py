@@ -152,8 +152,8 @@ class MLMDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
             seed: Seed of the validation split, the data order and the masks.
             predict_files: Sentences with [MASK] for the `predict` subcommand (one per line).
-            storage_options: fsspec options for URL corpora, e.g. `{"endpoint_url": ...}` (S3-compatible stores:
-                `{"client_kwargs": {"endpoint_url": ...}}`), `{"anon": true}`, `{"profile": ...}`.
+            storage_options: fsspec options for URL corpora, e.g. `{"endpoint_url": ...}` (an S3-compatible store),
+                `{"anon": true}` (a public bucket), `{"profile": ...}`.
             epoch_tokens: A mixture's epoch: this many training tokens (all processes together), a source that
                 runs out starting a new seeded pass. Unset: an epoch ends when the first source runs out.
         """

@@ -173,7 +173,7 @@ def one_line_error(capsys, *args) -> str:
     return err
 
 
-def test_missing_key_missing_bucket_and_bad_credentials_exit_2_with_one_line(s3, capsys):
+def test_missing_key_missing_bucket_bad_credentials_and_access_denied_exit_2_with_one_line(s3, capsys):
     endpoint, _ = s3
     so = json.dumps(options(endpoint))
     err = one_line_error(capsys, "--data.train_files", "s3://corp/corpus/nope.jsonl", "--data.storage_options", so)
@@ -183,14 +183,22 @@ def test_missing_key_missing_bucket_and_bad_credentials_exit_2_with_one_line(s3,
     from moto import settings
     from moto.core.authorization import ActionAuthenticatorMixin
 
+    iam = boto3.client("iam", endpoint_url=endpoint)
+    iam.create_user(UserName="nobody")  # a user with no policy: may read nothing
+    key = iam.create_access_key(UserName="nobody")["AccessKey"]
     saved = settings.INITIAL_NO_AUTH_ACTION_COUNT
     settings.INITIAL_NO_AUTH_ACTION_COUNT, ActionAuthenticatorMixin.request_count = 0, 0  # IAM checks from now on
     try:
         bad = json.dumps(options(endpoint, key="AKIAWRONGWRONGWRONG1", secret="wrong", skip_instance_cache=True))
-        err = one_line_error(capsys, "--data.train_files", "s3://corp/corpus/", "--data.storage_options", bad)
+        wrong = one_line_error(capsys, "--data.train_files", "s3://corp/corpus/", "--data.storage_options", bad)
+        nobody = json.dumps(options(endpoint, key=key["AccessKeyId"], secret=key["SecretAccessKey"],
+                                    skip_instance_cache=True))
+        denied = one_line_error(capsys, "--data.train_files", "s3://corp/corpus/a.jsonl.zst",
+                                "--data.storage_options", nobody)
     finally:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = saved
-    assert "access denied to s3://corp/corpus/" in err and "check the credentials" in err
+    assert "access denied to s3://corp/corpus/" in wrong and "check the credentials" in wrong
+    assert "access denied to s3://corp/corpus/a.jsonl.zst" in denied
 
 
 def test_no_credentials_is_one_line(s3, capsys, monkeypatch, tmp_path):
@@ -278,7 +286,7 @@ def test_missing_extra_names_the_pip_install(monkeypatch):
 def test_fit_from_s3(s3, tmp_path):
     endpoint, _ = s3
     code = run_cli(*fit_args("s3://corp/corpus/", tmp_path / "run", "--trainer.max_steps", "3",
-                             "--data.storage_options", json.dumps(options(endpoint)),
+                             "--data.storage_options", json.dumps({"endpoint_url": endpoint}),
                              "--data.cache_dir", str(tmp_path / "cache")))
     assert code == 0
     assert list((tmp_path / "run").rglob("last.ckpt"))
