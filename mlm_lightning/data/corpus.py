@@ -148,7 +148,7 @@ def _retrying(url: str, call):
             raise
         except Exception as e:  # noqa: BLE001 - classified here, re-raised as one line
             if attempt == RETRIES or not _is_transient(e):
-                raise _store_error(e, url) from None
+                raise _store_error(e, url) from e  # (the chain is for --debug; the CLI prints one line)
             time.sleep(RETRY_WAIT_S * 2**attempt)
     raise AssertionError("unreachable")
 
