@@ -160,3 +160,22 @@ def test_fit_on_a_mixture_logs_shares_and_per_source_validation(sources, tmp_pat
     shares = [r for r in rows if r.get("perf/source_share/domain")]
     assert shares and abs(float(shares[-1]["perf/source_share/domain"]) - 0.8) < 0.2
     assert any(r.get("val/loss/general") for r in rows) and any(r.get("val/loss") for r in rows)
+
+
+@pytest.mark.slow
+def test_interrupted_mixture_fit_resumes_exactly(sources, tmp_path, capsys):
+    import json
+    import signal
+
+    def fit(root, *extra):
+        return run_cli(*fit_args(json.dumps(spec(sources)), root, "--trainer.max_steps", "12",
+                                 "--trainer.val_check_interval", "6", "--data.cache_dir", str(tmp_path / "cache"),
+                                 *extra))
+
+    assert fit(tmp_path / "straight") == 0
+    code = fit(tmp_path / "run", "--trainer.callbacks+=tests.helpers.SignalAt", "--trainer.callbacks.step", "5")
+    assert code == 128 + signal.SIGTERM, capsys.readouterr().err
+    assert fit(tmp_path / "run", "--ckpt_path", "last") == 0
+    a, b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+            for r in (tmp_path / "straight", tmp_path / "run"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
