@@ -50,8 +50,10 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pip install 'ml
 
 
 def _suffixes(path: str) -> tuple[str, str]:
-    """(format suffix, compression suffix or ""): `a.txt.gz` -> (".txt", ".gz"), `a.csv` -> (".csv", "")."""
-    p = Path(path)
+    """(format suffix, compression suffix or ""): `a.txt.gz` -> (".txt", ".gz"), `a.csv` -> (".csv", "").
+
+    A URL's query (a presigned https URL's `?X-Amz-...`) is not part of its name."""
+    p = Path(_without_query(path))
     suffix = p.suffix.lower()
     if suffix in COMPRESSIONS:
         return Path(p.stem).suffix.lower(), suffix
@@ -66,6 +68,10 @@ def is_corpus_file(path: str) -> bool:
 def is_url(path: str) -> bool:
     """A path fsspec should open (`s3://b/k`, `https://...`); plain paths and `file://` stay with `os`."""
     return bool(re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+://", str(path))) and not str(path).startswith("file://")
+
+
+def _without_query(path: str) -> str:
+    return path.split("?", 1)[0] if _is_http(path) else path
 
 
 def _local(path: str) -> str:
@@ -313,7 +319,8 @@ def fingerprint(files: Sequence[str], *extra: object, storage_options: dict | No
         if is_url(f):
             info = _remote_info(f, storage_options)
             identity = [str(info[k]) for k in IDENTITY_KEYS if info.get(k) is not None]
-            h.update(f"{f}|{info.get('size')}|{'|'.join(identity)}\n".encode())
+            # (without the query: a presigned URL signed again names the same object)
+            h.update(f"{_without_query(f)}|{info.get('size')}|{'|'.join(identity)}\n".encode())
         else:  # (unchanged for local files: caches made before URLs were read stay valid)
             st = os.stat(f)
             h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())

@@ -262,6 +262,13 @@ def test_http_gives_the_same_token_arrays_and_resumes_a_dropped_connection(web, 
     assert_same_cache(remote, prepared(str(local_corpus), tmp_path / "b", tokenizer=tokenizer_dir))
 
 
+def test_a_query_string_is_not_part_of_the_name(web, local_corpus):
+    signed = [f"{web}/corpus/a.jsonl.zst?X-Amz-Signature={sig}" for sig in ("abc", "def")]
+    assert corpus.file_kind(signed[0]) == "jsonl"  # read as .jsonl.zst, not as text
+    assert list(corpus.iter_texts(signed[:1])) == sentences(400)
+    assert corpus.fingerprint(signed[:1]) == corpus.fingerprint(signed[1:])  # signed again: the same key
+
+
 def test_http_errors_are_one_line(web, capsys, monkeypatch):
     monkeypatch.setattr(corpus, "RETRY_WAIT_S", 0.01)
     err = one_line_error(capsys, "--data.train_files", f"{web}/corpus/nope.txt")
