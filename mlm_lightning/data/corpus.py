@@ -79,6 +79,19 @@ def _local(path: str) -> str:
 
 
 # -- the store: fsspec for URLs, with retries and one-line errors -------------------------------------------
+SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+
+
+def redacted(options):
+    """`options` with the values of secret-looking keys (key, secret, token, ...) replaced: safe to save."""
+    if isinstance(options, dict):
+        return {k: "***" if SECRET.search(str(k)) and not isinstance(v, (dict, list)) else redacted(v)
+                for k, v in options.items()}
+    if isinstance(options, list):
+        return [redacted(v) for v in options]
+    return options
+
+
 def _filesystem(url: str, storage_options: dict | None):
     """(fsspec file system, path inside it) for `url`."""
     protocol = url.split("://", 1)[0].lower()

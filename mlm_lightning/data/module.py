@@ -158,7 +158,8 @@ class MLMDataModule(L.LightningDataModule):
                 runs out starting a new seeded pass. Unset: an epoch ends when the first source runs out.
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["storage_options"])
+        self.hparams["storage_options"] = corpus.redacted(storage_options)  # (hparams go into every checkpoint)
         check(
             0 <= mask_replace_prob and 0 <= random_replace_prob and mask_replace_prob + random_replace_prob <= 1,
             f"mask_replace_prob + random_replace_prob must be at most 1 and neither negative, got "

@@ -153,6 +153,14 @@ def test_parquet_in_a_bucket(s3, tmp_path):
     assert list(reader) == sentences(70) and reader.bytes_done() == (tmp_path / "a.parquet").stat().st_size
 
 
+def test_secrets_in_storage_options_are_not_saved_in_hyperparameters(local_corpus, tmp_path):
+    so = {"key": "AKIA1", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "t"}}
+    dm = MLMDataModule(train_files=str(local_corpus), cache_dir=str(tmp_path), storage_options=so)
+    assert dm.hparams.storage_options == {"key": "***", "secret": "***",
+                                          "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "***"}}
+    assert dm.storage_options == so  # (used as given)
+
+
 def test_fingerprint_of_local_files_is_unchanged(tmp_path):
     """Caches made before URLs were read stay valid: the local key is still path|size|mtime_ns."""
     import hashlib
