@@ -184,8 +184,15 @@ def _remote_files(spec: str, storage_options: dict | None, what: str, kinds: str
     def url_of(p: str) -> str:
         return p if is_url(p) else fs.unstrip_protocol(p)
 
+    def remember(found: dict) -> None:  # (a listing's entries carry size and ETag on object stores; http's do not)
+        for p, i in found.items():
+            _INFO.pop(_info_key(url_of(p), storage_options), None)
+            if i.get("type") == "file" and i.get("size") is not None and any(k in i for k in IDENTITY_KEYS):
+                _INFO[_info_key(url_of(p), storage_options)] = i
+
     if glob.has_magic(path):
         found = _retrying(spec, lambda: fs.glob(path, detail=True))
+        remember(found)
         matches = sorted(url_of(p) for p, i in found.items() if i.get("type") != "directory" and is_corpus_file(p))
         check(bool(matches), f"{what}: the glob {spec!r} matches no {kinds}; check the pattern")
         return matches
@@ -194,8 +201,10 @@ def _remote_files(spec: str, storage_options: dict | None, what: str, kinds: str
     is_dir = info.get("type") == "directory" or (_is_http(spec) and (
         spec.endswith("/") or info.get("mimetype") == "text/html"))
     if not is_dir:
+        remember({path: info})
         return [url_of(path)]
     found = _retrying(spec, lambda: fs.find(path, detail=True))
+    remember(found)
     listed = sorted(url_of(p) for p, i in found.items() if i.get("type") != "directory")
     files = _with_datasets(spec, listed, storage_options)
     check(bool(files), f"{what}: {spec!r} lists no {kinds}; point at your text files")
@@ -312,9 +321,21 @@ def file_kind(path: str) -> str:
 IDENTITY_KEYS = ("ETag", "etag", "VersionId", "generation", "LastModified", "updated", "Last-Modified", "mtime")
 
 
+# What the store said about each URL when it was last resolved (or first asked about): its size and identity are
+# needed several times per run (tokenizer key, data key, progress total), one request each otherwise.
+_INFO: dict[tuple[str, str], dict] = {}
+
+
+def _info_key(url: str, storage_options: dict | None) -> tuple[str, str]:
+    return url, json.dumps(storage_options or {}, sort_keys=True, default=str)
+
+
 def _remote_info(url: str, storage_options: dict | None) -> dict:
-    fs, path = _filesystem(url, storage_options)
-    return _retrying(url, lambda: fs.info(path))
+    key = _info_key(url, storage_options)
+    if key not in _INFO:
+        fs, path = _filesystem(url, storage_options)
+        _INFO[key] = _retrying(url, lambda: fs.info(path))
+    return _INFO[key]
 
 
 def file_size(path: str, storage_options: dict | None = None) -> int:

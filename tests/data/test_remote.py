@@ -227,9 +227,14 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
     drop: set = set()
     gets: list = []
+    heads: list = []
 
     def log_message(self, *args) -> None:
         pass
+
+    def do_HEAD(self):
+        self.heads.append(self.path)
+        super().do_HEAD()
 
     def do_GET(self):
         self.gets.append(self.path)
@@ -254,6 +259,7 @@ def web(local_corpus):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     Handler.gets.clear()
+    Handler.heads.clear()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
@@ -265,8 +271,12 @@ def test_http_gives_the_same_token_arrays_and_resumes_a_dropped_connection(web, 
     files = corpus.resolve_files(f"{web}/corpus/")  # the server's directory listing, followed
     assert files == [f"{web}/corpus/a.jsonl.zst", f"{web}/corpus/sub/b.txt"]
     Handler.drop = {"corpus/a.jsonl.zst"}
+    Handler.heads.clear()
     remote = prepared(f"{web}/corpus/", tmp_path / "a", tokenizer=tokenizer_dir)
     assert Handler.gets.count("/corpus/a.jsonl.zst") == 2  # dropped half way, then read again from where it stopped
+    # its metadata asked for once (resolve; reused by the tokenizer key, the data key and the progress total), plus
+    # what fsspec asks when it opens the stream: not once per use
+    assert Handler.heads.count("/corpus/sub/b.txt") <= 2
     assert_same_cache(remote, prepared(str(local_corpus), tmp_path / "b", tokenizer=tokenizer_dir))
 
 
