@@ -142,6 +142,26 @@ def test_save_to_disk_dir_in_a_bucket(s3, tmp_path):
     assert list(corpus.iter_texts(files, storage_options=options(endpoint))) == sentences(80, seed=3)
 
 
+def test_a_dropped_s3_read_resumes_at_the_same_byte(s3, monkeypatch):
+    import s3fs
+
+    endpoint, client = s3
+    lines = sentences(120_000, seed=7)  # ~3.5 MB: several 1 MB reads
+    client.put_object(Bucket="corp", Key="big/a.txt", Body=("\n".join(lines) + "\n").encode())
+    real, calls = s3fs.core.S3File.read, []
+
+    def flaky(self, length=-1):
+        calls.append(self.loc)
+        if len(calls) == 2:  # the second read, 1 MB in
+            raise ConnectionResetError("Connection reset by peer")
+        return real(self, length)
+
+    monkeypatch.setattr(s3fs.core.S3File, "read", flaky)
+    monkeypatch.setattr(corpus, "RETRY_WAIT_S", 0.01)
+    assert list(corpus.iter_texts(["s3://corp/big/a.txt"], storage_options=options(endpoint))) == lines
+    assert calls[1] == calls[2] == 1 << 20  # reopened where it stopped
+
+
 def test_parquet_in_a_bucket(s3, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
