@@ -11,7 +11,13 @@ from one run: wall time, MB/s, peak summed memory and the ratios.
     python scripts/bench_data.py --corpus_mb 300          # builds a varied 300 MB corpus once
     python scripts/bench_data.py --corpus my.txt --only ours
 
-The HF side needs `pip install -e '.[bench]'` (datasets, psutil).
+  (s3)   the same as (ours), reading s3://... as a stream: `--s3_server` starts a local S3-compatible server
+         (moto, on 127.0.0.1, in this parent process), uploads the corpus and times ours beside s3 in one run;
+         `--corpus s3://bucket/key --storage_options '{...}'` reads a real store instead (then --only s3).
+
+    python scripts/bench_data.py --corpus_mb 100 --s3_server --only ours,s3
+
+The HF side needs `pip install -e '.[bench]'` (datasets, psutil); `--s3_server` needs `.[dev]` (moto, s3fs).
 """
 
 from __future__ import annotations
@@ -94,7 +100,29 @@ def run_ours(corpus: str, tokenizer: str, cache: str) -> None:
     sys.path.insert(0, str(ROOT))
     from mlm_lightning.data import MLMDataModule
 
-    MLMDataModule(train_files=corpus, tokenizer=tokenizer, cache_dir=cache).prepare_data()
+    options = json.loads(os.environ.get("BENCH_STORAGE_OPTIONS") or "null")
+    MLMDataModule(train_files=corpus, tokenizer=tokenizer, cache_dir=cache, storage_options=options).prepare_data()
+
+
+def start_s3(corpus: str) -> tuple[object, str, dict]:
+    """A moto S3 server on 127.0.0.1 holding `corpus` as s3://bench/<name>: (server, URL, storage options)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # (one log line per request otherwise)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(k, "bench")  # (moto accepts any; the child processes inherit them)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="bench")
+    client.upload_file(corpus, "bench", os.path.basename(corpus))
+    return server, f"s3://bench/{os.path.basename(corpus)}", {"client_kwargs": {"endpoint_url": endpoint}}
 
 
 def run_hf(corpus: str, tokenizer: str, cache: str) -> None:
@@ -118,13 +146,15 @@ def main() -> None:
     p.add_argument("--corpus_mb", type=float, default=300)
     p.add_argument("--tokenizer", help="tokenizer dir (default: our WordPiece, 8192, trained on a 100 MB sample)")
     p.add_argument("--workdir", default=None, help="where the corpus, tokenizer and caches go (default: a temp dir)")
-    p.add_argument("--only", default="ours,hf")
+    p.add_argument("--only", default="ours,hf", help="sides to time: ours, hf, s3")
+    p.add_argument("--s3_server", action="store_true", help="serve the corpus from a local S3 server for the s3 side")
+    p.add_argument("--storage_options", default=None, help="fsspec options (JSON) for a --corpus URL")
     p.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
         side, corpus, tokenizer = args._child
         cache = tempfile.mkdtemp(dir=os.environ["BENCH_WORK"], prefix=f"cache-{side}-")
-        (run_ours if side == "ours" else run_hf)(corpus, tokenizer, cache)
+        (run_hf if side == "hf" else run_ours)(corpus, tokenizer, cache)
         return
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-"))
@@ -135,7 +165,19 @@ def main() -> None:
         if not os.path.exists(corpus):
             print(f"building a {args.corpus_mb:g} MB corpus at {corpus}", flush=True)
             build_corpus(Path(corpus), args.corpus_mb)
-    size_mb = os.path.getsize(corpus) / 2**20
+    url, options, server = None, json.loads(args.storage_options or "null"), None
+    if "://" in corpus:  # a real store: only the s3 side can read it (the tokenizer must be given)
+        url, corpus = corpus, None
+        assert args.tokenizer, "--tokenizer DIR is needed with a --corpus URL"
+        sys.path.insert(0, str(ROOT))
+        from mlm_lightning.data import corpus as corpora
+
+        size_mb = corpora.file_size(url, options) / 2**20
+    else:
+        size_mb = os.path.getsize(corpus) / 2**20
+    if args.s3_server:
+        server, url, options = start_s3(corpus)
+        print(f"serving the corpus as {url} from a local S3 server ({options['client_kwargs']['endpoint_url']})")
     tokenizer = args.tokenizer
     if tokenizer is None:
         sys.path.insert(0, str(ROOT))
@@ -147,19 +189,25 @@ def main() -> None:
         tokenizer = dm._tokenizer_dir()
         print(f"tokenizer: WordPiece {len(tok)} tokens trained on a 100 MB sample in "
               f"{time.perf_counter() - t:.0f} s (not timed below): {tokenizer}", flush=True)
-    env = dict(os.environ, BENCH_WORK=str(work), TOKENIZERS_PARALLELISM="true", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, BENCH_WORK=str(work), TOKENIZERS_PARALLELISM="true", HF_DATASETS_OFFLINE="1",
+               BENCH_STORAGE_OPTIONS=json.dumps(options))
     results = {}
     for side in args.only.split(","):
-        cmd = [sys.executable, __file__, "--_child", side, corpus, tokenizer]
+        cmd = [sys.executable, __file__, "--_child", side, url if side == "s3" else corpus, tokenizer]
         wall, peak, code = sampled_peak_mb(cmd, env)
         if code != 0:
             print(f"{side}: failed with exit code {code}")
             continue
         results[side] = (wall, peak)
         print(f"{side:>4}: {wall:7.1f} s  {size_mb / wall:6.2f} MB/s  peak summed RssAnon {peak:7.0f} MB", flush=True)
-    if "ours" in results and "hf" in results:
-        (w0, m0), (w1, m1) = results["ours"], results["hf"]
-        print(f"ours/hf: wall {w0 / w1:.2f}x, memory {m0 / m1:.2f}x  ({size_mb:.0f} MB corpus, {os.cpu_count()} CPUs)")
+    for other in ("hf", "s3"):
+        if "ours" in results and other in results:
+            (w0, m0), (w1, m1) = results["ours"], results[other]
+            ratio = f"{other}/ours: wall {w1 / w0:.2f}x, memory {m1 / m0:.2f}x" if other == "s3" else \
+                f"ours/hf: wall {w0 / w1:.2f}x, memory {m0 / m1:.2f}x"
+            print(f"{ratio}  ({size_mb:.0f} MB corpus, {os.cpu_count()} CPUs)")
+    if server is not None:
+        server.stop()
     print(json.dumps({"corpus_mb": round(size_mb, 1), **{k: {"wall_s": round(v[0], 1), "peak_mb": round(v[1])}
                                                          for k, v in results.items()}}))
 

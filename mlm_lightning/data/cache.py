@@ -63,10 +63,11 @@ class TokenStream:
 def build_cache(
     directory: str, tokenizer, train_paths: list[str], val_paths: list[str] | None, text_column: str,
     val_fraction: float, val_max_lines: int, seed: int, progress: bool = True, shard_chars: int = shards.SHARD_CHARS,
-    workers: int | None = None,
+    workers: int | None = None, storage_options: dict | None = None,
 ) -> dict:
     """Tokenize the corpus into `directory` (see `shards`): resumable, and all-or-nothing for `directory`.
 
+    `storage_options`: fsspec's, for URLs among the files.
     `workers`: encoding processes; default one per core for corpora over `shards.PROCESS_MIN_BYTES` (starting
     them costs about a second), else encoding in this process.
 
@@ -92,7 +93,7 @@ def build_cache(
             with open(os.path.join(directory, "meta.json")) as f:
                 return json.load(f)
         return _tokenize_into(directory, tokenizer, train_paths, val_paths, text_column, val_fraction, val_max_lines,
-                              seed, progress, shard_chars, workers)
+                              seed, progress, shard_chars, workers, storage_options)
     finally:
         if lock is not None:
             lock.release()
@@ -101,14 +102,14 @@ def build_cache(
 def _tokenize_into(
     directory: str, tokenizer, train_paths: list[str], val_paths: list[str] | None, text_column: str,
     val_fraction: float, val_max_lines: int, seed: int, progress: bool = True, shard_chars: int = shards.SHARD_CHARS,
-    workers: int | None = None,
+    workers: int | None = None, storage_options: dict | None = None,
 ) -> dict:
     """`build_cache` without the lock."""
     partial = f"{directory}.partial"
     os.makedirs(partial, exist_ok=True)
-    readers = [("train", corpus.CorpusReader(train_paths, text_column))]
+    readers = [("train", corpus.CorpusReader(train_paths, text_column, storage_options))]
     if val_paths is not None:
-        readers.append(("val", corpus.CorpusReader(val_paths, text_column)))
+        readers.append(("val", corpus.CorpusReader(val_paths, text_column, storage_options)))
     total = sum(r.total_bytes for _, r in readers)
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

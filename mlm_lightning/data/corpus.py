@@ -1,12 +1,18 @@
-"""Finding, validating and reading text corpora (txt, jsonl, csv, parquet; gz/bz2/xz/zst; files, dirs, globs).
+"""Finding, validating and reading text corpora (txt, jsonl, csv, parquet, Hugging Face `save_to_disk` dirs;
+gz/bz2/xz/zst; files, dirs, globs), on a local disk or in a store fsspec reaches (s3://, gs://, http(s)://).
 
 Reading is streamed line by line with the standard library so that every problem can be reported with
 its file and line number before any tokenization starts.
+
+The one file-system seam is here (`resolve_files`, `file_size`, `fingerprint`, `open_binary`): local paths go
+through `os` exactly as before (same cache keys), URLs through fsspec, read as streams (a few MB buffered, never
+downloaded first), with the store's errors turned into one line naming the URL.
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import glob
 import gzip
@@ -17,10 +23,13 @@ import lzma
 import os
 import re
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
+
+import fsspec
 
 from mlm_lightning.errors import MLMError, check
 
@@ -28,16 +37,23 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 CSV_SUFFIXES = {".csv", ".tsv"}
 PARQUET_SUFFIXES = {".parquet"}
-SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | CSV_SUFFIXES | PARQUET_SUFFIXES
+ARROW_SUFFIXES = {".arrow"}  # Arrow IPC streams, as `datasets`' save_to_disk writes them
+SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | CSV_SUFFIXES | PARQUET_SUFFIXES | ARROW_SUFFIXES
 COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
 # A single "line" longer than this is split at whitespace so one pathological line cannot exhaust memory.
 MAX_CHARS_PER_EXAMPLE = 100_000
 PARQUET_BATCH_ROWS = 8192
+REMOTE_BLOCK = 8 << 20  # bytes fetched per request from an object store (memory stays a few blocks)
+RETRIES = 4  # a dropped connection is retried this many times, waiting RETRY_WAIT_S * 2**attempt in between
+RETRY_WAIT_S = 1.0
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pip install 'mlm-lightning[EXTRA]'
 
 
 def _suffixes(path: str) -> tuple[str, str]:
-    """(format suffix, compression suffix or ""): `a.txt.gz` -> (".txt", ".gz"), `a.csv` -> (".csv", "")."""
-    p = Path(path)
+    """(format suffix, compression suffix or ""): `a.txt.gz` -> (".txt", ".gz"), `a.csv` -> (".csv", "").
+
+    A URL's query (a presigned https URL's `?X-Amz-...`) is not part of its name."""
+    p = Path(_without_query(path))
     suffix = p.suffix.lower()
     if suffix in COMPRESSIONS:
         return Path(p.stem).suffix.lower(), suffix
@@ -46,30 +62,245 @@ def _suffixes(path: str) -> tuple[str, str]:
 
 def is_corpus_file(path: str) -> bool:
     fmt, compression = _suffixes(path)
-    return fmt in SUFFIXES and not (compression and fmt in PARQUET_SUFFIXES)
+    return fmt in SUFFIXES and not (compression and fmt in PARQUET_SUFFIXES | ARROW_SUFFIXES)
 
 
-def resolve_files(spec: str | Sequence[str] | None, what: str = "train_files") -> list[str]:
-    """Expand a path, a list of paths, directories (recursively) and globs into sorted text files."""
+def is_url(path: str) -> bool:
+    """A path fsspec should open (`s3://b/k`, `https://...`); plain paths and `file://` stay with `os`."""
+    return bool(re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+://", str(path))) and not str(path).startswith("file://")
+
+
+def _without_query(path: str) -> str:
+    return path.split("?", 1)[0] if _is_http(path) else path
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+# -- the store: fsspec for URLs, with retries and one-line errors -------------------------------------------
+SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+
+
+def redacted(options):
+    """`options` with the values of secret-looking keys (key, secret, token, ...) replaced: safe to save."""
+    if isinstance(options, dict):
+        return {k: "***" if SECRET.search(str(k)) and not isinstance(v, (dict, list)) else redacted(v)
+                for k, v in options.items()}
+    if isinstance(options, list):
+        return [redacted(v) for v in options]
+    return options
+
+
+def _filesystem(url: str, storage_options: dict | None):
+    """(fsspec file system, path inside it) for `url`."""
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError:
+        extra = EXTRAS.get(protocol)
+        fix = f"pip install 'mlm-lightning[{extra}]'" if extra else "install the fsspec package for it"
+        raise MLMError(f"reading {protocol}:// URLs ({url}) needs a file system package: {fix}") from None
+    except (ValueError, TypeError) as e:  # unknown protocol, or storage_options it does not take
+        raise MLMError(f"cannot open {url} ({_first_line(e)}); check the URL and --data.storage_options") from None
+
+
+_TRANSIENT = {  # by class name, so that neither aiohttp nor botocore needs importing (either may be absent)
+    "ConnectionError", "TimeoutError", "IncompleteRead", "ClientConnectionError", "ClientPayloadError",
+    "ServerDisconnectedError", "ClientOSError", "EndpointConnectionError", "ConnectionClosedError",
+    "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError", "ServerTimeoutError",
+}
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    out = []
+    while e is not None and e not in out and len(out) < 8:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _is_transient(e: BaseException) -> bool:
+    return any(c.__name__ in _TRANSIENT for x in _causes(e) for c in type(x).__mro__)
+
+
+def _status(e: BaseException) -> int | None:
+    """The HTTP status an aiohttp/botocore error carries, if any."""
+    for x in _causes(e):
+        status = getattr(x, "status", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _store_error(e: BaseException, url: str) -> MLMError:
+    """One line for a store's failure, naming the URL and the fix."""
+    names = {c.__name__ for x in _causes(e) for c in type(x).__mro__}
+    text = _first_line(e)
+    status = _status(e)
+    if _is_transient(e):  # (before "not found": fsspec's http reports a refused connection as FileNotFoundError)
+        text = _first_line(next(x for x in _causes(e) if any(c.__name__ in _TRANSIENT for c in type(x).__mro__)))
+        return MLMError(f"cannot read {url}: the connection failed {RETRIES + 1} times ({text}); check the network"
+                        " (and endpoint_url in --data.storage_options), then run again")
+    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+        return MLMError(
+            f"no credentials to read {url}: set them the usual way (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or"
+            " AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://), or pass --data.storage_options"
+            " '{\"anon\": true}' for a public bucket"
+        )
+    if isinstance(e, PermissionError) or status in (401, 403):
+        return MLMError(f"access denied to {url} ({text}): check the credentials and that they may read it")
+    if isinstance(e, FileNotFoundError) or status == 404:
+        if "bucket" in text.lower():
+            return MLMError(f"no such bucket: {url} ({text}); check the bucket name (and endpoint_url in"
+                            " --data.storage_options)")
+        return MLMError(f"{url} does not exist (no such key or file); check the path")
+    return MLMError(f"cannot read {url} ({text})")
+
+
+def _retrying(url: str, call):
+    """`call()`, retried with backoff while the connection fails; any store error becomes one MLMError line."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return call()
+        except MLMError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified here, re-raised as one line
+            if attempt == RETRIES or not _is_transient(e):
+                raise _store_error(e, url) from e  # (the chain is for --debug; the CLI prints one line)
+            time.sleep(RETRY_WAIT_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _is_http(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
+
+
+def _remote_files(spec: str, storage_options: dict | None, what: str, kinds: str) -> list[str]:
+    """The corpus files a URL names: a file, a directory (prefix) the store lists, or a glob."""
+    fs, path = _filesystem(spec, storage_options)
+    fs.invalidate_cache()  # a fresh look at the store: an object changed since the last listing gets a new key
+
+    def url_of(p: str) -> str:
+        return p if is_url(p) else fs.unstrip_protocol(p)
+
+    def remember(found: dict) -> None:  # (a listing's entries carry size and ETag on object stores; http's do not)
+        for p, i in found.items():
+            _INFO.pop(_info_key(url_of(p), storage_options), None)
+            if i.get("type") == "file" and i.get("size") is not None and any(k in i for k in IDENTITY_KEYS):
+                _INFO[_info_key(url_of(p), storage_options)] = i
+
+    if glob.has_magic(path):
+        found = _retrying(spec, lambda: fs.glob(path, detail=True))
+        remember(found)
+        matches = sorted(url_of(p) for p, i in found.items() if i.get("type") != "directory" and is_corpus_file(p))
+        check(bool(matches), f"{what}: the glob {spec!r} matches no {kinds}; check the pattern")
+        return matches
+    info = _retrying(spec, lambda: fs.info(path))
+    # an http "directory" is an HTML page of links: asking any other URL for its links would download it
+    is_dir = info.get("type") == "directory" or (_is_http(spec) and (
+        spec.endswith("/") or info.get("mimetype") == "text/html"))
+    if not is_dir:
+        remember({path: info})
+        return [url_of(path)]
+    found = _retrying(spec, lambda: fs.find(path, detail=True))
+    remember(found)
+    listed = sorted(url_of(p) for p, i in found.items() if i.get("type") != "directory")
+    files = _with_datasets(spec, listed, storage_options)
+    check(bool(files), f"{what}: {spec!r} lists no {kinds}; point at your text files")
+    return files
+
+
+def _with_datasets(root: str, listed: list[str], storage_options: dict | None) -> list[str]:
+    """The corpus files among `listed` (all files under directory `root`, sorted); a `datasets` save_to_disk
+    directory in there (one with a state.json) gives its Arrow files, in its own order, and none of its json."""
+    whole = _hf_dataset_files(root, storage_options)  # (a DatasetDict is refused here, with its splits named)
+    if whole is not None:
+        return whole
+    dirs = {f.rsplit("/", 1)[0] for f in listed if f.endswith("/state.json")}
+    dirs = {d for d in dirs if not any(d.startswith(o + "/") for o in dirs)}  # the outermost ones
+    out, done = [], set()
+    for f in listed:
+        owner = next((d for d in dirs if f.startswith(d + "/")), None)
+        if owner is None:
+            out += [f] if is_corpus_file(f) else []
+        elif owner not in done:
+            done.add(owner)
+            out += _hf_dataset_files(owner, storage_options) or []
+    return out
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if is_url(base) else os.path.join(base, name)
+
+
+def _hf_dataset_files(directory: str, storage_options: dict | None = None) -> list[str] | None:
+    """The Arrow files of a `datasets` save_to_disk directory, in its order (None: not such a directory).
+
+    `state.json` lists them (`_data_files`); `dataset_dict.json` marks a DatasetDict, whose splits are the
+    datasets. Read directly with pyarrow: no `datasets` install, no conversion."""
+    state_path, dict_path = _join(directory, "state.json"), _join(directory, "dataset_dict.json")
+    def exists(p: str) -> bool:
+        if not is_url(p):
+            return os.path.isfile(p)
+        fs, inner = _filesystem(p, storage_options)
+        return _retrying(p, lambda: fs.exists(inner))
+
+    def read(p: str) -> bytes:
+        if not is_url(p):
+            return Path(p).read_bytes()
+        fs, inner = _filesystem(p, storage_options)
+        return _retrying(p, lambda: fs.cat_file(inner))
+
+    if exists(dict_path):
+        splits = json.loads(read(dict_path)).get("splits", [])
+        raise MLMError(f"{directory} is a datasets DatasetDict with splits {splits}; point at one split:"
+                       f" {_join(directory, splits[0] if splits else 'train')}")
+    if not exists(state_path):
+        return None
+    try:
+        state = json.loads(read(state_path))
+        names = [d["filename"] for d in state["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise MLMError(f"{state_path} is not a datasets state.json ({_first_line(e)}); save it again") from None
+    check(not state.get("_indices_data_files"), f"{directory} has an indices mapping; save it again after"
+          " .flatten_indices() (datasets does that in save_to_disk since 2.x)")
+    check(bool(names), f"{directory}: its state.json lists no data files")
+    for name in names:
+        check("/" not in name and "\\" not in name and name not in (".", ".."),
+              f"{state_path} names an unexpected data file {name!r}")
+    return [_join(directory, name) for name in names]
+
+
+def resolve_files(spec: str | Sequence[str] | None, what: str = "train_files",
+                  storage_options: dict | None = None) -> list[str]:
+    """Expand paths or URLs, directories (recursively) and globs into sorted corpus files.
+
+    A `datasets` save_to_disk directory gives its Arrow files in its own order."""
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec or [])
     check(len(specs) > 0, f"no {what} given: pass --data.{what} PATH (a file, a directory or a glob)")
-    kinds = ".txt/.jsonl/.csv file (plain, .gz, .bz2, .xz or .zst) or .parquet file"
+    kinds = ".txt/.jsonl/.csv file (plain, .gz, .bz2, .xz or .zst), .parquet file or datasets save_to_disk dir"
     files: list[str] = []
     for s in map(str, specs):
+        if is_url(s):
+            files += _remote_files(s, storage_options, what, kinds)
+            continue
+        s = _local(s)
         if glob.has_magic(s):
             matches = sorted(p for p in glob.glob(s, recursive=True) if os.path.isfile(p))
             matches = [p for p in matches if is_corpus_file(p)]
             check(bool(matches), f"{what}: the glob {s!r} matches no {kinds}; check the pattern")
             files += matches
         elif os.path.isdir(s):
-            found = sorted(str(p) for p in Path(s).rglob("*") if p.is_file() and is_corpus_file(str(p)))
+            listed = sorted(str(p) for p in Path(s).rglob("*") if p.is_file())
+            found = _with_datasets(s, listed, None)
             check(bool(found), f"{what}: the directory {s!r} has no {kinds}; point at your text files")
             files += found
         else:
             check(os.path.exists(s), f"{what}: {s!r} does not exist; check the path")
             check(os.path.isfile(s), f"{what}: {s!r} is not a regular file")
             files.append(s)
-    return list(dict.fromkeys(os.path.abspath(f) for f in files))
+    return list(dict.fromkeys(f if is_url(f) else os.path.abspath(f) for f in files))
 
 
 def file_kind(path: str) -> str:
@@ -80,17 +311,121 @@ def file_kind(path: str) -> str:
         return "csv"
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
+    if suffix in ARROW_SUFFIXES:
+        return "arrow"
     return "txt"
 
 
-def fingerprint(files: Sequence[str], *extra: object) -> str:
-    """A cheap, stable key for a corpus: path, size and mtime of each file, plus settings."""
+# what identifies an object's content, by store: S3 (ETag, VersionId, LastModified), GCS (etag, generation,
+# updated), http (ETag, Last-Modified), others (mtime)
+IDENTITY_KEYS = ("ETag", "etag", "VersionId", "generation", "LastModified", "updated", "Last-Modified", "mtime")
+
+
+# What the store said about each URL when it was last resolved (or first asked about): its size and identity are
+# needed several times per run (tokenizer key, data key, progress total), one request each otherwise.
+_INFO: dict[tuple[str, str], dict] = {}
+
+
+def _info_key(url: str, storage_options: dict | None) -> tuple[str, str]:
+    return url, json.dumps(storage_options or {}, sort_keys=True, default=str)
+
+
+def _remote_info(url: str, storage_options: dict | None) -> dict:
+    key = _info_key(url, storage_options)
+    if key not in _INFO:
+        fs, path = _filesystem(url, storage_options)
+        _INFO[key] = _retrying(url, lambda: fs.info(path))
+    return _INFO[key]
+
+
+def file_size(path: str, storage_options: dict | None = None) -> int:
+    """Stored bytes (compressed for .gz etc.): the progress bar's unit."""
+    if not is_url(path):
+        return os.path.getsize(path)
+    return int(_remote_info(path, storage_options).get("size") or 0)
+
+
+def fingerprint(files: Sequence[str], *extra: object, storage_options: dict | None = None) -> str:
+    """A cheap, stable key for a corpus: path, size and mtime of each file (for a URL: the store's ETag or
+    version, size and modification time; nothing is read), plus settings."""
     h = hashlib.sha256()
     for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        if is_url(f):
+            info = _remote_info(f, storage_options)
+            identity = [str(info[k]) for k in IDENTITY_KEYS if info.get(k) is not None]
+            # (without the query: a presigned URL signed again names the same object)
+            h.update(f"{_without_query(f)}|{info.get('size')}|{'|'.join(identity)}\n".encode())
+        else:  # (unchanged for local files: caches made before URLs were read stay valid)
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(repr(extra).encode())
     return h.hexdigest()[:16]
+
+
+class _RemoteStream(io.RawIOBase):
+    """A remote file as a forward stream: `REMOTE_BLOCK` bytes per request (an http URL: one streamed GET).
+
+    A dropped connection is reopened at the byte it stopped (seek, or for an http stream skip ahead), up to
+    `RETRIES` times with backoff; fsspec's own retries (s3fs has some) come first."""
+
+    def __init__(self, url: str, storage_options: dict | None):
+        self.url, self.storage_options = url, storage_options
+        self.fs, self.path = _filesystem(url, storage_options)
+        self.pos, self.f = 0, None
+        _retrying(url, self._open)  # a missing key or bad credentials fail here, before any reading
+
+    def _open(self) -> None:
+        if _is_http(self.url):  # http: one streamed GET (works with servers that ignore Range)
+            f = self.fs.open(self.path, "rb", block_size=0)
+            skip = self.pos
+            while skip:
+                chunk = f.read(min(skip, REMOTE_BLOCK))
+                check(bool(chunk), f"{self.url} is shorter than before; it changed while being read, run again")
+                skip -= len(chunk)
+        else:
+            f = self.fs.open(self.path, "rb", block_size=REMOTE_BLOCK, cache_type="readahead")
+            f.seek(self.pos)
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        def read() -> bytes:
+            if self.f is None:
+                self._open()
+            try:
+                return self.f.read(len(buffer))
+            except BaseException:
+                self._drop()
+                raise
+
+        data = _retrying(self.url, read)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def _drop(self) -> None:
+        f, self.f = self.f, None
+        try:
+            if f is not None:
+                f.close()
+        except Exception:  # noqa: BLE001 - a broken connection may fail to close too; it is dropped anyway
+            pass
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_binary(path: str, storage_options: dict | None = None) -> BinaryIO:
+    """A buffered binary stream of a local file or URL (only URLs pass through fsspec)."""
+    if not is_url(path):
+        return open(path, "rb")
+    return io.BufferedReader(_RemoteStream(path, storage_options), buffer_size=1 << 20)
 
 
 def _decompressed(path: str, raw: BinaryIO) -> BinaryIO:
@@ -115,9 +450,10 @@ class CorpusReader:
     unit, known without decompressing anything ahead.
     """
 
-    def __init__(self, files: Sequence[str], text_column: str = "text"):
-        self.files, self.text_column = list(files), text_column
-        self.total_bytes = sum(os.path.getsize(f) for f in self.files)
+    def __init__(self, files: Sequence[str], text_column: str = "text", storage_options: dict | None = None):
+        self.files, self.text_column, self.storage_options = list(files), text_column, storage_options
+        self.sizes = [file_size(f, storage_options) for f in self.files]
+        self.total_bytes = sum(self.sizes)
         self._done = 0
         self._raw: BinaryIO | None = None
         self._parquet_fraction = 0.0
@@ -129,13 +465,14 @@ class CorpusReader:
         return self._done + current + int(self._parquet_fraction)
 
     def __iter__(self) -> Iterator[str]:
-        for path in self.files:
-            size = os.path.getsize(path)
+        for path, size in zip(self.files, self.sizes, strict=True):
             check(size > 0, f"{path} is empty; remove it or add text")
             n = 0
-            with open(path, "rb") as raw:
+            with contextlib.ExitStack() as stack:  # (a Parquet file is opened by its reader: it reads the end first)
+                parquet = file_kind(path) == "parquet"
+                raw = None if parquet else stack.enter_context(open_binary(path, self.storage_options))
                 self._raw = raw
-                for text in self._records(path, raw):
+                for text in self._records(path, raw, size):
                     text = text.strip()
                     if text:
                         n += 1
@@ -144,10 +481,12 @@ class CorpusReader:
             self._done += size
             check(n > 0, f"{path} has only blank lines (no text in {self.text_column!r}); remove it or add text")
 
-    def _records(self, path: str, raw: BinaryIO) -> Iterator[str]:
+    def _records(self, path: str, raw: BinaryIO | None, size: int) -> Iterator[str]:
         kind = file_kind(path)
         if kind == "parquet":
-            yield from self._parquet(path, os.path.getsize(path))
+            yield from self._parquet(path, size)
+        elif kind == "arrow":
+            yield from self._arrow(path, raw)
         elif kind == "txt":
             for _, line in _decoded_lines(path, _decompressed(path, raw)):
                 yield line
@@ -156,22 +495,55 @@ class CorpusReader:
         else:
             yield from _csv(path, _decoded_lines(path, _decompressed(path, raw)), self.text_column)
 
-    def _parquet(self, path: str, size: int) -> Iterator[str]:
+    def _text_column(self, path: str, schema) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as e:
-            raise MLMError(f"{path} is not a readable Parquet file ({_first_line(e)})") from None
-        names = pf.schema_arrow.names
-        col = self.text_column
+        names, col = schema.names, self.text_column
         check(col in names, f"{path} has no {col!r} column (columns: {names}); pass --data.text_column NAME")
-        kind = pf.schema_arrow.field(col).type
+        kind = schema.field(col).type
         check(
             pa.types.is_string(kind) or pa.types.is_large_string(kind),
             f"{path} column {col!r} holds {kind}, not text; pass --data.text_column NAME of a string column",
         )
+
+    def _arrow(self, path: str, raw: BinaryIO) -> Iterator[str]:
+        """An Arrow IPC stream (a `datasets` save_to_disk shard), read batch by batch from the stream."""
+        import pyarrow as pa
+
+        try:
+            reader = pa.ipc.open_stream(raw)
+        except (pa.ArrowException, OSError) as e:
+            raise MLMError(f"{path} is not an Arrow stream file (as datasets writes) ({_first_line(e)})") from None
+        self._text_column(path, reader.schema)
+        row = 0
+        try:
+            for batch in reader:
+                for value in batch.column(self.text_column).to_pylist():
+                    row += 1
+                    if value is not None:
+                        yield value
+        except (pa.ArrowException, OSError) as e:
+            raise MLMError(f"{path}: cannot read Arrow rows after row {row} ({_first_line(e)})") from None
+
+    def _parquet(self, path: str, size: int) -> Iterator[str]:
+        with contextlib.ExitStack() as stack:
+            if is_url(path):  # random access (footer first): fsspec's seekable file, REMOTE_BLOCK per request
+                fs, inner = _filesystem(path, self.storage_options)
+                source = stack.enter_context(_retrying(path, lambda: fs.open(inner, "rb", block_size=REMOTE_BLOCK)))
+            else:
+                source = path
+            yield from self._parquet_rows(path, size, source)
+
+    def _parquet_rows(self, path: str, size: int, source) -> Iterator[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(source)
+        except (pa.ArrowException, OSError) as e:
+            raise MLMError(f"{path} is not a readable Parquet file ({_first_line(e)})") from None
+        col = self.text_column
+        self._text_column(path, pf.schema_arrow)
         row, total = 0, max(1, pf.metadata.num_rows)
         try:
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[col]):
@@ -271,9 +643,9 @@ def _split_long(text: str) -> Iterator[str]:
         start = end
 
 
-def iter_texts(files: Sequence[str], text_column: str = "text") -> Iterator[str]:
+def iter_texts(files: Sequence[str], text_column: str = "text", storage_options: dict | None = None) -> Iterator[str]:
     """Yield non-blank examples from every file, failing with file/line context on bad input."""
-    return iter(CorpusReader(files, text_column))
+    return iter(CorpusReader(files, text_column, storage_options))
 
 
 def default_corpus(cache_dir: str) -> str:

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from mlm_lightning.data import corpus
+from mlm_lightning.data import corpus, mixture
 from mlm_lightning.data.cache import CACHE_VERSION, TokenStream, build_cache, default_cache_dir
 from mlm_lightning.data.distributed import together
 from mlm_lightning.data.masking import MaskingCollator, check_masking
-from mlm_lightning.data.sampling import BatchPlan, ResumableDataLoader
+from mlm_lightning.data.sampling import BatchPlan, ConcatPlan, MixturePlan, ResumableDataLoader
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import (
     load_tokenizer,
@@ -85,7 +85,7 @@ class MLMDataset(Dataset):
 class MLMDataModule(L.LightningDataModule):
     def __init__(
         self,
-        train_files: str | list[str] | None = None,
+        train_files: str | list[str | dict] | None = None,
         val_files: str | list[str] | None = None,
         val_fraction: float = 0.05,
         val_max_lines: int = 10_000,
@@ -109,14 +109,19 @@ class MLMDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         predict_files: str | list[str] | None = None,
+        storage_options: dict | None = None,
+        epoch_tokens: int | None = None,
     ):
         """Text data for masked-language modeling.
 
         Args:
             train_files: Training text: a file, a list, a directory or a glob (.txt: one example per line,
                 blank lines skipped; .jsonl/.csv/.parquet: the `text_column` field; txt/jsonl/csv may be
-                compressed: .gz, .bz2, .xz, .zst). Unset: the offline default corpus, CPython's bundled
-                language reference.
+                compressed: .gz, .bz2, .xz, .zst; a `datasets` save_to_disk directory: its Arrow files). Paths
+                or fsspec URLs (s3://, gs://, http(s)://; globs and directories where the store lists them).
+                A mixture: a list of sources `{"path": ..., "weight": 0.8, "name": ..., "val_files": ...}`,
+                each tokenized into its own cache, batches drawn by weight (by tokens). Unset: the offline
+                default corpus, CPython's bundled language reference.
             val_files: Validation text, same forms. Unset: a seeded `val_fraction` of the training lines.
             val_fraction: Share of training lines held out for validation when `val_files` is unset (a seeded
                 function of each line's index, decided before tokenizing).
@@ -147,9 +152,14 @@ class MLMDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
             seed: Seed of the validation split, the data order and the masks.
             predict_files: Sentences with [MASK] for the `predict` subcommand (one per line).
+            storage_options: fsspec options for URL corpora, e.g. `{"endpoint_url": ...}` (an S3-compatible store),
+                `{"anon": true}` (a public bucket), `{"profile": ...}`.
+            epoch_tokens: A mixture's epoch: this many training tokens (all processes together), a source that
+                runs out starting a new seeded pass. Unset: an epoch ends when the first source runs out.
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["storage_options"])
+        self.hparams["storage_options"] = corpus.redacted(storage_options)  # (hparams go into every checkpoint)
         check(
             0 <= mask_replace_prob and 0 <= random_replace_prob and mask_replace_prob + random_replace_prob <= 1,
             f"mask_replace_prob + random_replace_prob must be at most 1 and neither negative, got "
@@ -168,15 +178,28 @@ class MLMDataModule(L.LightningDataModule):
         check_masking(masking, mlm_probability, mean_span_length)  # (mlm_probability too)
         check(val_max_lines >= 1, f"val_max_lines must be at least 1, got {val_max_lines}")
         check(tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {tokenizer_sample_mb}")
+        check(epoch_tokens is None or epoch_tokens > 0, f"epoch_tokens must be positive, got {epoch_tokens}")
         self.cache_dir = cache_dir or default_cache_dir()
-        self.train_paths = corpus.resolve_files(train_files) if train_files is not None else None
-        self.val_paths = corpus.resolve_files(val_files, "val_files") if val_files is not None else None
-        self.predict_paths = corpus.resolve_files(predict_files, "predict_files") if predict_files else None
+        self.storage_options = storage_options
+        self.sources = mixture.parse_sources(train_files, storage_options) if mixture.is_mixture(train_files) else None
+        check(self.sources is None or val_files is None, "with a mixture, give each source its own val_files"
+              ' ({"path": ..., "weight": ..., "val_files": ...}), or none to hold out --data.val_fraction of each')
+        check(epoch_tokens is None or self.sources is not None, "epoch_tokens sets a mixture's epoch; with one"
+              " corpus use --trainer.limit_train_batches")
+        if self.sources is not None:
+            self.train_paths = list(dict.fromkeys(p for s in self.sources for p in s.paths))
+        elif train_files is not None:
+            self.train_paths = corpus.resolve_files(train_files, storage_options=storage_options)
+        else:
+            self.train_paths = None
+        self.val_paths = None if val_files is None else corpus.resolve_files(val_files, "val_files", storage_options)
+        self.predict_paths = corpus.resolve_files(predict_files, "predict_files", storage_options) \
+            if predict_files else None
         self.tokenizer = None
         self.datasets: dict[str, MLMDataset] = {}
         self._train_loader: ResumableDataLoader | None = None
         self._resume_state: dict | None = None
-        self._data_dir_path: str | None = None
+        self._data_dirs_list: list[str] | None = None
 
     # -- preparation (rank 0) and loading (every rank) --------------------------------------------------
     def _train_paths(self) -> list[str]:
@@ -186,9 +209,11 @@ class MLMDataModule(L.LightningDataModule):
 
     def _tokenizer_dir(self) -> str:
         h = self.hparams
-        sampled = sum(map(os.path.getsize, self._train_paths())) > h.tokenizer_sample_mb * 2**20
+        size = sum(corpus.file_size(f, self.storage_options) for f in self._train_paths())
+        sampled = size > h.tokenizer_sample_mb * 2**20
         key = corpus.fingerprint(self._train_paths(), h.vocab_size, h.lowercase,
-                                 (h.tokenizer_sample_mb, h.seed) if sampled else None)
+                                 (h.tokenizer_sample_mb, h.seed) if sampled else None,
+                                 storage_options=self.storage_options)
         return os.path.join(self.cache_dir, "tokenizers", f"wordpiece-{key}")
 
     def load_tokenizer(self, train_if_missing: bool = False):
@@ -200,26 +225,37 @@ class MLMDataModule(L.LightningDataModule):
             else:
                 check(train_if_missing, "the corpus tokenizer is missing; call prepare_data() first")
                 log.info("training a WordPiece tokenizer (vocab %d) on the corpus", self.hparams.vocab_size)
-                texts = sample_texts(corpus.CorpusReader(self._train_paths(), self.hparams.text_column),
-                                     self.hparams.tokenizer_sample_mb, self.hparams.seed)
+                reader = corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
+                texts = sample_texts(reader, self.hparams.tokenizer_sample_mb, self.hparams.seed)
                 self.tokenizer = train_wordpiece(
                     texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
                     self.hparams.lowercase,
                 )
         return self.tokenizer
 
-    def _data_dir(self) -> str:
-        if self._data_dir_path is None:  # hashing the tokenizer serializes it: once is enough
-            self._data_dir_path = self._data_key_dir()
-        return self._data_dir_path
+    def _parts(self) -> list[tuple[list[str], list[str] | None]]:
+        """(train files, val files) of each tokenized cache: one, or one per source of a mixture."""
+        if self.sources is None:
+            return [(self._train_paths(), self.val_paths)]
+        return [(s.paths, s.val_paths) for s in self.sources]
 
-    def _data_key_dir(self) -> str:
+    def _data_dirs(self) -> list[str]:
+        if self._data_dirs_list is None:  # hashing the tokenizer serializes it: once is enough
+            self._data_dirs_list = [self._data_key_dir(train, val) for train, val in self._parts()]
+        return self._data_dirs_list
+
+    def _data_dir(self) -> str:
+        return self._data_dirs()[0]
+
+    def _cached(self) -> bool:
+        return all(os.path.isdir(d) for d in self._data_dirs())
+
+    def _data_key_dir(self, train: list[str], val: list[str] | None) -> str:
         h = self.hparams
-        files = self._train_paths() + (self.val_paths or [])
         key = corpus.fingerprint(
-            files, len(self._train_paths()), h.text_column,
-            (h.val_fraction, h.val_max_lines) if self.val_paths is None else None, h.seed,
-            tokenizer_fingerprint(self.load_tokenizer()), CACHE_VERSION,
+            train + (val or []), len(train), h.text_column,
+            (h.val_fraction, h.val_max_lines) if val is None else None, h.seed,
+            tokenizer_fingerprint(self.load_tokenizer()), CACHE_VERSION, storage_options=self.storage_options,
         )
         return os.path.join(self.cache_dir, "data", key)
 
@@ -229,19 +265,22 @@ class MLMDataModule(L.LightningDataModule):
         self.load_tokenizer(train_if_missing=True)
         if self.trainer is not None and self.trainer.predicting:
             return  # predict needs the tokenizer, not the tokenized corpus
-        if os.path.isdir(self._data_dir()):
-            log.info("tokenized corpus found in the cache: %s", self._data_dir())
+        if self._cached():
+            log.info("tokenized corpus found in the cache: %s", ", ".join(self._data_dirs()))
             return
         self._build_cache()
 
     def _build_cache(self) -> None:
-        h, directory = self.hparams, self._data_dir()
+        h = self.hparams
         show = self.trainer is None or self.trainer.is_global_zero
-        meta = build_cache(
-            directory, self.tokenizer, self._train_paths(), self.val_paths, h.text_column,
-            h.val_fraction, h.val_max_lines, h.seed, progress=show,
-        )
-        log.info("tokenized %d train / %d val tokens into %s", meta["train_tokens"], meta["val_tokens"], directory)
+        for directory, (train, val) in zip(self._data_dirs(), self._parts(), strict=True):
+            if os.path.isdir(directory):
+                continue
+            meta = build_cache(
+                directory, self.tokenizer, train, val, h.text_column,
+                h.val_fraction, h.val_max_lines, h.seed, progress=show, storage_options=self.storage_options,
+            )
+            log.info("tokenized %d train / %d val tokens into %s", meta["train_tokens"], meta["val_tokens"], directory)
 
     def setup(self, stage: str | None = None) -> None:
         distributed = self.trainer is not None and self.trainer.world_size > 1
@@ -249,27 +288,35 @@ class MLMDataModule(L.LightningDataModule):
             if distributed:
                 self._setup_distributed(self.trainer, tokenize=False)
             return self._setup_predict()
+        if self.sources is not None:
+            mixture.attach_logger(self.trainer, [s.name for s in self.sources])
         if self.datasets:
             return
         if distributed:
             self._setup_distributed(self.trainer)
         tok = self.load_tokenizer()
-        directory = self._data_dir()
-        if not os.path.isdir(directory):
+        if not self._cached():
             self.prepare_data()
         h = self.hparams
         for split in ("train", "val"):
-            ds = MLMDataset(TokenStream.load(directory, split), h.max_length, not h.line_by_line,
-                            tok.cls_token_id, tok.sep_token_id, h.seed)
-            check(
-                len(ds) > 0,
-                f"the {split} split is too small for one example of max_length {h.max_length}"
-                f" ({len(ds.stream.tokens)} tokens); add text, lower --data.max_length or use --data.line_by_line",
-            )
-            self.datasets[split] = ds
+            parts = []
+            for i, directory in enumerate(self._data_dirs()):
+                ds = MLMDataset(TokenStream.load(directory, split), h.max_length, not h.line_by_line,
+                                tok.cls_token_id, tok.sep_token_id, h.seed)
+                where = "" if self.sources is None else f" of source {self.sources[i].name!r}"
+                check(
+                    len(ds) > 0,
+                    f"the {split} split{where} is too small for one example of max_length {h.max_length}"
+                    f" ({len(ds.stream.tokens)} tokens); add text, lower --data.max_length or use --data.line_by_line",
+                )
+                parts.append(ds)
+            names = [s.name for s in self.sources or []]
+            self.datasets[split] = parts[0] if self.sources is None else mixture.MixtureDataset(parts, names, h.seed)
         self.collator = MaskingCollator(tok, h.mlm_probability, h.mask_replace_prob, h.random_replace_prob,
                                         masking=h.masking, mean_span_length=h.mean_span_length,
                                         pad_to_multiple_of=h.pad_to_multiple_of)
+        if self.sources is not None:
+            self.collator = mixture.MixtureCollator(self.collator)
 
     def _setup_distributed(self, trainer, tokenize: bool = True) -> None:
         """One vocabulary for all processes, then each node's cache tokenized with it.
@@ -297,8 +344,7 @@ class MLMDataModule(L.LightningDataModule):
             return
         for first in (trainer.is_global_zero, trainer.local_rank == 0 and not trainer.is_global_zero):
             # (the gather in `together` is also the barrier: the others wait until this turn's cache exists)
-            together(trainer, lambda first=first: self._build_cache()
-                     if first and not os.path.isdir(self._data_dir()) else None)
+            together(trainer, lambda first=first: self._build_cache() if first and not self._cached() else None)
 
     def _received_tokenizer(self, files: dict[str, str]):
         target = self._tokenizer_dir()
@@ -317,7 +363,8 @@ class MLMDataModule(L.LightningDataModule):
         mask = self.load_tokenizer().mask_token
         self.predict_lines = []
         for path in self.predict_paths:
-            for lineno, line in enumerate(corpus.iter_texts([path], self.hparams.text_column), start=1):
+            lines = corpus.iter_texts([path], self.hparams.text_column, self.storage_options)
+            for lineno, line in enumerate(lines, start=1):
                 check("[MASK]" in line or mask in line, f"{path} line {lineno} has no [MASK]: {line[:60]!r}")
                 self.predict_lines.append(line)
 
@@ -327,19 +374,33 @@ class MLMDataModule(L.LightningDataModule):
         ds = self.datasets[split]
         trainer = self.trainer
         world = trainer.world_size if trainer else 1
-        check(
-            len(ds) >= world or train,
-            f"the {split} split has {len(ds)} examples, fewer than the {world} processes;"
-            " add validation text (--data.val_fraction or --data.val_files)",
-        )
-        plan = BatchPlan(
-            ds.lengths, h.batch_size, max_tokens=h.max_tokens if h.line_by_line else None,
-            group_by_length=h.group_by_length and h.line_by_line, shuffle=train, seed=h.seed,
-            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
-            epoch_key=None if train else -1,
-            # packed training: every batch batch_size x max_length, a static shape (torch.compile compiles once)
-            drop_last=train and not h.line_by_line, pad_multiple=h.pad_to_multiple_of,
-        )
+        rank = trainer.global_rank if trainer else 0
+        parts = ds.parts if self.sources is not None else [ds]
+        for part in parts:
+            check(
+                len(part) >= world or train,
+                f"the {split} split has {len(part)} examples, fewer than the {world} processes;"
+                " add validation text (--data.val_fraction or --data.val_files)",
+            )
+
+        def batch_plan(lengths, seed, replicas, replica):
+            return BatchPlan(
+                lengths, h.batch_size, max_tokens=h.max_tokens if h.line_by_line else None,
+                group_by_length=h.group_by_length and h.line_by_line, shuffle=train, seed=seed,
+                num_replicas=replicas, rank=replica, epoch_key=None if train else -1,
+                # packed training: every batch batch_size x max_length, a static shape (torch.compile compiles once)
+                drop_last=train and not h.line_by_line, pad_multiple=h.pad_to_multiple_of,
+            )
+
+        if self.sources is None:
+            plan = batch_plan(ds.lengths, h.seed, world, rank)
+        elif train:  # each source's own seeded order over all its batches; the mixture splits them by process
+            lengths = [p.lengths for p in parts]
+            plans = [batch_plan(x, mixture.source_seed(h.seed, i), 1, 0) for i, x in enumerate(lengths)]
+            plan = MixturePlan(plans, lengths, [s.weight for s in self.sources], list(ds.offsets[:-1]),
+                               seed=h.seed, num_replicas=world, rank=rank, epoch_tokens=h.epoch_tokens)
+        else:
+            plan = ConcatPlan([batch_plan(p.lengths, h.seed, world, rank) for p in parts], list(ds.offsets[:-1]))
         check(
             len(plan) > 0 or not train,
             f"the training split gives too few batches for {world} processes (each needs at least one batch of"

@@ -139,6 +139,107 @@ class BatchPlan(Sampler[list[tuple[int, int]]]):
             yield [(key, int(i)) for i in batch]
 
 
+PASSES = 1 << 16  # mask keys of a mixture: epoch * PASSES + pass of the source within the epoch
+
+
+class MixturePlan(Sampler[list[tuple[int, int]]]):
+    """Batches from several sources, each source's batches from its own seeded `BatchPlan`, interleaved so that
+    each source's share of the tokens follows its weight.
+
+    Interleaving by token deficit (stride scheduling): the next batch comes from the source furthest below its
+    weight (fewest tokens / weight so far), so at any point of an epoch each share is within one batch of its
+    weight; random draws would stray by sqrt(w(1-w)/batches), 3 points after 200 batches. What each source
+    contributes, and in which order, is its plan's seeded shuffle. Indices are global: source s's example i is
+    `offsets[s] + i` (a `MixtureDataset`).
+
+    An epoch ends when the first source runs out of batches (`epoch_tokens` None: no example is seen twice in an
+    epoch), or after `epoch_tokens` tokens (all processes together), a source that runs out starting a new
+    seeded pass. Like `BatchPlan`, the epoch's plan is a pure function of (seed, epoch), the same for any
+    number of loader workers; process `rank` takes every `num_replicas`-th batch of it.
+    """
+
+    def __init__(self, plans: list[BatchPlan], lengths: list[np.ndarray], weights: list[float], offsets: list[int],
+                 *, seed: int = 0, num_replicas: int = 1, rank: int = 0, epoch_tokens: int | None = None):
+        self.plans, self.lengths, self.offsets = plans, [np.asarray(x) for x in lengths], [int(o) for o in offsets]
+        total = float(sum(weights))
+        self.weights = np.array([w / total for w in weights])
+        self.seed, self.num_replicas, self.rank, self.epoch_tokens = seed, num_replicas, rank, epoch_tokens
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+        self._cache: tuple[int, list] | None = None
+        self.sampler = self  # (Lightning calls set_epoch on `batch_sampler.sampler`)
+
+    set_epoch = BatchPlan.set_epoch
+    resume = BatchPlan.resume
+
+    def schedule(self, epoch: int) -> list[tuple[int, int, np.ndarray]]:
+        """(source, pass, local example indices) of every batch of `epoch`, all processes together."""
+        n = len(self.plans)
+        passes = [0] * n
+        batches = [plan.plan(epoch * PASSES) for plan in self.plans]
+        tokens = np.zeros(n)
+        pos = [0] * n
+        out = []
+        while True:
+            s = int(np.argmin(tokens / self.weights))
+            if pos[s] == len(batches[s]):
+                if self.epoch_tokens is None or not batches[s]:
+                    break  # the first source to run out ends the epoch
+                passes[s] += 1
+                batches[s], pos[s] = self.plans[s].plan(epoch * PASSES + passes[s]), 0
+            b = batches[s][pos[s]]
+            pos[s] += 1
+            out.append((s, passes[s], b))
+            tokens[s] += self.lengths[s][b].sum()
+            if self.epoch_tokens is not None and tokens.sum() >= self.epoch_tokens:
+                break
+        return out
+
+    def plan(self, epoch: int) -> list[tuple[int, int, np.ndarray]]:
+        if self._cache is None or self._cache[0] != epoch:
+            batches = self.schedule(epoch)
+            per_rank = len(batches) // self.num_replicas  # lockstep: every process the same number
+            self._cache = (epoch, batches[self.rank :: self.num_replicas][:per_rank])
+        return self._cache[1]
+
+    def __len__(self) -> int:
+        return len(self.plan(self.epoch))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.epoch, 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start = self._resume[1]
+        self._resume = None
+        for s, p, batch in self.plan(epoch)[start:]:
+            key = epoch * PASSES + p
+            yield [(key, self.offsets[s] + int(i)) for i in batch]
+
+
+class ConcatPlan(Sampler[list[tuple[int, int]]]):
+    """Evaluation over several sources: each source's own evaluation `BatchPlan` in turn (its batches never mix
+    sources), indices shifted by the source's offset in a `MixtureDataset`."""
+
+    def __init__(self, plans: list[BatchPlan], offsets: list[int]):
+        self.plans, self.offsets = plans, [int(o) for o in offsets]
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.plans:
+            p.set_epoch(epoch)
+
+    @property
+    def lockstep(self) -> bool:
+        return all(len(p) >= 0 and p.lockstep for p in self.plans)  # (len() computes each plan's lockstep)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.plans)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for plan, offset in zip(self.plans, self.offsets, strict=True):
+            for batch in plan:
+                yield [(key, offset + i) for key, i in batch]
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader with `state_dict`/`load_state_dict`, which Lightning saves in every checkpoint.
 
