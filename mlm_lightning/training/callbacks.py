@@ -68,6 +68,7 @@ class ThroughputLogger(Callback):
         # ints, or device tensors summed on the device if a collator ever returns tensors (read at a measurement)
         self.totals = dict(batches=0, samples=0, lengths=0, padded=0)
         self.flops = 0  # since the last measurement (Throughput wants per-update increments)
+        self.latest: dict[str, float] = {}  # the last values logged, as Python floats (the progress bar reads them)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         t = self.totals
@@ -97,6 +98,7 @@ class ThroughputLogger(Callback):
             out["perf/tokens_per_s"] = metrics["device/items_per_sec"] * trainer.world_size
         if "device/mfu" in metrics:
             out["perf/mfu"] = metrics["device/mfu"]
+        self.latest = out
         pl_module.log_dict(out, batch_size=1)
 
 
