@@ -391,3 +391,23 @@ class RecordSaves(Callback):
     def teardown(self, trainer, pl_module, stage):
         with open(os.path.join(self.out, f"saves-{trainer.global_rank}.json"), "w") as f:
             json.dump(self.steps, f)
+
+
+class NanOnce(Callback):
+    """Make the loss of step `step` NaN (a NaN weight in the MLM head for that step only, restored after it)."""
+
+    def __init__(self, step: int):
+        self.step, self.saved = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            weight = arch.head_module(pl_module.model).weight
+            self.saved = weight.detach().clone()
+            with torch.no_grad():
+                weight.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.saved is not None:
+            with torch.no_grad():
+                arch.head_module(pl_module.model).weight.copy_(self.saved)
+            self.saved = None
