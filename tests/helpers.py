@@ -411,3 +411,19 @@ class NanOnce(Callback):
             with torch.no_grad():
                 arch.head_module(pl_module.model).weight.copy_(self.saved)
             self.saved = None
+
+
+def bert_dir(tmp: Path, positions: int = 512, **sizes) -> str:
+    """A local pretrained-model directory (as `save_pretrained` writes) of a small random BERT with a WordPiece
+    tokenizer: stands in for bert-base-uncased offline (`sizes`: BertConfig fields, e.g. bert-base's own)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    out = str(tmp / "bert")
+    tok = train_wordpiece(sentences(300), str(tmp / "bert-tok"), 200, positions)
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), max_position_embeddings=positions,
+                                       pad_token_id=tok.pad_token_id, **{**config, **sizes}))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
