@@ -254,7 +254,27 @@ class MLMModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: dict, batch_idx: int):
+        if self.hparams.compile:
+            batch = self._static_rows(batch)
         return self._shared_step(batch, "val")
+
+    def _static_rows(self, batch: dict) -> dict:
+        """Under torch.compile: every validation batch as many rows as the first, with an attention mask, so the
+        short last batch (or one with padding) reuses the validation graph instead of compiling another one. The
+        added rows are padding: no labels, masked out of attention; the loss and metrics are unchanged."""
+        ids = batch["input_ids"]
+        rows, length = ids.shape
+        self._val_rows = max(getattr(self, "_val_rows", 0), rows)
+        if rows == self._val_rows and "attention_mask" in batch:
+            return batch
+        extra = self._val_rows - rows
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        out = dict(batch)
+        out["input_ids"] = torch.cat([ids, ids.new_full((extra, length), self.tokenizer.pad_token_id)])
+        out["attention_mask"] = torch.cat([mask, mask.new_zeros((extra, length))])
+        out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((extra, length), -100)])
+        return out  # (the masked positions index the flattened rows: appended rows leave them as they are)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
