@@ -243,9 +243,9 @@ def _validation_follows(trainer) -> bool:
     return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
 
 
-def checkpoint_io(trainer, callback: MLMCheckpoint | None):
+def checkpoint_io(trainer, callback: ModelCheckpoint | None):
     """The checkpoint IO for this run: atomic writes, in a background thread on GPUs (or as `async_save` says)."""
-    wanted = callback.async_save if callback is not None else None
+    wanted = getattr(callback, "async_save", None)
     if wanted is None:
         wanted = isinstance(trainer.accelerator, CUDAAccelerator)
     return AsyncAtomicCheckpointIO() if wanted else AtomicCheckpointIO()
