@@ -39,8 +39,8 @@ def test_a_failed_background_save_is_raised(tmp_path, monkeypatch):
 
 
 def test_a_fit_with_background_saves_resumes(corpus, tmp_path):
-    run = fit_args(corpus, tmp_path, "--checkpoint.async_save", "true", "--trainer.val_check_interval", "5")
-    assert run_cli(*run, "--trainer.max_steps", "10") == 0
-    assert state(tmp_path)["global_step"] == 10
-    assert run_cli(*run, "--trainer.max_steps", "15", "--ckpt_path", "last") == 0
-    assert state(tmp_path)["global_step"] == 15
+    run = fit_args(corpus, tmp_path, "--checkpoint.async_save", "true", "--trainer.val_check_interval", "3")
+    assert run_cli(*run, "--trainer.max_steps", "6") == 0
+    assert state(tmp_path)["global_step"] == 6 and state(tmp_path, "best-step=6.ckpt")["global_step"] == 6
+    assert run_cli(*run, "--trainer.max_steps", "8", "--ckpt_path", "last") == 0
+    assert state(tmp_path)["global_step"] == 8
