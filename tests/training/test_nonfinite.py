@@ -1,11 +1,13 @@
 """--model.skip_nonfinite: a NaN/inf step is skipped on every process; a run that keeps skipping stops (exit 3)."""
 
 import glob
+import signal
 
 import pytest
 import torch
 
 from mlm_lightning.model.module import MLMModule
+from mlm_lightning.training.stopping import GracefulStop
 from tests.helpers import fit_args, metric, run_cli, state
 
 
@@ -29,12 +31,14 @@ def test_a_transient_nan_step_is_skipped_and_the_run_goes_on(corpus, tmp_path, c
 
 
 def test_a_run_that_keeps_skipping_stops_with_exit_3(corpus, tmp_path, capsys):
+    handler = signal.getsignal(signal.SIGINT)
     code = run_cli(*args(corpus, tmp_path, "--model.skip_nonfinite_limit", "3", "--trainer.limit_val_batches", "0",
                          "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "8"))
     err = capsys.readouterr().err
     assert code == 3, err
     assert "3 optimizer steps in a row had a non-finite loss" in err
     assert not glob.glob(f"{tmp_path}/checkpoints/*.ckpt") and not (tmp_path / "export").exists()
+    assert not GracefulStop.running and signal.getsignal(signal.SIGINT) is handler  # handlers put back
 
 
 @pytest.mark.parametrize("fused", [False, True])
