@@ -7,8 +7,9 @@
   (d) hf:   Hugging Face's run_mlm recipe: group_texts blocks, DataCollatorForLanguageModeling, Trainer
 
 All three start from one model directory: bert-base's shape (12 layers x 768, 12 heads, intermediate 3072, vocab
-30,522) built from a `BertConfig` (or `--model DIR`), seq 128, bf16-mixed, compiled as the config says
-(`--no-compile` to turn it off); `--tiny`: 2 x 128 with the trained tokenizer's vocabulary, a smoke run on a CPU.
+30,522) built from a `BertConfig` (or `--model DIR`), seq 128, bf16-mixed; (b) and (c) compiled as the config says
+(`--no-compile` to turn it off), (d) as run_mlm runs it (`--hf_compile`); `--tiny`: 2 x 128 with the trained
+tokenizer's vocabulary, a smoke run on a CPU.
 Each recipe runs `--warmup` untimed steps, then `--steps` timed ones; the device is synchronized before the clock
 is read at both ends (and never in between).
 Prints real tokens/s, MFU (FLOPs from `train_flops`: the matmuls each recipe runs, i.e. the head at masked
@@ -250,7 +251,7 @@ def run_hf(args):
             output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
             learning_rate=1e-4, bf16=args.dtype == torch.bfloat16, fp16=args.dtype == torch.float16,
             use_cpu=args.device.type != "cuda", report_to=[], save_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=args.num_workers, torch_compile=args.compile, logging_steps=50,
+            dataloader_num_workers=args.num_workers, torch_compile=args.hf_compile, logging_steps=50,
         )
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
         Trainer(model=model, args=targs, train_dataset=blocks, data_collator=collator, callbacks=[Timing()]).train()
@@ -274,6 +275,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile: the encoder in (b)/(c), HF's torch_compile (default: as the config says;"
                    " off with --tiny)")
+    p.add_argument("--hf_compile", action="store_true",
+                   help="(d) with torch_compile too (run_mlm's recipe does not compile by default)")
     p.add_argument("--model", default=None, help="a local model dir to start from (default: a random bert-base)")
     p.add_argument("--tiny", action="store_true", help="2 layers x 128, the trained tokenizer's vocabulary: CPU ok")
     p.add_argument("--peak_tflops", type=float, default=None,

@@ -240,8 +240,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny, on a CPU: checks the script, says nothing of a GPU")
     p.add_argument("--stages", default="bench,sync,fsdp")
-    p.add_argument("--bench_steps", type=int, default=60)
-    p.add_argument("--bench_timeout", type=int, default=300)
+    p.add_argument("--bench_steps", type=int, default=50)
+    p.add_argument("--bench_timeout", type=int, default=240)
     p.add_argument("--sync_steps", type=int, default=300)
     p.add_argument("--fsdp_steps", type=int, default=20)
     args = p.parse_args(argv)
@@ -253,9 +253,11 @@ def main(argv: list[str]) -> int:
         for name in args.stages.split(","):
             t = time.perf_counter()
             try:
-                summary += stages[name](args, tmp)
+                lines = stages[name](args, tmp)
             except Exception as e:  # noqa: BLE001 - one stage failing must not hide the others' results
-                summary.append(f"{name}: FAILED ({type(e).__name__}: {str(e)[:300]})")
+                lines = [f"{name}: FAILED ({type(e).__name__}: {str(e)[:300]})"]
+            summary += lines
+            print("\n".join(f"gpu_check: {line}" for line in lines), flush=True)  # (kept if a later stage hangs)
             print(f"gpu_check: stage {name} done in {time.perf_counter() - t:.0f} s", flush=True)
     print("\n======== gpu_check summary ========")
     print("\n".join(summary))

@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-python}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-exec timeout 470 "$PYTHON" scripts/gpu_check.py "$@"
+exec timeout 480 "$PYTHON" scripts/gpu_check.py "$@"
