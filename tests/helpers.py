@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -401,3 +402,98 @@ def save_to_disk(directory, texts: list[str], shards: int = 2) -> None:
     (directory / "state.json").write_text(json.dumps(state))
     features = {"id": {"dtype": "int64", "_type": "Value"}, "text": {"dtype": "string", "_type": "Value"}}
     (directory / "dataset_info.json").write_text(json.dumps({"features": features}))
+
+
+class CountHostSyncs(Callback):
+    """Record every `Tensor.item`/`.tolist`/`.cpu()` and `torch.tensor(<number>, device=...)` call made during
+    training (steps and hooks), with the step counter Lightning logs by (`_batches_that_stepped`), in `calls`.
+
+    Left out: torch's own optimizer internals (a CPU-only optimizer reads its step counts) and data loading (on a GPU
+    it runs in loader workers)."""
+
+    calls: list[tuple[int, str, str]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        loop = trainer.fit_loop.epoch_loop
+        optim, data = f"{os.sep}torch{os.sep}optim{os.sep}", f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}"
+        self._saved = []
+
+        def wrap(owner, attr, name, counts=lambda a, k: True):
+            real = getattr(owner, attr)
+
+            def counted(*a, **k):
+                if counts(a, k):
+                    stack = traceback.extract_stack()[:-1]
+                    if optim not in stack[-1].filename and not any(data in f.filename for f in stack):
+                        where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in stack[::-1][:6])
+                        CountHostSyncs.calls.append((loop._batches_that_stepped, name, where))
+                return real(*a, **k)
+
+            self._saved.append((owner, attr, real))
+            setattr(owner, attr, counted)
+
+        wrap(torch.Tensor, "item", "item")
+        wrap(torch.Tensor, "tolist", "tolist")
+        wrap(torch.Tensor, "cpu", "cpu")
+        wrap(torch, "tensor", "tensor(number, device)",
+             lambda a, k: k.get("device") is not None and bool(a) and isinstance(a[0], (int, float, bool)))
+
+    def on_train_end(self, trainer, pl_module):
+        for owner, attr, real in reversed(self._saved):
+            setattr(owner, attr, real)
+
+
+class RecordSaves(Callback):
+    """Skew this process's clock (`time.monotonic` runs `factor` times faster on global rank `rank`) and write the
+    steps at which this process saved a checkpoint to `<out>/saves-<rank>.json` at the end."""
+
+    def __init__(self, out: str, rank: int = 1, factor: float = 1000.0):
+        self.out, self.rank, self.factor, self.steps = out, rank, factor, []
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank == self.rank:
+            real = time.monotonic
+            time.monotonic = lambda: real() * self.factor
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.steps.append(trainer.global_step)
+
+    def teardown(self, trainer, pl_module, stage):
+        with open(os.path.join(self.out, f"saves-{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.steps, f)
+
+
+class NanOnce(Callback):
+    """Make the loss of step `step` NaN (a NaN weight in the MLM head for that step only, restored after it)."""
+
+    def __init__(self, step: int):
+        self.step, self.saved = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            weight = arch.head_module(pl_module.model).weight
+            self.saved = weight.detach().clone()
+            with torch.no_grad():
+                weight.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.saved is not None:
+            with torch.no_grad():
+                arch.head_module(pl_module.model).weight.copy_(self.saved)
+            self.saved = None
+
+
+def bert_dir(tmp: Path, positions: int = 512, **sizes) -> str:
+    """A local pretrained-model directory (as `save_pretrained` writes) of a small random BERT with a WordPiece
+    tokenizer: stands in for bert-base-uncased offline (`sizes`: BertConfig fields, e.g. bert-base's own)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    out = str(tmp / "bert")
+    tok = train_wordpiece(sentences(300), str(tmp / "bert-tok"), 200, positions)
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), max_position_embeddings=positions,
+                                       pad_token_id=tok.pad_token_id, **{**config, **sizes}))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -93,12 +93,19 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(corpus, tmp_
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
-def test_nan_step_can_be_skipped(corpus, tmp_path, capsys):
+def test_nan_step_can_be_skipped_but_poisoned_weights_are_never_saved(corpus, tmp_path, capsys):
+    # NanAt poisons a weight for good: every step from 8 on is skipped; the validation at step 10 would keep
+    # NaN weights as the best checkpoint: the run stops there instead (exit 3), nothing saved from them
     root = tmp_path / "skip"
-    code = run_cli(*args(corpus, root, "--model.skip_nonfinite", "true",
+    code = run_cli(*args(corpus, root, "--model.skip_nonfinite", "true", "--checkpoint.every_n_train_steps", "5",
                          "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "8"))
-    assert code == 0
-    assert "skipping step 8" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    assert "skipping step 8" in out and "the weights hold NaN/inf at step 10" in err
+    assert not os.path.exists(root / "export")
+    for ckpt in glob.glob(f"{root}/checkpoints/*.ckpt"):
+        state = torch.load(ckpt, weights_only=True)
+        assert state["global_step"] == 5 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):

@@ -187,7 +187,8 @@ def test_no_periodic_checkpoint_at_step_0_and_none_inside_a_window(corpus, tmp_p
     monkeypatch.setattr(MLMCheckpoint, "write_last", spy)
     assert run_cli(*fit(corpus, tmp_path / "p", "--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", "2",
                         "--checkpoint.every_n_train_steps", "2", "--trainer.val_check_interval", "4")) == 0
-    assert [s for s, _ in saved] == [2, 4, 6] and not any(mid for _, mid in saved)  # 6: periodic and final
+    # (asked once more where a validation ends: write_last writes once per step, see test_host_syncs.py)
+    assert sorted({s for s, _ in saved}) == [2, 4, 6] and not any(mid for _, mid in saved)  # 6: periodic and final
 
 
 def test_a_second_ctrl_c_exits_130_at_once(corpus, tmp_path, capsys):

@@ -27,9 +27,10 @@ from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import usable_positions
 from mlm_lightning.model.checkpoint import check_checkpoint_path, load_checkpoint
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
-from mlm_lightning.training.checkpointing import AtomicCheckpointIO, MLMCheckpoint
+from mlm_lightning.training.checkpointing import MLMCheckpoint, checkpoint_io
 from mlm_lightning.training.plot import metrics_files, plot_runs
 from mlm_lightning.training.progress import CompactModelSummary, RunReport, duration, progress_bar
+from mlm_lightning.training.setup import RunSetup
 from mlm_lightning.training.stopping import GracefulStop
 
 log = logging.getLogger("mlm_lightning")
@@ -113,9 +114,9 @@ class MLMCLI(LightningCLI):
             kwargs.setdefault("logger", CSVLogger(cfg.get("default_root_dir") or "."))
         trainer = super().instantiate_trainer(**kwargs)
         # after the checkpoint callback (Lightning puts it last at init): GracefulStop asks it to save
-        trainer.callbacks += [ThroughputLogger(), RunReport(), GracefulStop()]
+        trainer.callbacks += [RunSetup(), ThroughputLogger(), RunReport(), GracefulStop()]
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = checkpoint_io(trainer, trainer.checkpoint_callback)
         return trainer
 
     def before_fit(self) -> None:

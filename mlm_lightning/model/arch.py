@@ -159,3 +159,15 @@ def train_flops(config, seq_len: int, n_tokens: int, n_head_rows: int) -> int:
     per_token_layer = 2 * (4 * h * h + 2 * h * config.intermediate_size) + 2 * 2 * seq_len * h
     head_row = 2 * (h * h + h * config.vocab_size)
     return 3 * (n_tokens * layers * per_token_layer + n_head_rows * head_row)
+
+
+def layer_classes(model: torch.nn.Module) -> set[type]:
+    """The class of the model's repeated encoder layers, found by structure (any family): the elements of the
+    `ModuleList` that holds the most parameters (BERT's `encoder.layer`, ModernBERT's `layers`, ...)."""
+    best, size = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module):
+            n = sum(p.numel() for p in module.parameters())
+            if n > size:
+                best, size = {type(m) for m in module}, n
+    return best

@@ -9,10 +9,12 @@ matmul at the ~85% of positions that carry no label. The weights stay a plain `B
 from __future__ import annotations
 
 import json
+import warnings
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
@@ -21,6 +23,10 @@ from mlm_lightning.data.tokenizer import tokenizer_files
 from mlm_lightning.errors import NonFiniteLossError, check
 from mlm_lightning.model import arch, checkpoint
 from mlm_lightning.model.fill_mask import FillMasker
+
+# `configure_gradient_clipping` below leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
+# gradient_clip_val), so Lightning's warning that an override "will not actually clip gradients" does not apply
+warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 
 class MLMModule(L.LightningModule):
@@ -41,6 +47,7 @@ class MLMModule(L.LightningModule):
         sparse_head: bool = True,
         compile: bool = False,
         skip_nonfinite: bool = False,
+        skip_nonfinite_limit: int = 20,
         top_k: int = 5,
         joint: bool = False,
     ):
@@ -66,6 +73,8 @@ class MLMModule(L.LightningModule):
             sparse_head: Run the MLM head and loss only at masked positions (same loss, less compute).
             compile: `torch.compile` the encoder.
             skip_nonfinite: Skip optimizer steps whose loss is NaN/inf instead of stopping the run.
+            skip_nonfinite_limit: With skip_nonfinite: stop (exit 3, the last good checkpoint kept) after this many
+                skipped steps in a row (0: never); the model is not recovering.
             top_k: predict: candidates reported per mask.
             joint: predict: fill several masks left to right, feeding each choice back.
         """
@@ -81,7 +90,8 @@ class MLMModule(L.LightningModule):
         self._tokenizer_files: dict[str, str] | None = None
         self.val_ppl_history: list[tuple[int, float]] = []  # (step, ppl) of each validation in this process
         self._first_bad: torch.Tensor | None = None  # see training_step
-        self._skip = False
+        self._window_bad: torch.Tensor | None = None  # skip_nonfinite: 1.0 if this step is to be skipped
+        self._skips: torch.Tensor | None = None  # skip_nonfinite: counts on the device (see on_before_optimizer_step)
 
     # -- building ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -127,7 +137,10 @@ class MLMModule(L.LightningModule):
                 self.log(f"{stage}/ppl", self.val_ppl, batch_size=1, prog_bar=True)
             return loss
         loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
-        self.log(f"{stage}/loss", loss, batch_size=n_masked, prog_bar=True, sync_dist=stage != "train")
+        # not in Lightning's bar in training: it would read the loss off the device every step (the bar shows it
+        # from log steps, see progress.py)
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, batch_size=n_masked, prog_bar=not train, sync_dist=not train)
         if stage != "train":
             self.val_acc(logits, labels)
             self.val_ppl(logits.float().unsqueeze(0), labels.unsqueeze(0))
@@ -137,33 +150,38 @@ class MLMModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self._shared_step(batch, "train")
-        # A NaN/inf loss is recorded on the device (no host sync) and decided by all processes together: one
-        # process raising alone would leave the others waiting in the gradient all-reduce until the timeout
+        # Nothing here waits for the device between log steps (on a GPU each wait drains its queue): a NaN/inf
+        # loss is recorded on the device and read, by all processes together, at log steps and before a
+        # checkpoint (one process raising alone would leave the others waiting in the gradient all-reduce)
         bad = ~torch.isfinite(loss.detach())
         if self._first_bad is None:
-            self._first_bad = torch.zeros(2, device=self.device)  # (step of the first bad loss, its value)
-        step = self.global_step + 1
+            self._first_bad = loss.new_zeros(2, dtype=torch.float32)  # (step of the first bad loss, its value)
         first = bad & (self._first_bad[0] == 0)
-        self._first_bad = torch.where(first, torch.stack([torch.tensor(float(step), device=self.device),
-                                                          loss.detach().float()]), self._first_bad)
+        now = torch.stack([loss.new_full((), self.global_step + 1, dtype=torch.float32), loss.detach().float()])
+        self._first_bad = torch.where(first, now, self._first_bad)
         if self.hparams.skip_nonfinite:
-            self._skip |= self._agree_nonfinite(bad)  # decided every step: the optimizer step must not happen
+            flag = bad.float()
+            if self.trainer.world_size > 1:  # every process skips alike (a collective, not a host sync)
+                flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+            self._window_bad = flag if self._window_bad is None else torch.maximum(self._window_bad, flag)
             loss = torch.where(bad, torch.zeros_like(loss), loss)  # (its gradients are dropped before the step)
-        elif self.device.type != "cuda" or step % max(1, self.trainer.log_every_n_steps) == 0:
-            self.check_finite()  # on a GPU only every log interval (a host sync); always before a checkpoint
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        if is_log_step(self.trainer):
+            self.check_finite()
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
 
-    def _agree_nonfinite(self, bad: torch.Tensor) -> bool:
-        flag = bad.float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
-        return bool(flag.item())
+    def check_finite(self, weights: bool = False) -> None:
+        """Raise `NonFiniteLossError` on every process if a loss on any process was NaN/inf (a collective), or, with
+        `skip_nonfinite`, if `skip_nonfinite_limit` optimizer steps in a row were skipped. `weights`: also if any
+        weight is NaN/inf (asked before every checkpoint: such weights are never saved, exported or kept)."""
+        if self.hparams.skip_nonfinite:
+            self._check_skipped()
+        elif self._first_bad is not None:
+            self._check_first_bad()
+        if weights and self.model is not None:
+            self._check_weights()
 
-    def check_finite(self) -> None:
-        """Raise `NonFiniteLossError` on every process if a loss on any process was NaN/inf (a collective)."""
-        if self._first_bad is None or self.hparams.skip_nonfinite:
-            return
+    def _check_first_bad(self) -> None:
         first = self._first_bad
         if self._trainer is not None and self.trainer.world_size > 1:  # the earliest bad step of all processes
             import torch.distributed as dist
@@ -179,14 +197,84 @@ class MLMModule(L.LightningModule):
                 " or pass --model.skip_nonfinite true to skip such steps"
             )
 
+    def _check_skipped(self) -> None:
+        if self._skips is None:
+            return
+        total, run, longest = (int(v) for v in self._skips.tolist())  # the same on every process (agreed flags)
+        self._skips[0] = 0
+        self._skips[2] = run
+        if total and self._trainer is not None:
+            self.print(f"mlm-lightning: skipped {total} step(s) with a non-finite loss up to step {self.global_step}"
+                       f" ({run} in a row now)")
+        limit = self.hparams.skip_nonfinite_limit
+        if limit and longest >= limit:
+            raise NonFiniteLossError(
+                f"{longest} optimizer steps in a row had a non-finite loss and were skipped (limit"
+                f" --model.skip_nonfinite_limit {limit}): the model does not recover; lower"
+                " --model.learning_rate or check the data"
+            )
+
+    def _check_weights(self) -> None:
+        params = [p for p in self.model.parameters() if p.numel()]
+        bad = torch.stack([~torch.isfinite(p).all() for p in params]).any().float()
+        if self._trainer is not None and self.trainer.world_size > 1:  # FSDP: each process holds a shard
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if bad.item():
+            raise NonFiniteLossError(
+                f"the weights hold NaN/inf at step {self.global_step}: nothing is saved from them; lower"
+                " --model.learning_rate or check the data"
+            )
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self._skip:  # some process had a NaN/inf loss in this step: every process skips it alike
-            self._skip = False
+        if self._window_bad is None:
+            return
+        flag, self._window_bad = self._window_bad, None  # 1.0 if a loss of this step was NaN/inf on any process
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and not getattr(
+                self.trainer.precision_plugin, "scaler", None):
+            # fused AdamW (on GPUs) skips its whole update on the device when found_inf is set (no host sync;
+            # its step count is rolled back too): what GradScaler does for fp16
+            optimizer.found_inf = flag
+        elif flag.item():  # other optimizers decide on the host (a sync each step: CPUs, non-fused optimizers)
             self.print(f"mlm-lightning: skipping step {self.global_step + 1}: the loss is not finite")
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+        if self._skips is None:
+            self._skips = flag.new_zeros(3)  # skipped since the last check, skipped in a row now, longest such run
+        run = (self._skips[1] + 1) * flag
+        self._skips = torch.stack([self._skips[0] + flag, run, torch.maximum(self._skips[2], run)])
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            return  # DeepSpeed clips by norm itself (Lightning puts gradient_clip_val in its config)
+        by_norm = gradient_clip_algorithm in (None, "norm")  # (Lightning's enum is a str)
+        if gradient_clip_val and by_norm and isinstance(strategy, FSDPStrategy):
+            # the norm over all shards: only the FSDP root can compute it (Lightning's FSDP precision refuses it)
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: dict, batch_idx: int):
+        if self.hparams.compile:
+            batch = self._static_rows(batch)
         return self._shared_step(batch, "val")
+
+    def _static_rows(self, batch: dict) -> dict:
+        """Under torch.compile: every validation batch as many rows as the first, with an attention mask, so the
+        short last batch (or one with padding) reuses the validation graph instead of compiling another one. The
+        added rows are padding: no labels, masked out of attention; the loss and metrics are unchanged."""
+        ids = batch["input_ids"]
+        rows, length = ids.shape
+        self._val_rows = max(getattr(self, "_val_rows", 0), rows)
+        if rows == self._val_rows and "attention_mask" in batch:
+            return batch
+        extra = self._val_rows - rows
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        out = dict(batch)
+        out["input_ids"] = torch.cat([ids, ids.new_full((extra, length), self.tokenizer.pad_token_id)])
+        out["attention_mask"] = torch.cat([mask, mask.new_zeros((extra, length))])
+        out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((extra, length), -100)])
+        return out  # (the masked positions index the flattened rows: appended rows leave them as they are)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -273,3 +361,10 @@ class MLMModule(L.LightningModule):
 
 def _vocab(tokenizer_json: str) -> dict:
     return json.loads(tokenizer_json).get("model", {}).get("vocab", {})
+
+
+def is_log_step(trainer) -> bool:
+    """Is this training batch one whose metrics are logged (`log_every_n_steps`)? Lightning's own test, from the
+    step counters alone: the same on every process, so collectives decided here are entered by all."""
+    every = trainer.log_every_n_steps or 50
+    return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0

@@ -13,21 +13,40 @@ import tempfile
 import time
 
 import torch
-from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from mlm_lightning.model.arch import train_flops
 
+# Dense (no-sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (16-bit, tf32, fp32). Lightning's own
+# table misses the H200 and gives the H100 NVL its with-sparsity figure, which halves the MFU shown.
+# Matched on the lower-case device name, most specific first ("h100 nvl" before "h100").
+DENSE_PEAK_TFLOPS = {
+    "h200 nvl": (835.5, 417.5, 60.0),
+    "h200": (989.4, 494.7, 66.9),
+    "h100 nvl": (835.5, 417.5, 60.0),
+    "h100 pcie": (756.5, 378.0, 51.2),
+    "h100": (989.4, 494.7, 66.9),  # SXM ("NVIDIA H100 80GB HBM3")
+    "a100": (312.0, 156.0, 19.5),
+    "l40s": (362.1, 183.0, 91.6),
+    "l4": (121.0, 60.0, 30.3),
+}
+
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Dense peak FLOP/s of a GPU for `dtype` (None off GPU or for an unknown GPU): Lightning's table, except the
-    H200, which it does not recognize by its device name ("NVIDIA H200") and lists with the datasheet's
-    with-sparsity figure (1,979 TFLOP/s bf16, twice the dense 989): its dense 16-bit peak is the H100 SXM's."""
+    """Dense peak FLOP/s of this GPU for `dtype` (`DENSE_PEAK_TFLOPS`); None off GPU or for a GPU not in the
+    table (the caller says so: no MFU rather than a wrong one)."""
     if device.type != "cuda":
         return None
-    if "h200" in torch.cuda.get_device_name(device).lower() and dtype in (torch.bfloat16, torch.float16):
-        return 989.4e12
-    return get_available_flops(device, dtype)
+    name = torch.cuda.get_device_name(device).lower()
+    words = name.replace("-", " ").split()
+    for key, peaks in DENSE_PEAK_TFLOPS.items():
+        if all(part in words for part in key.split()):
+            if dtype in (torch.bfloat16, torch.float16):
+                return peaks[0] * 1e12
+            tf32 = torch.get_float32_matmul_precision() != "highest"
+            return (peaks[1] if tf32 else peaks[2]) * 1e12
+    return None
 
 
 def _precision_dtype(precision: str) -> torch.dtype:
@@ -68,6 +87,7 @@ class ThroughputLogger(Callback):
         # ints, or device tensors summed on the device if a collator ever returns tensors (read at a measurement)
         self.totals = dict(batches=0, samples=0, lengths=0, padded=0)
         self.flops = 0  # since the last measurement (Throughput wants per-update increments)
+        self.latest: dict[str, float] = {}  # the last values logged, as Python floats (the progress bar reads them)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         t = self.totals
@@ -97,6 +117,7 @@ class ThroughputLogger(Callback):
             out["perf/tokens_per_s"] = metrics["device/items_per_sec"] * trainer.world_size
         if "device/mfu" in metrics:
             out["perf/mfu"] = metrics["device/mfu"]
+        self.latest = out
         pl_module.log_dict(out, batch_size=1)
 
 

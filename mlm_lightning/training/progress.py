@@ -19,6 +19,9 @@ from lightning.pytorch.callbacks import Callback, ModelSummary, RichProgressBar,
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 
+from mlm_lightning.model.module import is_log_step
+from mlm_lightning.training.callbacks import ThroughputLogger
+
 log = logging.getLogger("mlm_lightning")
 
 
@@ -89,15 +92,21 @@ def run_eta(trainer, report: RunReport | None) -> str | None:
 
 
 class _RunMetrics:
-    """Mixed into Lightning's progress bars: whole-run ETA and real tokens/s instead of `v_num`."""
+    """Mixed into Lightning's progress bars: whole-run ETA, real tokens/s and the training loss instead of `v_num`.
+
+    The loss and tokens/s are read at log steps only (`log_every_n_steps`), where the loggers read the device
+    anyway: Lightning's own `prog_bar=True` would read the loss off the device at every batch (a host sync that
+    drains a GPU's queue), and Rich asks for the metrics at every batch whatever its refresh rate."""
+
+    _shown: dict | None = None
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         if trainer.training:
-            tokens = trainer.callback_metrics.get("perf/tokens_per_s")
-            if tokens is not None:
-                items["tok/s"] = human(float(tokens))
+            if self._shown is None or is_log_step(trainer):
+                self._shown = self._read(trainer)
+            items.update(self._shown)
             report = next((c for c in trainer.callbacks if isinstance(c, RunReport)), None)
             total = trainer.estimated_stepping_batches
             items["step"] = f"{trainer.global_step}/{int(total)}" if math.isfinite(total) else str(trainer.global_step)
@@ -105,6 +114,18 @@ class _RunMetrics:
             if eta:
                 items["eta"] = eta  # of the whole run (the bar's own time left is the epoch's)
         return items
+
+    @staticmethod
+    def _read(trainer) -> dict:
+        shown = {}
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            shown["train/loss"] = f"{float(loss):.3f}"
+        throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputLogger)), None)
+        tokens = getattr(throughput, "latest", {}).get("perf/tokens_per_s")
+        if tokens is not None:
+            shown["tok/s"] = human(tokens)
+        return shown
 
 
 class MLMRichProgressBar(_RunMetrics, RichProgressBar):
@@ -123,9 +144,8 @@ class MLMTQDMProgressBar(_RunMetrics, TQDMProgressBar):
 
 
 def progress_bar(refresh_rate: int = 1):
-    """The bar Lightning would pick (Rich when installed), with the run's ETA and tokens/s.
-
-    Every refresh reads the shown metrics off the device: on a GPU refresh less often than every step."""
+    """The bar Lightning would pick (Rich when installed), with the run's ETA, tokens/s and loss (read at log
+    steps)."""
     from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
     return MLMRichProgressBar(refresh_rate) if _RICH_AVAILABLE else MLMTQDMProgressBar(refresh_rate)

@@ -60,6 +60,11 @@ class GracefulStop(Callback):
         self._previous = {}
         GracefulStop.running = False
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning calls no teardown hook after an exception: put the handlers back here, or a later fit in this
+        # process (a notebook, the tests) would find them installed and the CLI's own handler standing aside
+        self.teardown(trainer, pl_module, "fit")
+
     # -- the stop ----------------------------------------------------------------------------------------
     def _requested(self, trainer, batch_idx: int | None = None) -> bool:
         """True on every process if a signal reached any: saving is collective, so all decide alike.

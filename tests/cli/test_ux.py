@@ -202,20 +202,28 @@ def test_read_metrics_joins_versions_later_wins(tmp_path):
 # -- the bar and the summary table -------------------------------------------------------------------------
 def test_progress_bar_shows_run_eta_and_tokens_not_v_num(monkeypatch):
     from mlm_lightning.training import progress
+    from mlm_lightning.training.callbacks import ThroughputLogger
     from mlm_lightning.training.progress import MLMTQDMProgressBar, RunReport
 
     monkeypatch.setattr(progress.time, "perf_counter", lambda: 1000.0)  # a fixed clock: no load can move the ETA
-    report = RunReport()
+    report, throughput = RunReport(), ThroughputLogger()
     report.start_time, report.start_step = 990.0, 0
+    throughput.latest = {"perf/tokens_per_s": 12345.0}
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=9))
     trainer = SimpleNamespace(
-        training=True, global_step=10, estimated_stepping_batches=100, callbacks=[report],
-        loggers=[SimpleNamespace(version=0)], callback_metrics={"perf/tokens_per_s": torch.tensor(12345.0)},
-        progress_bar_metrics={"train/loss": 1.5},
+        training=True, global_step=10, estimated_stepping_batches=100, callbacks=[report, throughput],
+        loggers=[SimpleNamespace(version=0)], callback_metrics={"train/loss": torch.tensor(1.5)},
+        progress_bar_metrics={}, fit_loop=loop, log_every_n_steps=10,
     )
-    items = MLMTQDMProgressBar().get_metrics(trainer, None)
+    bar = MLMTQDMProgressBar()
+    items = bar.get_metrics(trainer, None)
     assert "v_num" not in items
-    assert items["tok/s"] == "12.3k" and items["step"] == "10/100" and items["train/loss"] == 1.5
+    assert items["tok/s"] == "12.3k" and items["step"] == "10/100" and items["train/loss"] == "1.500"
     assert items["eta"] == "1m 30s"  # 1 s per step, 90 steps left
+    # between log steps the loss and tokens/s are not read again (a read of the loss waits for the GPU)
+    loop.epoch_loop._batches_that_stepped, trainer.global_step = 10, 11
+    trainer.callback_metrics["train/loss"] = torch.tensor(9.0)
+    assert bar.get_metrics(trainer, None)["train/loss"] == "1.500"
 
 
 def test_model_summary_has_no_flops_column():

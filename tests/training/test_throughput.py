@@ -132,13 +132,21 @@ def test_cpu_measures_at_every_log_step_without_mfu(monkeypatch):
     assert rates and all(d["perf/tokens_per_s"] == pytest.approx(200) and "perf/mfu" not in d for d in rates)
 
 
-@pytest.mark.filterwarnings("ignore:FLOPs not found")
 @pytest.mark.parametrize(("name", "dtype", "peak"), [
-    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),  # Lightning's table
-    ("NVIDIA H200", torch.bfloat16, 989.4e12),  # Lightning: unknown by this name, and a with-sparsity figure
-    ("NVIDIA H200", torch.float32, None),
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),  # SXM
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756.5e12),
+    ("NVIDIA H100 NVL", torch.bfloat16, 835.5e12),  # Lightning: 1,671 (with sparsity), MFU shown at half
+    ("NVIDIA H200", torch.bfloat16, 989.4e12),  # Lightning: unknown by this name
+    ("NVIDIA H200 NVL", torch.float16, 835.5e12),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+    ("NVIDIA A100 80GB PCIe", torch.float16, 312e12),
+    ("NVIDIA L4", torch.bfloat16, 121e12),
+    ("NVIDIA L40S", torch.bfloat16, 362.1e12),
+    ("NVIDIA H200", torch.float32, 66.9e12),  # (torch's default fp32 matmul precision "highest": no tf32)
+    ("NVIDIA L40", torch.bfloat16, None),  # not in the table: no MFU rather than a wrong one
+    ("Tesla T4", torch.float16, None),
 ])
 def test_peak_flops_is_the_dense_peak(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert callbacks.peak_flops(torch.device("cuda"), dtype) == peak
+    assert callbacks.peak_flops(torch.device("cuda"), dtype) == (pytest.approx(peak) if peak else None)
     assert callbacks.peak_flops(torch.device("cpu"), dtype) is None
