@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.hub import load_pretrained
@@ -172,7 +172,7 @@ def family_of(config: dict, source: str) -> str:
         f" {supported}",
     )
     check(
-        model_type in FAMILIES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         f"{source} is a decoder-only (causal) model ({model_type!r}) with no masked-LM head; mlm-lightning trains"
         f" masked-LM encoders: {supported}",
     )
