@@ -212,7 +212,7 @@ def test_fit_export_and_continue_each_family(tmp_path, capsys, corpus, architect
     as a pretrained model, its first loss below the new model's."""
     run = tmp_path / "scratch"
     args = fit_args(corpus, run, "--model.architecture", architecture, "--trainer.max_steps", "20",
-                    "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "20",
+                    "--trainer.limit_val_batches", "2",
                     "--model.learning_rate", "3e-3")
     assert run_cli(*args) == 0
     loss = metric(run, "train/loss")
