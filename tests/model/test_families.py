@@ -102,6 +102,21 @@ def test_pretrained_only_families_load_and_match_the_pipeline(tmp_path, family):
     assert_same_candidates(FillMasker(net, tok, top_k=3)([text])[0]["predictions"][0], expected)
 
 
+def test_tokenizer_kinds_have_their_own_cache_keys(tmp_path, corpus):
+    from mlm_lightning.data import MLMDataModule
+
+    dirs = {}
+    for kind in ("bert", "roberta"):
+        dm = MLMDataModule(train_files=corpus, tokenizer_kind=kind, vocab_size=300, cache_dir=str(tmp_path))
+        dm.prepare_data()
+        dirs[kind] = (dm._tokenizer_dir(), dm._data_dir())
+        assert dm.tokenizer.mask_token == {"bert": "[MASK]", "roberta": "<mask>"}[kind]
+    assert dirs["bert"][0] != dirs["roberta"][0] and dirs["bert"][1] != dirs["roberta"][1]
+    assert "wordpiece-" in dirs["bert"][0]  # BERT's caches written before the other kinds came stay valid
+    with pytest.raises(MLMError, match="tokenizer_kind must be one of"):
+        MLMDataModule(train_files=corpus, tokenizer_kind="gpt2")
+
+
 def test_half_precision_dirs_load_with_fp32_weights(tmp_path):
     path, model = family_export(tmp_path, "roberta")
     model.to(torch.bfloat16).save_pretrained(path)
@@ -221,6 +236,7 @@ def test_fit_export_and_continue_each_family(tmp_path, capsys, corpus, architect
     out = tmp_path / "export"
     assert run_cli("export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--export_dir", str(out)) == 0
     net, tok = load_model(str(out))
+    assert tok.mask_token == ("<mask>" if architecture == "roberta" else "[MASK]")  # the family's own tokenizer
     text = f"the dog {tok.mask_token} a tree ."
     expected = pipeline("fill-mask", model=str(out), device="cpu")(text, top_k=4)
     capsys.readouterr()
