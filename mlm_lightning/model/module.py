@@ -78,7 +78,7 @@ class MLMModule(L.LightningModule):
             sparse_head: Run the MLM head and loss only at masked positions (same loss, less compute).
             compile: `torch.compile` the encoder.
             attn_implementation: sdpa, eager, or flash_attention_2 (needs the flash-attn package and a CUDA GPU:
-                ModernBERT then skips the padding; pip install 'mlm-lightning[flash]').
+                its attention then skips padding; pip install 'mlm-lightning[flash]').
             skip_nonfinite: Skip optimizer steps whose loss is NaN/inf instead of stopping the run.
             top_k: predict: candidates reported per mask.
             joint: predict: fill several masks left to right, feeding each choice back.
