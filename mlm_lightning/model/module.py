@@ -26,6 +26,7 @@ from mlm_lightning.model.fill_mask import FillMasker
 
 log = logging.getLogger("mlm_lightning")
 
+
 class MLMModule(L.LightningModule):
     def __init__(
         self,

@@ -247,3 +247,19 @@ def test_fit_export_and_continue_each_family(tmp_path, capsys, corpus, architect
     assert run_cli(*fit_args(corpus, more, "--model.model_name_or_path", str(out), "--trainer.max_steps", "1",
                              "--trainer.limit_val_batches", "1", "--data.max_length", "32")) == 0
     assert metric(more, "train/loss")[0] < loss[0] - 0.3
+
+
+@pytest.mark.slow
+def test_fit_from_a_headless_encoder(tmp_path, capsys, corpus):
+    """`fit` says which parameters are new and its optimizer runs them at head_learning_rate."""
+    tok = family_tokenizer(tmp_path, "roberta")
+    encoder = module(tok, architecture="roberta").model.roberta  # a RobertaModel, no MLM head
+    path = save_hf(encoder, tok, str(tmp_path / "headless"))
+    run = tmp_path / "run"
+    assert run_cli(*fit_args(corpus, run, "--model.model_name_or_path", path, "--trainer.max_steps", "2",
+                             "--trainer.limit_val_batches", "1", "--data.max_length", "32",
+                             "--model.head_learning_rate", "0.002")) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if "new parameters" in x)
+    assert "lm_head.dense.weight" in line and "0.002" in line
+    groups = state(run)["optimizer_states"][0]["param_groups"]
+    assert sorted({g["initial_lr"] for g in groups}) == [5e-5, 0.002]
