@@ -133,10 +133,10 @@ class FillMasker:
         probs, tokens = list(probs.cpu()), list(tokens.cpu())
         row = 0
         for e, ids in zip(batch, targets or [None] * len(batch), strict=True):
-            for r in range(row, row + len(e.masks)) if ids is not None else ():
-                # the pipeline's way: probabilities over the whole vocabulary, then the targets' among them
-                chosen, index = all_probs[r, ids.to(self.device)].topk(min(k or self.top_k, len(ids)))
-                probs[r], tokens[r] = chosen.cpu(), ids[index.cpu()]
+            if ids is not None:  # the pipeline's way: probabilities over the whole vocabulary, then the targets'
+                for r in range(row, row + len(e.masks)):
+                    chosen, index = all_probs[r, ids.to(self.device)].topk(min(k or self.top_k, len(ids)))
+                    probs[r], tokens[r] = chosen.cpu(), ids[index.cpu()]
             row += len(e.masks)
         out, row = [], 0
         for e in batch:
