@@ -10,10 +10,13 @@ Each runs until it has seen about `--tokens` real (non-pad) tokens after `--warm
 script prints real tokens/s, the ratios (c)/(a), (c)/(b), (c)/(d) and the peak RSS.
 `--mode quality`: wall time (evaluation excluded) for (a) and (c) to reach the same validation loss.
 `--mode gpu`: bert-base on one GPU for (b), (c), (d) with MFU (`scripts/benchmark_gpu.py`; `--mode gpu --help`).
+`--architecture bert,roberta,modernbert`: (c) for each model family at the same width and depth, side by side
+(each with its own kind of tokenizer trained on the corpus).
 
     python scripts/benchmark.py                         # ../shared/data/meditations.txt if present
     python scripts/benchmark.py --precision 32-true --only seed,ours
     python scripts/benchmark.py --mode quality --quality_seconds 120
+    python scripts/benchmark.py --architecture bert,roberta,modernbert
     python scripts/benchmark.py --mode gpu                # on a GPU; --tiny --steps 20 for a CPU smoke run
 """
 
@@ -36,6 +39,7 @@ from mlm_lightning.data import MLMDataModule  # noqa: E402
 from mlm_lightning.data.corpus import default_corpus, iter_texts  # noqa: E402
 from mlm_lightning.hub import quiet_transformers  # noqa: E402
 from mlm_lightning.model import MLMModule  # noqa: E402
+from mlm_lightning.model.arch import FAMILIES  # noqa: E402
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "meditations.txt"
 
@@ -68,9 +72,10 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
 
 
-def build(args, tokenizer):
+def build(args, tokenizer, architecture: str = "bert"):
     torch.manual_seed(0)
-    module = MLMModule(hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+    module = MLMModule(architecture=architecture, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads,
                        intermediate_size=args.intermediate, max_position_embeddings=512, dropout=0.1)
     module.tokenizer = tokenizer
     module.configure_model()
@@ -82,9 +87,9 @@ def build(args, tokenizer):
     return module
 
 
-def datamodule(args, train: str, val: str | None = None) -> MLMDataModule:
+def datamodule(args, train: str, val: str | None = None, tokenizer_kind: str = "bert") -> MLMDataModule:
     dm = MLMDataModule(train_files=train, val_files=val, max_length=args.seq_len, batch_size=args.batch_size,
-                       vocab_size=args.tokenizer_vocab, cache_dir=args.cache_dir)
+                       vocab_size=args.tokenizer_vocab, cache_dir=args.cache_dir, tokenizer_kind=tokenizer_kind)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -148,7 +153,7 @@ def run_loop(args, dm):
 
 
 # -- (c) ours, under Lightning ------------------------------------------------------------------------------
-def run_ours(args, dm, max_steps: int, extra_callbacks=(), val_every: int | None = None):
+def run_ours(args, dm, max_steps: int, extra_callbacks=(), val_every: int | None = None, architecture: str = "bert"):
     import lightning as L
 
     from mlm_lightning.training.callbacks import ThroughputLogger
@@ -161,7 +166,7 @@ def run_ours(args, dm, max_steps: int, extra_callbacks=(), val_every: int | None
             if self.meter.update(batch["num_real_tokens"]) and val_every is None:
                 trainer.should_stop = True
 
-    module = build(args, dm.tokenizer)
+    module = build(args, dm.tokenizer, architecture)
     timing = Timing()
     trainer = L.Trainer(
         accelerator="cpu", precision=args.precision, max_steps=max_steps, logger=False,
@@ -267,6 +272,19 @@ def quality(args, tokenizer_dm, lines, train_file, val_file):
               f"speed-up to the same loss: {seed_time / to_target.reached:.1f}x")
 
 
+def families(args, corpus: str) -> None:
+    """(c) for each family of --architecture at the same width, depth and vocabulary size."""
+    rates = {}
+    for name in args.architecture.split(","):
+        if name not in FAMILIES or FAMILIES[name].scratch is None:
+            sys.exit(f"--architecture {name!r}: not one of {', '.join(n for n, f in FAMILIES.items() if f.scratch)}")
+        dm = datamodule(args, corpus, tokenizer_kind=FAMILIES[name].tokenizer)
+        rates[name] = run_ours(args, dm, max_steps=10**6, architecture=name).rate
+        print(f"{name:12s} {rates[name]:9.0f} real tokens/s   (peak RSS so far {peak_rss_mb():.0f} MB)")
+    first = next(iter(rates))
+    print("relative to " + first + ": " + ", ".join(f"{n} {r / rates[first]:.2f}x" for n, r in rates.items()))
+
+
 def main():
     mode = argparse.ArgumentParser(add_help=False)
     mode.add_argument("--mode")
@@ -294,6 +312,8 @@ def main():
     p.add_argument("--eval_every", type=int, default=100, help="quality: seed-recipe steps between evaluations")
     p.add_argument("--eval_every_ours", type=int, default=20, help="quality: our steps between evaluations")
     p.add_argument("--max_steps_ours", type=int, default=600, help="quality: our schedule's length in steps")
+    p.add_argument("--architecture", default=None,
+                   help="comma-separated model families (e.g. bert,roberta,modernbert): (c) for each, side by side")
     p.add_argument("--cache_dir", default=None)
     args = p.parse_args()
     quiet_transformers()
@@ -316,6 +336,8 @@ def main():
             Path(val_file).write_text("\n".join(lines[:cut]) + "\n")
             quality(args, None, lines[cut:], train_file, val_file)
         return
+    if args.architecture:
+        return families(args, corpus)
     dm = datamodule(args, corpus)
     rates = {}
     runs = {

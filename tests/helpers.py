@@ -497,3 +497,19 @@ def bert_dir(tmp: Path, positions: int = 512, **sizes) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# -- model families (tests/model/test_families.py, tests/serve/test_targets.py) ---------------------------------
+def family_tokenizer(tmp: Path, architecture: str, vocab: int = 400):
+    """The tokenizer a new `architecture` model gets (its family's kind), trained on a few hundred sentences."""
+    from mlm_lightning.data.tokenizer import train_tokenizer
+
+    kind = arch.FAMILIES[architecture].tokenizer
+    return train_tokenizer(kind, sentences(300), str(tmp / f"tok-{architecture}"), vocab, 64)
+
+
+def family_export(tmp: Path, architecture: str) -> tuple[str, object]:
+    """(export dir, model) of a random tiny `architecture` model with its family's tokenizer."""
+    tok = family_tokenizer(tmp, architecture)
+    m = module(tok, architecture=architecture)
+    return save_hf(m.model.eval(), tok, str(tmp / f"export-{architecture}")), m.model.eval()

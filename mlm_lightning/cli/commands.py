@@ -27,6 +27,7 @@ def fill_mask(
     json: bool = False,
     device: str = "auto",
     batch_size: int = 64,
+    targets: str | None = None,
 ) -> None:
     """Complete sentences with [MASK] in them (arguments, --file, or lines on stdin).
 
@@ -39,6 +40,8 @@ def fill_mask(
         json: One JSON object per input, with the keys of transformers' fill-mask pipeline.
         device: cpu, cuda or auto.
         batch_size: Sentences per forward pass.
+        targets: Score only these words, comma-separated (as transformers' fill-mask pipeline: a word that is
+            not one token is scored by its first token).
     """
     from mlm_lightning.model.checkpoint import load_model
     from mlm_lightning.model.fill_mask import FillMasker, format_text, pick_device
@@ -58,7 +61,9 @@ def fill_mask(
     net, tokenizer = load_model(model)
     masker = FillMasker(net.to(device), tokenizer, device, top_k, batch_size)
     start = time.perf_counter()
-    results = masker(texts, joint=joint)
+    words = [w.strip() for w in targets.split(",") if w.strip()] if targets is not None else None
+    check(words is None or words, "--targets is empty; give words separated by commas, e.g. --targets cat,dog")
+    results = masker(texts, joint=joint, targets=words)
     elapsed = time.perf_counter() - start
     import json as json_module  # (the `json` option shadows the module name here)
 

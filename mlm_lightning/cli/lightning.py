@@ -24,7 +24,7 @@ from mlm_lightning.data import MLMDataModule
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.model import MLMModule
-from mlm_lightning.model.arch import usable_positions
+from mlm_lightning.model.arch import FAMILIES, usable_positions
 from mlm_lightning.model.checkpoint import check_checkpoint_path, load_checkpoint
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
 from mlm_lightning.training.checkpointing import MLMCheckpoint, checkpoint_io
@@ -89,6 +89,8 @@ class MLMCLI(LightningCLI):
             cfg.checkpoint.dirpath = os.path.join(trainer.default_root_dir or ".", "checkpoints")
         if data.tokenizer is None and model.model_name_or_path:
             data.tokenizer = model.model_name_or_path
+        if not model.model_name_or_path and model.architecture in FAMILIES:  # (else MLMModule says what is wrong)
+            data.tokenizer_kind = FAMILIES[model.architecture].tokenizer  # a new model's tokenizer fits its family
         _check_accelerator(trainer.accelerator, trainer.devices)
         positions = usable_positions(model.model_name_or_path) if model.model_name_or_path else \
             model.max_position_embeddings

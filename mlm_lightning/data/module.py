@@ -27,12 +27,13 @@ from mlm_lightning.data.masking import MaskingCollator, check_masking
 from mlm_lightning.data.sampling import BatchPlan, ConcatPlan, MixturePlan, ResumableDataLoader
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import (
+    TOKENIZER_KINDS,
     load_tokenizer,
     sample_texts,
     save_tokenizer_files,
     tokenizer_files,
     tokenizer_fingerprint,
-    train_wordpiece,
+    train_tokenizer,
 )
 from mlm_lightning.errors import check
 
@@ -102,6 +103,7 @@ class MLMDataModule(L.LightningDataModule):
         masking: str = "token",
         mean_span_length: float = 3.0,
         tokenizer: str | None = None,
+        tokenizer_kind: str = "bert",
         vocab_size: int = 8192,
         lowercase: bool = True,
         tokenizer_sample_mb: float = 100.0,
@@ -142,9 +144,13 @@ class MLMDataModule(L.LightningDataModule):
                 word together) or `span` (SpanBERT: runs of whole words, never across lines).
             mean_span_length: span masking: the mean span length in words (geometric, clipped at 10 words).
             tokenizer: A tokenizer dir or hub id. Unset: the model's, or for a model trained from scratch a
-                WordPiece vocabulary trained on `train_files` (saved in the cache and reused).
-            vocab_size: Size of the WordPiece vocabulary trained when no tokenizer is given.
-            lowercase: Lowercase text in the trained WordPiece tokenizer.
+                vocabulary of `tokenizer_kind` trained on `train_files` (saved in the cache and reused).
+            tokenizer_kind: The tokenizer trained when none is given, fitting the model family: bert (WordPiece,
+                [CLS] [SEP] [MASK]), distilbert (the same without token_type_ids), roberta (byte-level BPE,
+                <s> </s> <mask>) or modernbert (byte-level BPE with [CLS] [SEP] [MASK]). fit sets it from
+                --model.architecture.
+            vocab_size: Size of the vocabulary trained when no tokenizer is given.
+            lowercase: Lowercase text in the trained tokenizer.
             tokenizer_sample_mb: The WordPiece vocabulary is trained on a seeded sample of about this many MB of
                 the corpus (all of it when smaller): the same corpus and seed give the same sample.
             cache_dir: Where tokenizers and tokenized corpora are cached (default ~/.cache/mlm-lightning or
@@ -177,6 +183,8 @@ class MLMDataModule(L.LightningDataModule):
         check(pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         check_masking(masking, mlm_probability, mean_span_length)  # (mlm_probability too)
         check(val_max_lines >= 1, f"val_max_lines must be at least 1, got {val_max_lines}")
+        check(tokenizer_kind in TOKENIZER_KINDS,
+              f"tokenizer_kind must be one of {', '.join(TOKENIZER_KINDS)}, got {tokenizer_kind!r}")
         check(tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {tokenizer_sample_mb}")
         check(epoch_tokens is None or epoch_tokens > 0, f"epoch_tokens must be positive, got {epoch_tokens}")
         self.cache_dir = cache_dir or default_cache_dir()
@@ -211,10 +219,12 @@ class MLMDataModule(L.LightningDataModule):
         h = self.hparams
         size = sum(corpus.file_size(f, self.storage_options) for f in self._train_paths())
         sampled = size > h.tokenizer_sample_mb * 2**20
+        kind = h.get("tokenizer_kind", "bert")
+        # (BERT's key and name are those of the caches written before other kinds came: they stay valid)
         key = corpus.fingerprint(self._train_paths(), h.vocab_size, h.lowercase,
                                  (h.tokenizer_sample_mb, h.seed) if sampled else None,
-                                 storage_options=self.storage_options)
-        return os.path.join(self.cache_dir, "tokenizers", f"wordpiece-{key}")
+                                 *([kind] if kind != "bert" else []), storage_options=self.storage_options)
+        return os.path.join(self.cache_dir, "tokenizers", f"{'wordpiece' if kind == 'bert' else kind}-{key}")
 
     def load_tokenizer(self, train_if_missing: bool = False):
         if self.tokenizer is None:
@@ -224,11 +234,12 @@ class MLMDataModule(L.LightningDataModule):
                 self.tokenizer = load_tokenizer(self._tokenizer_dir())
             else:
                 check(train_if_missing, "the corpus tokenizer is missing; call prepare_data() first")
-                log.info("training a WordPiece tokenizer (vocab %d) on the corpus", self.hparams.vocab_size)
+                kind = self.hparams.get("tokenizer_kind", "bert")
+                log.info("training a %s tokenizer (vocab %d) on the corpus", kind, self.hparams.vocab_size)
                 reader = corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
                 texts = sample_texts(reader, self.hparams.tokenizer_sample_mb, self.hparams.seed)
-                self.tokenizer = train_wordpiece(
-                    texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
+                self.tokenizer = train_tokenizer(
+                    kind, texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
                     self.hparams.lowercase,
                 )
         return self.tokenizer

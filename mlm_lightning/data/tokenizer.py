@@ -1,4 +1,5 @@
-"""Tokenizers: load one (local dir or hub id, offline-aware) or train a WordPiece vocabulary on the corpus."""
+"""Tokenizers: load one (local dir or hub id, offline-aware) or train one on the corpus (WordPiece or byte-level
+BPE, with the special tokens of the model family it is for)."""
 
 from __future__ import annotations
 
@@ -97,27 +98,71 @@ def sample_texts(reader, sample_mb: float, seed: int) -> Iterator[str]:
             yield from chunk
 
 
-def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_max_length: int, lowercase: bool = True):
-    """Train a BERT WordPiece tokenizer with the `tokenizers` library and save it as a transformers dir.
+# The tokenizers trained for a new model, each like its family's own (`model/arch.py` says which family takes which;
+# the data path gets the name as plain data): (model, {role: special token} in id order, the transformers class
+# that saves and loads it).
+_BERT_MARKS = dict(zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_TOKENS, strict=True))
+TOKENIZER_KINDS = {
+    # WordPiece, [CLS] x [SEP], token_type_ids (BERT, ALBERT, ELECTRA)
+    "bert": ("wordpiece", _BERT_MARKS, "BertTokenizer"),
+    # the same without token_type_ids (DistilBERT's embeddings have none; its forward takes none)
+    "distilbert": ("wordpiece", _BERT_MARKS, "DistilBertTokenizer"),
+    # byte-level BPE, <s> x </s>, <mask> (RoBERTa's ids: <s> 0, <pad> 1, </s> 2, <unk> 3)
+    "roberta": ("bpe", {"cls": "<s>", "pad": "<pad>", "sep": "</s>", "unk": "<unk>", "mask": "<mask>"},
+                "RobertaTokenizer"),
+    # byte-level BPE with BERT's marks in ModernBERT's order; no token_type_ids
+    "modernbert": ("bpe", {"unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]"},
+                   "TokenizersBackend"),
+}
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str, vocab_size: int, model_max_length: int,
+                    lowercase: bool = True):
+    """Train a tokenizer of `kind` (see `TOKENIZER_KINDS`) with the `tokenizers` library and save it as a
+    transformers dir.
 
     Written to a temporary directory and renamed, so an interrupted training never leaves a half tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    check(kind in TOKENIZER_KINDS, f"tokenizer_kind must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
+    model, role, class_name = TOKENIZER_KINDS[kind]
+    special = list(role.values())
+    if model == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=role["unk"]))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    else:
+        tok = Tokenizer(models.BPE())
+        if lowercase:
+            tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    cls, sep = role["cls"], role["sep"]
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
     )
-    tokenizer = BertTokenizer(tokenizer_object=tok, model_max_length=model_max_length, do_lower_case=lowercase)
+    # BPE's mask token takes the space before it ("a <mask> b" tokenizes as "a", <mask>, " b"), as RoBERTa's
+    # and ModernBERT's do: the predicted token then brings its own space
+    mask = AddedToken(role["mask"], lstrip=model == "bpe", rstrip=False, normalized=False, special=True)
+    tok.add_special_tokens([mask])
+    kwargs = {f"{r}_token": t for r, t in role.items() if r != "mask"}
+    if kind == "roberta":
+        kwargs.update(bos_token=cls, eos_token=sep)
+    if model == "wordpiece":
+        kwargs.update(do_lower_case=lowercase)
+    if class_name == "TokenizersBackend":  # the generic class: say which inputs the model takes
+        kwargs.update(model_input_names=["input_ids", "attention_mask"])
+    import transformers
+
+    tokenizer = getattr(transformers, class_name)(tokenizer_object=tok, model_max_length=model_max_length,
+                                                 mask_token=mask, **kwargs)
     parent = os.path.dirname(out_dir) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}-")
@@ -131,3 +176,8 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_m
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(out_dir)
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_max_length: int, lowercase: bool = True):
+    """Train a BERT WordPiece tokenizer (`train_tokenizer` of kind "bert")."""
+    return train_tokenizer("bert", texts, out_dir, vocab_size, model_max_length, lowercase)

@@ -1,164 +1,376 @@
 """The only code that knows a model family's internals: how to build, load and call it, and what it costs.
 
-Everything else (the LightningModule, checkpoints, fill-mask, throughput) goes through these functions:
-- building: `new_bert` (from scratch), `load_bert` (pretrained), `bert_from_config` (a config read from a
-  checkpoint), and what is accepted: BERT only. Another architecture (RoBERTa, DistilBERT, ...) loaded into
-  `BertForMaskedLM` gets no matching weights, and transformers would only log that they were "newly
-  initialized": a user would train a random model believing they continue a pretrained one;
-- calling: `encode` (the encoder's hidden states) and `head` (the MLM head on any rows of them), so the
-  head can run on the masked positions only; `compile_encoder`; `head_module` (the head's first layer);
-- costs and rules: `train_flops`, `decay_groups` (which weights skip weight decay), `usable_positions`.
+Every supported family is a transformers `*ForMaskedLM` whose encoder is its `base_model` and whose MLM head is
+a chain of its own submodules: the encoder, then the head on chosen rows only (the masked positions), gives the
+same logits as the model's own forward at those rows, so every family has the sparse head. One row of
+`FAMILIES` per family says how to build it, its head, its output bias, its FLOPs, its position limit, its norms.
+Everything else (the LightningModule, checkpoints, fill-mask, throughput) goes through the functions below:
+- building: `build` (pretrained or from scratch), `load_pretrained_mlm`, `from_config` (a config read from a
+  checkpoint), `new_model`; `family_of` decides what is accepted;
+- calling: `encode`, `head`, `compile_encoder`, `head_module` (the head's first layer);
+- costs and rules: `train_flops`, `param_groups` (weight decay by module type; new parameters at their own
+  rate), `position_limit` / `usable_positions`.
+
+What is refused, with the reason: DeBERTa-v2/v3 (pre-trained with replaced-token detection; hub checkpoints carry
+no MLM head weights), configs that need custom code (`auto_map`: trust_remote_code stays off), decoder-only and
+encoder-decoder models, and any other model type (listed with the supported ones).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, BertConfig, BertForMaskedLM
+import transformers
+from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.hub import load_pretrained
 
 log = logging.getLogger("mlm_lightning")
 
-
-def check_bert(model_type: object, source: str) -> None:
-    check(
-        model_type == "bert",
-        f"{source} holds a {model_type!r} model, but mlm-lightning trains and runs BERT (model_type 'bert')"
-        " only; pass a BERT model (e.g. bert-base-uncased or a directory saved from BertForMaskedLM)",
-    )
+VOCAB_MULTIPLE = 64  # new vocabularies are padded to this: the decoder matmul stays on aligned GPU tiles
+NEVER = -1e4  # output bias of the padding ids: softmax gives them ~0, so nothing ever predicts them
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
-def bert_config(name_or_path: str, what: str = "model_name_or_path"):
-    """The `BertConfig` of a local directory or hub id; anything that is not BERT is refused."""
-    config = load_pretrained(AutoConfig, name_or_path, what)
-    check_bert(getattr(config, "model_type", None), f"{what} {name_or_path!r}")
+@dataclass(frozen=True)
+class Family:
+    """How one model family is built and called."""
+
+    model_class: str  # the transformers *ForMaskedLM class
+    head: tuple[str, ...]  # the MLM head: these submodules applied in turn to the encoder's hidden states
+    output_bias: str | None  # the head's vocabulary bias (padding ids get NEVER there), if it has one
+    flops: Callable  # (config) -> (weights per token in the encoder, attention width, weights per head row)
+    scratch: Callable | None = None  # (vocab, special ids, sizes) -> config of a new model; None: pretrained only
+    tokenizer: str = "bert"  # the kind of tokenizer trained for a new model (data/tokenizer.py)
+    position_offset: Callable = lambda config: 0  # positions a model reserves (RoBERTa: padding_idx + 1)
+    norms: tuple[str, ...] = ()  # the family's own norm classes (no weight decay) beside torch's
+    notes: str = ""
+
+
+def _bert_flops(c):
+    h, i, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    e = getattr(c, "embedding_size", h)
+    project = e * h if e != h else 0  # ALBERT/ELECTRA: embeddings projected to the hidden width
+    return n * (4 * h * h + 2 * h * i) + project, n * h, h * e + e * c.vocab_size
+
+
+def _distilbert_flops(c):
+    h = c.dim
+    return c.n_layers * (4 * h * h + 2 * h * c.hidden_dim), c.n_layers * h, h * h + h * c.vocab_size
+
+
+def _modernbert_flops(c):
+    h, i = c.hidden_size, c.intermediate_size
+    # Wqkv + Wo, gated MLP (Wi is h -> 2i, Wo i -> h); SDPA runs the local layers' attention over the whole
+    # sequence too (their window is a mask), so every layer counts the full width
+    return c.num_hidden_layers * (4 * h * h + 3 * h * i), c.num_hidden_layers * h, h * h + h * c.vocab_size
+
+
+def _bert_config(cls_name, **extra):
+    def make(vocab, ids, s):
+        return getattr(transformers, cls_name)(
+            vocab_size=vocab, hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
+            num_attention_heads=s["num_attention_heads"], intermediate_size=s["intermediate_size"],
+            hidden_dropout_prob=s["dropout"], attention_probs_dropout_prob=s["dropout"], pad_token_id=ids["pad"],
+            max_position_embeddings=s["max_position_embeddings"], **{k: f(s) for k, f in extra.items()},
+        )
+    return make
+
+
+def _roberta_config(vocab, ids, s):
+    config = _bert_config("RobertaConfig", type_vocab_size=lambda s: 1)(vocab, ids, s)
+    # RoBERTa numbers positions from padding_idx + 1: n tokens need n + padding_idx + 1 embeddings
+    config.max_position_embeddings = s["max_position_embeddings"] + ids["pad"] + 1
+    config.bos_token_id, config.eos_token_id = ids["cls"], ids["sep"]
     return config
 
 
-def load_bert(name_or_path: str, what: str = "model_name_or_path"):
-    """Pretrained `BertForMaskedLM`. Missing encoder weights are an error; a missing MLM head is a warning."""
-    config = bert_config(name_or_path, what)
+def _distilbert_config(vocab, ids, s):
+    return transformers.DistilBertConfig(
+        vocab_size=vocab, dim=s["hidden_size"], n_layers=s["num_hidden_layers"], n_heads=s["num_attention_heads"],
+        hidden_dim=s["intermediate_size"], dropout=s["dropout"], attention_dropout=s["dropout"],
+        max_position_embeddings=s["max_position_embeddings"], pad_token_id=ids["pad"],
+    )
+
+
+def _modernbert_config(vocab, ids, s):
+    return transformers.ModernBertConfig(
+        vocab_size=vocab, hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"], intermediate_size=s["intermediate_size"],
+        max_position_embeddings=s["max_position_embeddings"], attention_dropout=s["dropout"],
+        mlp_dropout=s["dropout"], embedding_dropout=s["dropout"], pad_token_id=ids["pad"],
+        cls_token_id=ids["cls"], sep_token_id=ids["sep"], bos_token_id=ids["cls"], eos_token_id=ids["sep"],
+    )
+
+
+def _roberta_offset(config):
+    return (config.pad_token_id or 0) + 1
+
+
+_ROBERTA = dict(head=("lm_head",), output_bias="lm_head.bias", flops=_bert_flops, position_offset=_roberta_offset)
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family("BertForMaskedLM", ("cls",), "cls.predictions.bias", _bert_flops, _bert_config("BertConfig")),
+    "roberta": Family("RobertaForMaskedLM", scratch=_roberta_config, tokenizer="roberta", **_ROBERTA),
+    "xlm-roberta": Family("XLMRobertaForMaskedLM", **_ROBERTA, notes="pretrained only (as RoBERTa)"),
+    "camembert": Family("CamembertForMaskedLM", **_ROBERTA, notes="pretrained only (as RoBERTa)"),
+    "distilbert": Family(
+        "DistilBertForMaskedLM", ("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+        "vocab_projector.bias", _distilbert_flops, _distilbert_config, tokenizer="distilbert",
+    ),
+    "albert": Family(
+        "AlbertForMaskedLM", ("predictions",), "predictions.bias", _bert_flops,
+        _bert_config("AlbertConfig", embedding_size=lambda s: min(128, s["hidden_size"])),
+        notes="one layer's weights shared by all layers; factorized embeddings (128 wide)",
+    ),
+    "electra": Family(
+        "ElectraForMaskedLM", ("generator_predictions", "generator_lm_head"), "generator_lm_head.bias",
+        _bert_flops, _bert_config("ElectraConfig", embedding_size=lambda s: s["hidden_size"]),
+        notes="the generator (an MLM); a discriminator checkpoint loads as a headless encoder",
+    ),
+    "modernbert": Family(
+        "ModernBertForMaskedLM", ("head", "decoder"), "decoder.bias", _modernbert_flops, _modernbert_config,
+        tokenizer="modernbert", notes="rotary positions, local/global attention; flash_attention_2 optional",
+    ),
+}
+SCRATCH = tuple(name for name, f in FAMILIES.items() if f.scratch is not None)
+REFUSED = {
+    "deberta-v2": "DeBERTa-v2/v3 was pre-trained with replaced-token detection and its checkpoints carry no MLM head"
+    " weights (microsoft/DeBERTa#151): it would train a random head; continue a RoBERTa or ModernBERT instead",
+}
+
+
+# -- which family -------------------------------------------------------------------------------------------
+class _ConfigDict:
+    """`load_pretrained` for config.json as a plain dict: nothing is instantiated before it is checked."""
+
+    @staticmethod
+    def from_pretrained(name_or_path, **kwargs):
+        return transformers.PretrainedConfig.get_config_dict(name_or_path, **kwargs)[0]
+
+
+def family_of(config: dict, source: str) -> str:
+    """The family name of a config dict read from a file (untrusted), or a one-line refusal saying why."""
+    check(isinstance(config, dict), f"{source} has no valid model config")
+    model_type = config.get("model_type")
+    check(
+        "auto_map" not in config,
+        f"{source} needs custom code (auto_map in its config), which mlm-lightning does not run"
+        " (trust_remote_code stays off); use a model that transformers supports natively",
+    )
+    check(model_type not in REFUSED, f"{source} is {model_type!r}: {REFUSED.get(model_type)}")
+    supported = ", ".join(FAMILIES)
+    check(
+        not config.get("is_encoder_decoder"),
+        f"{source} is an encoder-decoder (seq2seq) model ({model_type!r}); mlm-lightning trains masked-LM encoders:"
+        f" {supported}",
+    )
+    check(
+        model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        f"{source} is a decoder-only (causal) model ({model_type!r}) with no masked-LM head; mlm-lightning trains"
+        f" masked-LM encoders: {supported}",
+    )
+    check(model_type in FAMILIES, f"{source} holds a {model_type!r} model, which is not supported; supported:"
+          f" {supported}")
+    check(not config.get("is_decoder"), f"{source} is configured as a decoder (is_decoder true); use an encoder config")
+    return model_type
+
+
+def family(model) -> Family:
+    return FAMILIES[model.config.model_type]
+
+
+def pretrained_config(name_or_path: str, what: str = "model_name_or_path"):
+    """The config of a local dir or hub id, checked (refused families say why) before transformers reads it."""
+    source = f"{what} {name_or_path!r}"
+    family_of(load_pretrained(_ConfigDict, name_or_path, what), source)
+    return load_pretrained(transformers.AutoConfig, name_or_path, what, trust_remote_code=False)
+
+
+# -- building ------------------------------------------------------------------------------------------------
+def check_attention(attn_implementation: str) -> None:
+    check(attn_implementation in ATTENTION,
+          f"attn_implementation must be one of {', '.join(ATTENTION)}, got {attn_implementation!r}")
+    check(
+        attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
+        "attn_implementation flash_attention_2 needs the flash-attn package (a CUDA GPU):"
+        " pip install 'mlm-lightning[flash]', or use sdpa",
+    )
+
+
+def load_pretrained_mlm(name_or_path: str, what: str = "model_name_or_path", attn_implementation: str = "sdpa"):
+    """(model, new parameter names): a pretrained masked LM in fp32 whatever dtype it was saved in.
+
+    Missing encoder weights are an error; a missing MLM head (a headless encoder, a sentence-transformers model)
+    is built new: its parameter names come back so that they can train at their own rate."""
+    check_attention(attn_implementation)
+    config = pretrained_config(name_or_path, what)
+    fam = FAMILIES[config.model_type]
+    cls = getattr(transformers, fam.model_class)
     model, info = load_pretrained(
-        BertForMaskedLM, name_or_path, what, config=config, attn_implementation="sdpa", output_loading_info=True
+        cls, name_or_path, what, config=config, attn_implementation=attn_implementation, dtype=torch.float32,
+        output_loading_info=True,
     )
     missing = sorted(info.get("missing_keys", []))
-    encoder = [k for k in missing if not k.startswith("cls.")]
+    head = tuple(f"{name}." for name in fam.head)
+    encoder = [k for k in missing if not k.startswith(head)]
     check(
         not encoder,
-        f"{what} {name_or_path!r} lacks {len(encoder)} BERT encoder weights (e.g. {encoder[:1]}); it is not a"
-        " complete BERT checkpoint",
+        f"{what} {name_or_path!r} lacks {len(encoder)} {config.model_type} encoder weights (e.g. {encoder[:1]}); it"
+        " is not a complete checkpoint",
     )
-    if missing:
+    new = new_parameter_names(model, missing)
+    if new:
         log.warning("%s %r has no MLM head weights: the head starts from random values", what, name_or_path)
-    return model
+    return model, new
 
 
-def bert_from_config(config: dict, source: str):
-    """A `BertForMaskedLM` with random weights from a config dict read from a file (e.g. a checkpoint)."""
-    check(isinstance(config, dict), f"{source} has no valid model config")
-    check_bert(config.get("model_type", "bert"), source)
+def new_parameter_names(model, missing) -> list[str]:
+    """The names (as `named_parameters` gives them) of the parameters behind `missing` state-dict keys."""
+    ids = set()
+    for key in missing:
+        try:
+            ids.add(id(model.get_parameter(key)))
+        except AttributeError:  # a buffer
+            pass
+    return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
+def from_config(config: dict, source: str, attn_implementation: str = "sdpa"):
+    """A masked LM with random weights from a config dict read from a file (e.g. a checkpoint)."""
+    fam = FAMILIES[family_of(config, source)]
+    cls = getattr(transformers, fam.model_class)
     try:
-        bert_config = BertConfig.from_dict(config)
+        parsed = cls.config_class.from_dict(config)
     except (TypeError, ValueError) as e:
         raise MLMError(f"{source} has an invalid model config ({e})") from None
-    return BertForMaskedLM._from_config(bert_config, attn_implementation="sdpa")
+    return cls._from_config(parsed, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
-def new_bert(vocab: int, pad_token_id: int, **sizes):
-    """A new `BertForMaskedLM` for a vocabulary of `vocab` tokens, with the sizes given (hidden_size, ...)."""
+def new_model(architecture: str, tokenizer, attn_implementation: str = "sdpa", **sizes):
+    """A new masked LM of `architecture` for `tokenizer`, with the sizes given (hidden_size, ...)."""
+    check(architecture in SCRATCH, f"architecture must be one of {', '.join(SCRATCH)}, got {architecture!r}")
+    check_attention(attn_implementation)
     check(
         sizes["hidden_size"] % sizes["num_attention_heads"] == 0,
         f"hidden_size {sizes['hidden_size']} must be a multiple of num_attention_heads {sizes['num_attention_heads']}",
     )
-    dropout = sizes.pop("dropout")
-    config = BertConfig(
-        vocab_size=-(-vocab // 8) * 8,  # a multiple of 8 keeps the (tied) head matmul on fast GPU kernels
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        pad_token_id=pad_token_id,
-        **sizes,
-    )
-    model = BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+    fam = FAMILIES[architecture]
+    vocab = len(tokenizer)
+    ids = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
+    config = fam.scratch(-(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE, ids, sizes)
+    model = getattr(transformers, fam.model_class)._from_config(config, attn_implementation=attn_implementation)
     with torch.no_grad():  # the padding ids are no tokens: never predicted, by fill-mask or a pipeline
-        model.cls.predictions.bias[vocab:] = -1e4
+        model.get_parameter(fam.output_bias)[vocab:] = NEVER
     return model
 
 
+SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+         "dropout")
+
+
 def build(hparams, tokenizer):
-    """A `BertForMaskedLM` from `model_name_or_path` (BERT only), or from scratch with the sizes in `hparams`."""
-    vocab = len(tokenizer)
+    """(model, names of its new parameters): `model_name_or_path` (any supported family), or a new
+    `architecture` with the sizes in `hparams` (all its parameters are new, but none is "new" next to others)."""
+    attention = hparams.get("attn_implementation", "sdpa")
     if hparams.model_name_or_path:
-        model = load_bert(hparams.model_name_or_path)
+        model, new = load_pretrained_mlm(hparams.model_name_or_path, attn_implementation=attention)
+        vocab = len(tokenizer)
         check(
             vocab <= model.config.vocab_size,
             f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}; use the model's"
             " own tokenizer (leave --data.tokenizer unset)",
         )
-        return model
-    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "max_position_embeddings", "dropout")
-    return new_bert(vocab, tokenizer.pad_token_id, **{k: hparams[k] for k in sizes})
+        return model, new
+    model = new_model(hparams.get("architecture", "bert"), tokenizer, attention, **{k: hparams[k] for k in SIZES})
+    return model, []
 
 
 def usable_positions(name_or_path: str) -> int:
-    """How many tokens a pretrained model's position embeddings hold; anything that is not BERT is refused here."""
-    return bert_config(name_or_path).max_position_embeddings
+    """How many tokens a pretrained model takes; an unsupported family is refused here, before any work."""
+    return position_limit(pretrained_config(name_or_path))
 
 
-# -- calling the network ---------------------------------------------------------------------------------------
-def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The encoder's last hidden states, (batch, length, hidden)."""
-    return model.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+# -- calling -------------------------------------------------------------------------------------------------
+
+def encode(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """The encoder's last hidden states (no token_type_ids: a single segment is all zeros where they exist)."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
 
 
 def head(model, hidden: torch.Tensor) -> torch.Tensor:
-    """MLM logits for any rows of hidden states (all positions, or the masked ones only)."""
-    return model.cls(hidden)
+    """The MLM head's logits for hidden states of any leading shape (all positions, or the masked rows only)."""
+    for name in family(model).head:
+        hidden = getattr(model, name)(hidden)
+    return hidden
 
 
 def compile_encoder(model) -> None:
-    model.bert.compile(dynamic=None)
+    model.base_model.compile(dynamic=None)
 
 
-def head_module(model) -> torch.nn.Module:
-    """The MLM head's first layer (tests poison it to make a loss NaN)."""
-    return model.cls.predictions.transform.dense
+def head_module(model) -> nn.Module:
+    """The MLM head's first linear layer (tests poison it to make a loss NaN)."""
+    first = getattr(model, family(model).head[0])
+    return next(m for m in first.modules() if isinstance(m, nn.Linear))
 
 
-# -- costs and rules -----------------------------------------------------------------------------------------
-def decay_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay on matrices only, never on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def position_limit(config) -> int:
+    """The most tokens one sequence may have (RoBERTa's 514 position embeddings hold 512 tokens)."""
+    return config.max_position_embeddings - FAMILIES[config.model_type].position_offset(config)
+
+
+# -- optimization --------------------------------------------------------------------------------------------
+def _norm_types(model) -> tuple[type, ...]:
+    module = importlib.import_module(type(model).__module__)
+    return (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, *(getattr(module, n) for n in family(model).norms))
+
+
+def no_decay(model) -> set[int]:
+    """ids of the parameters that get no weight decay: those of normalization modules (by type) and biases."""
+    norms, out = _norm_types(model), set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, norms) or name == "bias" or name.endswith("_bias"):
+                out.add(id(p))
+    return out
+
+
+def param_groups(model, weight_decay: float, new=(), head_learning_rate: float | None = None) -> list[dict]:
+    """AdamW groups: weight decay or not (`no_decay`), and the `new` parameters (by name: random ones, e.g. a
+    headless encoder's head) at `head_learning_rate`; the others get the optimizer's rate."""
+    skip, new = no_decay(model), set(new)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name in new, id(p) in skip), []).append(p)
+    out = []
+    for (fresh, nodecay), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": 0.0 if nodecay else weight_decay}
+        if fresh and head_learning_rate is not None:
+            group["lr"] = head_learning_rate
+        out.append(group)
+    return out
 
 
 def train_flops(config, seq_len: int, n_tokens: int, n_head_rows: int) -> int:
-    """Matmul FLOPs of one training step (forward + backward) of a `BertForMaskedLM` with this `config`.
+    """Matmul FLOPs of one training step (forward + backward) of a masked LM with this `config`.
 
-    Per token and layer the forward pass multiplies by the Q, K, V, O projections (4 h^2 weights) and the
-    feed-forward pair (2 h * intermediate_size weights): 2 FLOPs per weight (multiply + add); attention adds
-    scores (QK^T) and values (AV), 2 * 2 * seq_len * h. The MLM head (transform h^2 + decoder h * vocab) runs
-    on `n_head_rows` rows: the masked positions with `sparse_head`, every position without. Embeddings are
-    lookups (no FLOPs) and `BertForMaskedLM` has no pooler. The backward pass costs twice the forward
-    (gradients of inputs and of weights), so training = 3 x forward (the usual 6 x parameters per token).
-    Softmax, LayerNorm and GELU are not matmuls and are left out, as in MFU figures elsewhere.
-
-    Args:
-        config: A `BertConfig` (hidden_size, intermediate_size, num_hidden_layers, vocab_size).
-        seq_len: The (padded) sequence length the attention runs over.
-        n_tokens: Tokens through the encoder.
-        n_head_rows: Rows through the MLM head.
+    Per token, the encoder multiplies by its weight matrices (the family's `flops` counts them: Q, K, V, O and
+    the feed-forward per layer, plus any embedding projection), 2 FLOPs per weight (multiply + add); attention
+    adds scores (QK^T) and values (AV), 2 * 2 * seq_len * width per layer. The MLM head (its transform and the
+    decoder) runs on `n_head_rows` rows: the masked positions with `sparse_head`, every position without.
+    Embeddings are lookups (no FLOPs). The backward pass costs twice the forward, so training = 3 x forward.
+    Softmax, norms and activations are not matmuls and are left out, as in MFU figures elsewhere.
     """
-    h, layers = config.hidden_size, config.num_hidden_layers
-    per_token_layer = 2 * (4 * h * h + 2 * h * config.intermediate_size) + 2 * 2 * seq_len * h
-    head_row = 2 * (h * h + h * config.vocab_size)
-    return 3 * (n_tokens * layers * per_token_layer + n_head_rows * head_row)
+    weights, width, head_weights = FAMILIES[config.model_type].flops(config)
+    return 3 * (n_tokens * (2 * weights + 4 * seq_len * width) + n_head_rows * 2 * head_weights)
 
 
 def layer_classes(model: torch.nn.Module) -> set[type]:

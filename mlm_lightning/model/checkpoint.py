@@ -23,7 +23,7 @@ from mlm_lightning.data.tokenizer import TOKENIZER_FILES
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.hub import load_pretrained
 from mlm_lightning.model import sharded
-from mlm_lightning.model.arch import bert_from_config, load_bert
+from mlm_lightning.model.arch import from_config, load_pretrained_mlm
 
 PAYLOAD = "mlm_lightning"
 CONFIG = "bert_config"  # (the key's name is kept: checkpoints written before other families came read the same)
@@ -99,7 +99,7 @@ def _tokenizer_from_files(files: object, source: str):
 
 
 def load_checkpoint(path: str):
-    """(BertForMaskedLM, tokenizer) from an mlm-lightning .ckpt (loaded with `weights_only=True`) or a sharded
+    """(masked LM, tokenizer) from an mlm-lightning .ckpt (loaded with `weights_only=True`) or a sharded
     FSDP / DeepSpeed checkpoint directory (see `sharded.py`)."""
     check_checkpoint_path(path)
     if os.path.isdir(path):
@@ -112,7 +112,7 @@ def load_checkpoint(path: str):
     meta = ckpt.get(PAYLOAD) if isinstance(ckpt, dict) else None
     check(isinstance(meta, dict), f"{path!r} is not an mlm-lightning checkpoint (no model config/tokenizer inside)")
     source = f"checkpoint {path!r}"
-    model = bert_from_config(meta.get(CONFIG), source)
+    model = from_config(meta.get(CONFIG), source)
     weights = ckpt.get("state_dict")
     check(isinstance(weights, dict), f"{source} holds no weights")
     state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
@@ -124,8 +124,9 @@ def load_checkpoint(path: str):
 
 
 def load_model(path: str):
-    """(model, tokenizer) from an exported/Hugging Face directory, a hub id, or a .ckpt file. BERT only."""
+    """(model, tokenizer) from an exported/Hugging Face directory, a hub id, or a .ckpt file (any family of
+    `arch.FAMILIES`; a model without MLM head weights gets a random head, with a warning)."""
     if os.path.isfile(path) or (os.path.isdir(path) and sharded.kind(path)):
         return load_checkpoint(path)
-    model = load_bert(path, "model")
+    model, _ = load_pretrained_mlm(path, "model")
     return model.eval(), load_pretrained(AutoTokenizer, path, "tokenizer")

@@ -2,7 +2,7 @@
 
 `FillMasker` serves the `fill-mask` command (`commands.fill_mask`), the LightningCLI `predict` subcommand
 and tests. Its output per mask uses the keys of transformers' fill-mask pipeline (`score`, `token`,
-`token_str`, `sequence`).
+`token_str`, `sequence`), and `targets` (score only given words) has the pipeline's semantics.
 """
 
 from __future__ import annotations
@@ -37,7 +37,30 @@ class FillMasker:
         self.model, self.tokenizer, self.top_k, self.batch_size = model, tokenizer, top_k, batch_size
         self.device = torch.device(device)
         self.truncated: list[int] = []
-        self.max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+        self.max_length = min(tokenizer.model_max_length, arch.position_limit(model.config))
+
+    def target_ids(self, targets: str | list[str] | None, where: str = "targets") -> torch.Tensor | None:
+        """The token ids of `targets`, as transformers' fill-mask pipeline finds them (`get_target_ids`): a
+        vocabulary entry as is, else the word's first token (a word of several tokens is scored by its first
+        one, with a warning); duplicates once. None: no targets."""
+        if targets is None:
+            return None
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        vocab, ids = self.tokenizer.get_vocab(), []
+        for target in targets:
+            id_ = vocab.get(target)
+            if id_ is None:
+                pieces = self.tokenizer(target, add_special_tokens=False, return_attention_mask=False,
+                                        return_token_type_ids=False)["input_ids"]
+                if not pieces:
+                    log.warning("target %r has no token in the vocabulary; it is ignored", target)
+                    continue
+                id_ = pieces[0]
+                log.warning("target %r is not one token of the vocabulary; it is scored by its first token %r",
+                            target, self.tokenizer.convert_ids_to_tokens(id_))
+            ids.append(id_)
+        check(ids, f"none of the {where} {targets!r} is a word of the vocabulary; give other words")
+        return torch.tensor(sorted(set(ids)))
 
     # -- input ------------------------------------------------------------------------------------------
     def encode(self, text: str, index: int = 0) -> Encoded:
@@ -90,8 +113,10 @@ class FillMasker:
 
     # -- prediction -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _topk(self, batch: list[Encoded], k: int | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """For each sentence, for each mask: (probabilities, token ids) of the top-k (default `self.top_k`)."""
+    def _topk(self, batch: list[Encoded], k: int | None = None, targets: list[torch.Tensor | None] | None = None
+              ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """For each sentence, for each mask: (probabilities, token ids) of the top-k (default `self.top_k`), among
+        the sentence's `targets` ids where it has some (at most as many as there are targets)."""
         longest = max(len(e.ids) for e in batch)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
@@ -103,12 +128,20 @@ class FillMasker:
         cols = torch.tensor([m for e in batch for m in e.masks])
         hidden = arch.encode(self.model, input_ids.to(self.device), attention.to(self.device))
         logits = arch.head(self.model, hidden[rows.to(self.device), cols.to(self.device)]).float()
-        probs, tokens = logits.softmax(-1).topk(k or self.top_k, dim=-1)
-        probs, tokens = probs.cpu(), tokens.cpu()
-        out, k = [], 0
+        all_probs = logits.softmax(-1)
+        probs, tokens = all_probs.topk(k or self.top_k, dim=-1)
+        probs, tokens = list(probs.cpu()), list(tokens.cpu())
+        row = 0
+        for e, ids in zip(batch, targets or [None] * len(batch), strict=True):
+            if ids is not None:  # the pipeline's way: probabilities over the whole vocabulary, then the targets'
+                for r in range(row, row + len(e.masks)):
+                    chosen, index = all_probs[r, ids.to(self.device)].topk(min(k or self.top_k, len(ids)))
+                    probs[r], tokens[r] = chosen.cpu(), ids[index.cpu()]
+            row += len(e.masks)
+        out, row = [], 0
         for e in batch:
-            out.append([(probs[k + j], tokens[k + j]) for j in range(len(e.masks))])
-            k += len(e.masks)
+            out.append([(probs[row + j], tokens[row + j]) for j in range(len(e.masks))])
+            row += len(e.masks)
         return out
 
     def _result(self, e: Encoded, per_mask) -> dict:
@@ -130,11 +163,13 @@ class FillMasker:
             filled[m] = candidates[0]["token"]
         return {"text": e.text, "filled": tok.decode(filled, skip_special_tokens=True), "predictions": predictions}
 
-    def __call__(self, texts: list[str], joint: bool = False, indices: list[int] | None = None) -> list[dict]:
+    def __call__(self, texts: list[str], joint: bool = False, indices: list[int] | None = None,
+                 targets: str | list[str] | None = None) -> list[dict]:
         """Fill every sentence. `joint`: fill masks left to right, each choice fed back for the next.
 
-        `indices` number the inputs in error messages (default 0, 1, ...)."""
+        `indices` number the inputs in error messages (default 0, 1, ...); `targets`: score only these words."""
         check(len(texts) > 0, "no input sentences; pass sentences, --file FILE, or lines on stdin")
+        ids = self.target_ids(targets)
         indices = list(range(len(texts))) if indices is None else indices
         self.truncated: list[int] = []
         encoded = self.encode_many(texts, indices)  # validate all first
@@ -153,30 +188,34 @@ class FillMasker:
         order = sorted(encoded, key=lambda e: len(e.ids))  # similar lengths per batch: little padding
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            per_mask = self._joint(batch) if joint else self._topk(batch)
+            per_row = [ids] * len(batch)
+            per_mask = self._joint(batch, per_row) if joint else self._topk(batch, targets=per_row)
             for e, pm in zip(batch, per_mask, strict=True):
                 results[e.index] = self._result(e, pm)
         return results
 
-    def fill(self, encoded: list[Encoded], top_k: list[int]) -> list[dict]:
-        """Batch entry point (the server's): sentences already `encode`d, each with its own top_k, results in
-        input order. One forward per `batch_size` sentences of similar length."""
+    def fill(self, encoded: list[Encoded], top_k: list[int], targets: list[torch.Tensor | None] | None = None
+             ) -> list[dict]:
+        """Batch entry point (the server's): sentences already `encode`d, each with its own top_k (and target ids,
+        from `target_ids`), results in input order. One forward per `batch_size` sentences of similar length."""
+        targets = targets or [None] * len(encoded)
         results: list[dict | None] = [None] * len(encoded)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            per_mask = self._topk([encoded[i] for i in rows], max(top_k[i] for i in rows))
+            per_mask = self._topk([encoded[i] for i in rows], max(top_k[i] for i in rows), [targets[i] for i in rows])
             for i, masks in zip(rows, per_mask, strict=True):  # the top-k of a longer top list: cut it
                 results[i] = self._result(encoded[i], [(p[: top_k[i]], t[: top_k[i]]) for p, t in masks])
         return results
 
-    def _joint(self, batch: list[Encoded]):
+    def _joint(self, batch: list[Encoded], targets: list[torch.Tensor | None]):
         out = [[] for _ in batch]
         current = [Encoded(e.index, e.text, list(e.ids), list(e.masks)) for e in batch]
         for step in range(max(len(e.masks) for e in batch)):
             live = [(i, e) for i, e in enumerate(current) if step < len(e.masks)]
             single = [Encoded(e.index, e.text, e.ids, [e.masks[step]]) for _, e in live]
-            for (i, e), [(probs, tokens)] in zip(live, self._topk(single), strict=True):
+            chosen = self._topk(single, targets=[targets[i] for i, _ in live])
+            for (i, e), [(probs, tokens)] in zip(live, chosen, strict=True):
                 out[i].append((probs, tokens))
                 e.ids[e.masks[step]] = int(tokens[0])
         return out

@@ -1,14 +1,16 @@
-"""`MLMModule`: a Hugging Face masked-LM (`BertForMaskedLM`) trained with Lightning.
+"""`MLMModule`: a Hugging Face masked LM (`BertForMaskedLM`, `RobertaForMaskedLM`, ... see `arch.py`) trained
+with Lightning.
 
 The network is built in `configure_model()`, after the data module has produced the tokenizer (whose
 vocabulary may have just been trained on the corpus). The MLM head and the loss run only at masked
-positions (`sparse_head`): the same loss as `BertForMaskedLM(labels=...)`, without the vocabulary-sized
-matmul at the ~85% of positions that carry no label. The weights stay a plain `BertForMaskedLM`.
+positions (`sparse_head`): the same loss as `model(labels=...)`, without the vocabulary-sized matmul at the ~85%
+of positions that carry no label. The weights stay a plain transformers `*ForMaskedLM`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import lightning as L
@@ -24,6 +26,7 @@ from mlm_lightning.errors import NonFiniteLossError, check
 from mlm_lightning.model import arch, checkpoint
 from mlm_lightning.model.fill_mask import FillMasker
 
+log = logging.getLogger("mlm_lightning")
 # `configure_gradient_clipping` below leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
 # gradient_clip_val), so Lightning's warning that an override "will not actually clip gradients" does not apply
 warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
@@ -33,6 +36,7 @@ class MLMModule(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str | None = None,
+        architecture: str = "bert",
         hidden_size: int = 128,
         num_hidden_layers: int = 2,
         num_attention_heads: int = 2,
@@ -40,23 +44,29 @@ class MLMModule(L.LightningModule):
         max_position_embeddings: int = 512,
         dropout: float = 0.0,
         learning_rate: float = 1e-3,
+        head_learning_rate: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int | float = 0.06,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         sparse_head: bool = True,
         compile: bool = False,
+        attn_implementation: str = "sdpa",
         skip_nonfinite: bool = False,
         skip_nonfinite_limit: int = 20,
         top_k: int = 5,
         joint: bool = False,
+        targets: list[str] | None = None,
     ):
-        """A BERT masked-language model.
+        """A masked-language model: BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ALBERT, ELECTRA or ModernBERT.
 
         Args:
-            model_name_or_path: A local Hugging Face directory or a hub id (bert-base-uncased) to start from.
-                Unset: a new BERT with the sizes below, trained from scratch (the defaults: a tiny BERT sized
-                for the offline default run on a CPU).
+            model_name_or_path: A local Hugging Face directory or a hub id (bert-base-uncased, roberta-base,
+                answerdotai/ModernBERT-base, ...) to start from; a headless encoder gets a new MLM head.
+                Unset: a new `architecture` with the sizes below, trained from scratch (the defaults: a tiny
+                model sized for the offline default run on a CPU).
+            architecture: From scratch: bert, roberta, distilbert, albert, electra or modernbert (the trained
+                tokenizer fits it: WordPiece with [MASK], byte-level BPE with <s> </s> <mask>, ModernBERT's).
             hidden_size: From scratch: width of the model.
             num_hidden_layers: From scratch: number of transformer layers.
             num_attention_heads: From scratch: attention heads per layer.
@@ -65,6 +75,8 @@ class MLMModule(L.LightningModule):
             dropout: From scratch: hidden and attention dropout (0 suits the few-minute offline default, where
                 regularization only slows fitting; BERT's own is 0.1).
             learning_rate: Peak AdamW learning rate.
+            head_learning_rate: Peak learning rate of new parameters (a pretrained encoder without MLM head
+                weights: its random head), while the pretrained ones keep `learning_rate`.
             weight_decay: AdamW weight decay (never on biases and LayerNorm weights).
             warmup_steps: Linear warmup: a number of steps, or a float below 1 for a share of all steps.
                 Then linear decay to zero.
@@ -72,20 +84,29 @@ class MLMModule(L.LightningModule):
             eps: AdamW epsilon.
             sparse_head: Run the MLM head and loss only at masked positions (same loss, less compute).
             compile: `torch.compile` the encoder.
+            attn_implementation: sdpa, eager, or flash_attention_2 (needs the flash-attn package and a CUDA GPU:
+                its attention then skips padding; pip install 'mlm-lightning[flash]').
             skip_nonfinite: Skip optimizer steps whose loss is NaN/inf instead of stopping the run.
             skip_nonfinite_limit: With skip_nonfinite: stop (exit 3, the last good checkpoint kept) after this many
                 skipped steps in a row (0: never); the model is not recovering.
             top_k: predict: candidates reported per mask.
             joint: predict: fill several masks left to right, feeding each choice back.
+            targets: predict: score only these words (as transformers' fill-mask pipeline: a word that is not
+                one token is scored by its first token).
         """
         super().__init__()
         # prediction options are not saved: LightningCLI re-applies a checkpoint's hyperparameters over the
         # command line, which would make `predict --ckpt_path X --model.top_k 2` ignore the 2
-        self.save_hyperparameters(ignore=["top_k", "joint"])
-        self.top_k, self.joint = top_k, joint
+        self.save_hyperparameters(ignore=["top_k", "joint", "targets"])
+        self.top_k, self.joint, self.targets = top_k, joint, targets
         check(learning_rate > 0, f"learning_rate must be positive, got {learning_rate}")
         check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
+        check(head_learning_rate > 0, f"head_learning_rate must be positive, got {head_learning_rate}")
+        check(model_name_or_path or architecture in arch.SCRATCH,
+              f"architecture must be one of {', '.join(arch.SCRATCH)}, got {architecture!r}")
+        arch.check_attention(attn_implementation)
         self.model = None
+        self.new_parameters: list[str] = []  # pretrained weights that were missing: they train at head_learning_rate
         self.tokenizer = None
         self._tokenizer_files: dict[str, str] | None = None
         self.val_ppl_history: list[tuple[int, float]] = []  # (step, ppl) of each validation in this process
@@ -101,7 +122,12 @@ class MLMModule(L.LightningModule):
             self.tokenizer = self.trainer.datamodule.load_tokenizer()
         check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule or set .tokenizer")
         # from_pretrained() returns eval mode and Lightning keeps module modes: train (dropout on) explicitly
-        self.model = arch.build(self.hparams, self.tokenizer).train()
+        model, self.new_parameters = arch.build(self.hparams, self.tokenizer)
+        self.model = model.train()
+        if self.new_parameters:
+            shown = ", ".join(self.new_parameters[:8]) + (", ..." if len(self.new_parameters) > 8 else "")
+            log.info("%d new parameters (not in %s) train at --model.head_learning_rate %g: %s",
+                     len(self.new_parameters), self.hparams.model_name_or_path, self.hparams.head_learning_rate, shown)
         if not self.hparams.model_name_or_path and self._trainer is not None and self.trainer.datamodule is not None:
             # a new model only ever saw max_length positions: exported tokenizers truncate there
             self.tokenizer.model_max_length = self.trainer.datamodule.hparams.max_length
@@ -291,7 +317,7 @@ class MLMModule(L.LightningModule):
     def predict_step(self, batch: list[tuple[int, str]], batch_idx: int) -> list[dict]:
         indices, texts = zip(*batch, strict=True)
         masker = FillMasker(self.model, self.tokenizer, self.device, self.top_k, len(texts))
-        results = masker(list(texts), joint=self.joint, indices=list(indices))
+        results = masker(list(texts), joint=self.joint, indices=list(indices), targets=self.targets)
         return [{"index": i, **r} for i, r in zip(indices, results, strict=True)]
 
     # -- optimization -----------------------------------------------------------------------------------
@@ -299,7 +325,7 @@ class MLMModule(L.LightningModule):
         from transformers import get_linear_schedule_with_warmup
 
         h = self.hparams
-        groups = arch.decay_groups(self.model, h.weight_decay)
+        groups = arch.param_groups(self.model, h.weight_decay, self.new_parameters, h.head_learning_rate)
         fused = self.device.type == "cuda" or None
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))

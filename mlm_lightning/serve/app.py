@@ -31,7 +31,7 @@ from mlm_lightning.serve.batcher import Batcher
 log = logging.getLogger("mlm_lightning")
 
 MAX_BODY_BYTES = 1 << 20  # longer texts than this are no sentences; a model sees at most 512 tokens of them
-PARAMETERS = ("top_k",)
+PARAMETERS = ("top_k", "targets")
 EXAMPLES = [  # the demo model's domain (the Python language reference); `--examples` sets your own
     "the [MASK] statement is used to leave a loop.",
     "a class definition defines a [MASK] object.",
@@ -46,8 +46,8 @@ class BadRequest(Exception):
         self.status = status
 
 
-def parse_request(body: bytes, max_inputs: int, max_top_k: int) -> tuple[list[str], bool, int]:
-    """(texts, whether `inputs` was a single string, top_k) from a request body, or `BadRequest`."""
+def parse_request(body: bytes, max_inputs: int, max_top_k: int) -> tuple[list[str], bool, int, list[str] | None]:
+    """(texts, whether `inputs` was a single string, top_k, targets) from a request body, or `BadRequest`."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -76,41 +76,52 @@ def parse_request(body: bytes, max_inputs: int, max_top_k: int) -> tuple[list[st
         raise BadRequest(400, f"\"parameters\" must be an object like {{\"top_k\": 5}}, got {type(params).__name__}")
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
-        raise BadRequest(400, f"unsupported parameter(s) {', '.join(map(repr, unknown))}; supported: top_k")
+        raise BadRequest(400, f"unsupported parameter(s) {', '.join(map(repr, unknown))}; supported: top_k, targets")
     top_k = params.get("top_k", 5)
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise BadRequest(400, f"\"top_k\" must be an integer, got {json.dumps(top_k)}")
     if not 1 <= top_k <= max_top_k:
         raise BadRequest(400, f"\"top_k\" must be between 1 and {max_top_k}, got {top_k}")
-    return texts, single, top_k
+    targets = params.get("targets")  # the pipeline's: a word or a list of words
+    targets = [targets] if isinstance(targets, str) else targets
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(t, str) for t in targets) or len(targets) > max_top_k * 10):
+        raise BadRequest(400, f"\"targets\" must be a word or a non-empty list of words (at most {max_top_k * 10})")
+    return texts, single, top_k, targets
 
 
 def make_work(masker):
-    """The batch function for the worker thread: [(texts, top_k, pipeline format?)] -> [JSON bytes | BadRequest]."""
+    """The batch function for the worker thread: [(texts, single?, top_k, pipeline format?[, targets])] ->
+    [JSON bytes | BadRequest]."""
 
-    def work(items: list[tuple[list[str], bool, int, bool]]) -> list[Any]:
+    def work(items: list[tuple]) -> list[Any]:
         outcomes: list[Any] = [None] * len(items)
         # tokenized here, not on the event loop, all texts of the batch in one call; a bad text fails its own
         # request only
         texts = [t for item in items for t in item[0]]
         everything = masker.encode_many(texts, [i for item in items for i in range(len(item[0]))])
-        encoded, top_ks, owners, start = [], [], [], 0
-        for n, (mine, _, top_k, _) in enumerate(items):
+        encoded, top_ks, target_ids, owners, start = [], [], [], [], 0
+        for n, (mine, _, top_k, _, *targets) in enumerate(items):
             mine, start = everything[start : start + len(mine)], start + len(mine)
             bad = next((e for e in mine if isinstance(e, MLMError)), None)
+            try:
+                ids = masker.target_ids(targets[0] if targets else None, "\"targets\"")
+            except MLMError as e:
+                bad = bad or e
             if bad is not None:
                 outcomes[n] = BadRequest(400, str(bad))
                 continue
             encoded += mine
             top_ks += [top_k] * len(mine)
+            target_ids += [ids] * len(mine)
             owners += [n] * len(mine)
         masker.truncated = []  # encode() notes truncated inputs for the CLI's warning; nobody reads them here
-        results = masker.fill(encoded, top_ks) if encoded else []
+        results = masker.fill(encoded, top_ks, target_ids) if encoded else []
         per_item: dict[int, list[dict]] = {}
         for owner, result in zip(owners, results, strict=True):
             per_item.setdefault(owner, []).append(result)
         for n, rs in per_item.items():
-            _, single, _, pipeline_format = items[n]
+            _, single, _, pipeline_format, *_ = items[n]
             if pipeline_format:  # the pipeline: one mask -> its list; several -> a list per mask
                 rs = [r["predictions"][0] if len(r["predictions"]) == 1 else r["predictions"] for r in rs]
             outcomes[n] = json.dumps(rs[0] if single else rs, ensure_ascii=False).encode()
@@ -164,8 +175,8 @@ def create_app(masker, *, model_name: str, max_batch_size: int = 32, max_wait_ms
         if size > MAX_BODY_BYTES:
             return error(413, f"the body is over {MAX_BODY_BYTES} bytes; send shorter texts or fewer per request")
         try:
-            texts, single, top_k = parse_request(bytes(body), max_inputs, max_top_k)
-            out = await batcher.submit((texts, single, top_k, pipeline_format), len(texts))
+            texts, single, top_k, targets = parse_request(bytes(body), max_inputs, max_top_k)
+            out = await batcher.submit((texts, single, top_k, pipeline_format, targets), len(texts))
         except BadRequest as e:
             return error(e.status, str(e))
         return Response(out, media_type="application/json")

@@ -81,7 +81,7 @@ def test_second_setup_hits_the_cache(corpus, tmp_path, monkeypatch):
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr(data_module, "build_cache", boom)
-    monkeypatch.setattr(data_module, "train_wordpiece", boom)
+    monkeypatch.setattr(data_module, "train_tokenizer", boom)
     second = make(corpus, tmp_path)
     assert np.array_equal(first.datasets["train"][3]["input_ids"], second.datasets["train"][3]["input_ids"])
     assert isinstance(second.datasets["train"].stream.tokens, np.memmap)

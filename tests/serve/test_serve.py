@@ -131,7 +131,7 @@ BAD = [
     ({"inputs": "a [MASK]", "parameters": {"top_k": "5"}}, 400, '"top_k" must be an integer'),
     ({"inputs": "a [MASK]", "parameters": {"top_k": True}}, 400, '"top_k" must be an integer'),
     ({"inputs": "a [MASK]", "parameters": {"top_k": 2.5}}, 400, '"top_k" must be an integer'),
-    ({"inputs": "a [MASK]", "parameters": {"targets": ["cat"]}}, 400, "unsupported parameter(s) 'targets'"),
+    ({"inputs": "a [MASK]", "parameters": {"temperature": 1}}, 400, "unsupported parameter(s) 'temperature'"),
     ({"inputs": "a [MASK]", "options": {}}, 400, "unknown field(s) 'options'"),
     ({"inputs": ["a [MASK] ."] * (MAX_INPUTS + 1)}, 413, f"at most {MAX_INPUTS}"),
     ({"inputs": "a [MASK] " + "word " * 300_000}, 413, "over 1048576 bytes"),
