@@ -89,6 +89,12 @@ class MLMCLI(LightningCLI):
         if data.tokenizer is None and model.model_name_or_path:
             data.tokenizer = model.model_name_or_path
         _check_accelerator(trainer.accelerator, trainer.devices)
+        if self.subcommand == "fit":  # (Lightning would train forever, and the LR schedule would have no end)
+            check(
+                trainer.max_epochs != -1 or trainer.max_steps not in (None, -1) or trainer.max_time is not None,
+                "the run has no end: --trainer.max_epochs -1 and no --trainer.max_steps or --trainer.max_time;"
+                " set one of them (e.g. --trainer.max_time 00:12:00:00 for 12 hours)",
+            )
         positions = usable_positions(model.model_name_or_path) if model.model_name_or_path else \
             model.max_position_embeddings
         check(

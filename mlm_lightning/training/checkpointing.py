@@ -143,7 +143,7 @@ class MLMCheckpoint(ModelCheckpoint):
             timed = trainer.strategy.reduce_boolean_decision(timed, all=False)
         # the fit's last batch: saved here, where a resumed run (with more steps or epochs) continues exactly;
         # a save at on_train_end would record the epoch as finished
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
         final = (trainer.max_steps > 0 and step >= trainer.max_steps) or (
             last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         )
