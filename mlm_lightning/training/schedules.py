@@ -72,7 +72,7 @@ class RunSchedule(LambdaLR):
             warmup, share = int(warmup * self.total_steps), False
         self.warmup_share = float(warmup) if share else None
         self.warmup_steps = None if share else min(int(warmup), self.total_steps if steps else int(warmup))
-        self.progress = 0.0
+        self.progress, self._computed = 0.0, None
         super().__init__(optimizer, self._factor)
 
     def run_progress(self, step: int) -> float:
@@ -82,6 +82,12 @@ class RunSchedule(LambdaLR):
         return progress
 
     def _factor(self, step: int) -> float:
+        # one clock reading per step for all parameter groups (LambdaLR asks once per group): one LR, one collective
+        if self._computed is None or self._computed[0] != step:
+            self._computed = (step, self._compute(step))
+        return self._computed[1]
+
+    def _compute(self, step: int) -> float:
         self.progress = progress = self.run_progress(step)
         if self.warmup_share is not None:
             warmup = self.warmup_share
@@ -95,7 +101,7 @@ class RunSchedule(LambdaLR):
     # the settings come from this run's options (a resumed run may be given a longer budget); the checkpoint
     # keeps only the scheduler's own numbers (the step count, the peak LRs): the clock is no data to save
     _SETTINGS = ("schedule", "decay_share", "min_lr_ratio", "total_steps", "max_time", "elapsed", "warmup_share",
-                 "warmup_steps", "lr_lambdas")
+                 "warmup_steps", "lr_lambdas", "_computed")
 
     def state_dict(self) -> dict:
         return {k: v for k, v in super().state_dict().items() if k not in self._SETTINGS}
