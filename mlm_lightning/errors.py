@@ -42,7 +42,9 @@ class Interrupted(BaseException):
 
 
 # -- operating-system errors --------------------------------------------------------------------------------------
-_ERRNO_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")  # how Rust (safetensors, tokenizers) and C++ say it
+# how Rust (safetensors, tokenizers: "(os error 28)"), Python ("[Errno 28]") and torch's C++ ("...: No space left
+# on device (28)", checked against the text of that number) put it in a message
+_ERRNO_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]|: ([^:()]+) \((\d+)\)\s*$")
 
 
 def os_error(e: BaseException) -> OSError | None:
@@ -53,8 +55,8 @@ def os_error(e: BaseException) -> OSError | None:
             return candidate
     for candidate in (e, e.__cause__, e.__context__):
         found = _ERRNO_TEXT.search(str(candidate)) if candidate is not None else None
-        if found:
-            code = int(found.group(1) or found.group(2))
+        if found and (found.group(3) is None or found.group(3) == os.strerror(int(found.group(4)))):
+            code = int(found.group(1) or found.group(2) or found.group(4))
             return OSError(code, os.strerror(code), getattr(candidate, "filename", None))
     return None
 

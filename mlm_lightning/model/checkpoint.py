@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mlm_lightning.data.tokenizer import TOKENIZER_FILES, tokenizer_dir_problem
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.errors import MLMError, check, os_error
 from mlm_lightning.hub import load_pretrained
 from mlm_lightning.model import sharded
 from mlm_lightning.model.arch import bert_from_config, load_bert
@@ -84,7 +84,7 @@ def checkpoint_problem(path: str, resumable: bool = False) -> tuple[str | None, 
         with open(path, "rb") as f:
             if f.read(4) == ZIP_START:
                 return f"is cut short ({os.path.getsize(path)} bytes and no end: a copy or save was interrupted)", None
-        return "is not a PyTorch checkpoint (not the zip archive that torch.save writes)", None
+        return "is not a checkpoint (not the zip archive that torch.save writes)", None
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -98,6 +98,8 @@ def checkpoint_problem(path: str, resumable: bool = False) -> tuple[str | None, 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        if (error := os_error(e)) is not None:  # the file is fine, the system is not (e.g. too many open files)
+            raise OSError(error.errno, error.strerror, path) from e
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
         return f"cannot be read as plain data ({first}): another tool's file, or not safe to load", None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
