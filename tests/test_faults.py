@@ -133,6 +133,8 @@ def fault(kind: str, base, prepare=None):
                 prepare(target)
             if kind == "read-only":
                 assert mount_tmpfs(target, "remount,ro")
+            else:
+                (target / "filler").write_bytes(b"x" * 4096)  # the one page there is: now nothing fits
             yield target
         finally:
             unmount(target)

@@ -210,7 +210,7 @@ _OS_PROBLEMS = {
     errno.EACCES: ("permission denied", "give this user access to it, or use another location"),
     errno.EPERM: ("operation not permitted", "give this user access to it, or use another location"),
     errno.ENOTDIR: ("a part of this path is a file, not a directory", "use another path"),
-    errno.EEXIST: ("exists already, in the way of a directory", "use another path"),
+    errno.EEXIST: ("exists already", "use another path"),
     errno.EISDIR: ("is a directory where a file is needed", "use another path"),
     errno.ENOENT: ("does not exist", "check the path"),
     errno.EMFILE: ("too many open files (this process)", "raise the limit (ulimit -n) or use fewer workers"),
@@ -230,6 +230,8 @@ def _os_line(error: OSError, raised: BaseException, command: str) -> str:
     """One line for an operating-system error, in any command and phase: the path, the problem, the way on."""
     problem, fix = _OS_PROBLEMS.get(error.errno, (error.strerror or os.strerror(error.errno), "check it"))
     path = error.filename if isinstance(error.filename, str) else _open_file_in(raised)
+    if error.errno == errno.EEXIST and path and os.path.isfile(path):
+        problem = "is a file where a directory is needed"
     if path and os.path.basename(path).startswith((".", "tmp")) and not os.path.exists(path):
         path = os.path.dirname(os.path.abspath(path))  # (a temporary file, removed by now: its directory)
     where = f" ({_WRITES[command]})" if command in _WRITES and error.errno in _WRITE_ERRORS else ""
@@ -239,8 +241,8 @@ def _os_line(error: OSError, raised: BaseException, command: str) -> str:
 
 
 def _open_file_in(e: BaseException) -> str | None:
-    """The file a failed write() or close() was for (the OS names none): the innermost open file object in the
-    traceback's frames."""
+    """The file a failed write() or close() was for (the OS names none): in the traceback's frames, innermost
+    first, an open file object with a name, else a local absolute path in an existing directory."""
     import io
 
     frames = []
@@ -249,13 +251,14 @@ def _open_file_in(e: BaseException) -> str | None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
-        for value in list(frame.f_locals.values()):
+        values = list(frame.f_locals.values())
+        for value in values:
             if isinstance(value, io.IOBase):
                 name = getattr(value, "path", None) or getattr(value, "name", None)  # (fsspec's, Python's)
                 if isinstance(name, str) and name:
                     return name
+        for value in values:
+            text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+            if isinstance(text, str) and os.path.isabs(text) and os.path.isdir(os.path.dirname(text)):
+                return text
     return None
-
-
-if __name__ == "__main__":
-    main()
