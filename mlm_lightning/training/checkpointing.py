@@ -117,6 +117,9 @@ class MLMCheckpoint(ModelCheckpoint):
         finally:
             self._mid_validation = False
         self._last_saved = (trainer.global_step, mid_validation)
+        # Lightning's on_train_end writes last.ckpt once more unless it saved one itself: a second write of the
+        # whole checkpoint (twice the room on disk), and one that records the epoch as finished
+        self._last_checkpoint_saved = self.last_path()
         self._last_time = time.monotonic()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
