@@ -53,7 +53,8 @@ def os_error(e: BaseException) -> OSError | None:
     for candidate in (e, e.__cause__):
         if isinstance(candidate, OSError) and candidate.errno:
             return candidate
-    for candidate in (e, e.__cause__, e.__context__):
+    # (the context only of a RuntimeError: torch's zip writer raises one while handling the OSError of the write)
+    for candidate in (e, e.__cause__, e.__context__ if isinstance(e, RuntimeError) else None):
         found = _ERRNO_TEXT.search(str(candidate)) if candidate is not None else None
         if found and (found.group(3) is None or found.group(3) == os.strerror(int(found.group(4)))):
             code = int(found.group(1) or found.group(2) or found.group(4))

@@ -175,7 +175,11 @@ FAULTS = {"read-only": "read-only file system", "disk-full": "no space left on t
 WRITERS = {
     "fit": lambda D, r, c, m, o: fit_args(c, D / "run", "--trainer.max_steps", "2"),
     "fit-cache": lambda D, r, c, m, o: [*fit_args(c, o / "run", "--trainer.max_steps", "2"), "--data.cache_dir",
-                                        str(D / "cache")],
+                                        str(D / "cache")],  # (the tokenizer is trained and saved there first)
+    "fit-checkpoint": lambda D, r, c, m, o: [*fit_args(c, o / "run", "--trainer.max_steps", "2"),
+                                             "--checkpoint.dirpath", str(D / "checkpoints")],
+    "fit-export": lambda D, r, c, m, o: [*fit_args(c, o / "run", "--trainer.max_steps", "2"), "--export_dir",
+                                         str(D / "export")],  # (written when the training is done)
     "validate": lambda D, r, c, m, o: ["validate", "--ckpt_path", str(r / "checkpoints" / "last.ckpt"),
                                        "--data.train_files", c, *TINY_DATA, *QUIET, "--trainer.default_root_dir",
                                        str(D / "run")],

@@ -101,7 +101,8 @@ class MLMCLI(LightningCLI):
         hparams = {k: v for k, v in hparams.items() if k in model}  # only options this version has (it is data)
         replaced = []
         for key, saved in list(hparams.items()):
-            if self.given is None or f"model.{key}" not in self.given or _same(model[key], saved):
+            given = getattr(self, "given", None)
+            if given is None or f"model.{key}" not in given or _same(model[key], saved):
                 continue
             check(key not in FIXED_ON_RESUME,
                   f"--model.{key} {model[key]} cannot change on resume: checkpoint {ckpt!r} was trained with"
