@@ -114,7 +114,7 @@ class RunSchedule(LambdaLR):
 def run_schedule(optimizer, trainer, schedule: str, warmup: int | float, decay_share: float,
                  min_lr_ratio: float) -> RunSchedule:
     """The schedule of `trainer`'s run: its step budget and, with `max_time`, its `Timer`'s elapsed training time."""
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration), None)
+    timer = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, Timer) and c._duration), None)
 
     def elapsed() -> float:
         seconds = timer.time_elapsed("train")

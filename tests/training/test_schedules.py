@@ -143,6 +143,7 @@ WSD = ["--trainer.max_steps", "24", "--model.schedule", "wsd", "--model.decay_sh
        "--model.warmup_steps", "2", "--model.min_lr_ratio", "0.1", "--trainer.val_check_interval", "8"]
 
 
+@pytest.mark.slow
 def test_wsd_resume_in_the_middle_of_the_decay_is_exact(corpus, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_cli(*fit_args(corpus, straight, *WSD)) == 0
