@@ -7,6 +7,10 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import os
+import re
+from contextlib import contextmanager
+
 
 class MLMError(Exception):
     """A problem with the user's input or environment, with the fix in the message."""
@@ -35,3 +39,40 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+# -- operating-system errors --------------------------------------------------------------------------------------
+# how Rust (safetensors, tokenizers: "(os error 28)"), Python ("[Errno 28]") and torch's C++ ("...: No space left
+# on device (28)", checked against the text of that number) put it in a message
+_ERRNO_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]|: ([^:()]+) \((\d+)\)\s*$")
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The operating-system error behind `e`: `e` itself, its direct cause, or one a library reported only as text
+    (safetensors and tokenizers raise "... (os error 28)")."""
+    for candidate in (e, e.__cause__):
+        if isinstance(candidate, OSError) and candidate.errno:
+            return candidate
+    # (the context only of a RuntimeError: torch's zip writer raises one while handling the OSError of the write)
+    for candidate in (e, e.__cause__, e.__context__ if isinstance(e, RuntimeError) else None):
+        found = _ERRNO_TEXT.search(str(candidate)) if candidate is not None else None
+        if found and (found.group(3) is None or found.group(3) == os.strerror(int(found.group(4)))):
+            code = int(found.group(1) or found.group(2) or found.group(4))
+            return OSError(code, os.strerror(code), getattr(candidate, "filename", None))
+    return None
+
+
+@contextmanager
+def writing(path: str, temporary: tuple[str, ...] = ()):
+    """Report an OS error raised inside as one about `path` where the OS named no file (write() and close() name
+    none) or named one of our own temporary files (`temporary`: their path prefixes), which are gone by then."""
+    try:
+        yield
+    except Exception as e:
+        error = os_error(e)
+        if error is None:
+            raise
+        named = error.filename if isinstance(error.filename, str) else None
+        if named and not os.path.abspath(named).startswith(tuple(os.path.abspath(t) for t in temporary)):
+            raise
+        raise OSError(error.errno, error.strerror, path) from e

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.errors import MLMError, check, writing
 from mlm_lightning.model.checkpoint import load_checkpoint
 
 MANIFEST = ".mlm-lightning-export"
@@ -70,8 +70,16 @@ def save_hf(model, tokenizer, export_dir: str, keep: tuple[str, ...] = ()) -> st
     check_export_dir(export_dir, keep)
     export_dir = os.path.abspath(export_dir)
     parent = os.path.dirname(export_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # ours: removed whatever happens
+    # a full disk or a read-only directory is reported on export_dir (safetensors names no file; the temporary
+    # directory is gone by then); a previous export there is untouched until the rename
+    with writing(export_dir, temporary=(os.path.join(parent, ".export-"), os.path.join(parent, ".old-export-"))):
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # ours: removed whatever happens
+        _write_aside(model, tokenizer, tmp, export_dir, parent)
+    return export_dir
+
+
+def _write_aside(model, tokenizer, tmp: str, export_dir: str, parent: str) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -88,7 +96,6 @@ def save_hf(model, tokenizer, export_dir: str, keep: tuple[str, ...] = ()) -> st
             os.rename(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return export_dir
 
 
 def _replace_export(tmp: str, export_dir: str, parent: str) -> None:
@@ -97,7 +104,12 @@ def _replace_export(tmp: str, export_dir: str, parent: str) -> None:
     aside = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
     old = os.path.join(aside, "export")
     os.rename(export_dir, old)
-    os.rename(tmp, export_dir)
+    try:
+        os.rename(tmp, export_dir)
+    except OSError:  # the previous export goes back where it was
+        os.rename(old, export_dir)
+        os.rmdir(aside)
+        raise
     # remove only what the previous export wrote, by name; anything that appeared meanwhile stays in `aside`
     for name in [*old_files, MANIFEST]:
         try:

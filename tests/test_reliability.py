@@ -140,7 +140,7 @@ def test_checkpoints_are_loaded_without_unpickling_code(tmp_path, monkeypatch):
     # torch >= 2.6 loads weights-only by default; this makes a call that leaves it unset unpickle anything, as
     # older torch (which the package allows) does: only an explicit weights_only=True refuses the file now
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises(MLMError, match="could not be read as a checkpoint"):
+    with pytest.raises(MLMError, match="cannot be read as plain data"):
         load_checkpoint(str(path))
     with pytest.raises(Exception, match="Weights only load failed"):
         AtomicCheckpointIO().load_checkpoint(path)

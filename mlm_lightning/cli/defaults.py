@@ -43,7 +43,7 @@ def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[objec
     pretrained = cfg["model"].get("model_name_or_path")
     demo = cfg["data"].get("train_files") is None and not pretrained
     budget = [k for k in ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time") if _limit_given(given, k)]
-    if not budget:
+    if not budget and not _given(given, "trainer.max_epochs"):  # (an explicit -1, no limit, is the user's)
         changes["trainer.max_epochs"] = (DEMO_EPOCHS, "the offline demo") if demo else (CORPUS_EPOCHS, "your corpus")
     elif not _given(given, "trainer.max_epochs"):
         changes["trainer.max_epochs"] = (None, f"{budget[0].split('.')[1]} ends the run")

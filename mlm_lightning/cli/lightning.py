@@ -25,7 +25,7 @@ from mlm_lightning.errors import MLMError, check
 from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import FAMILIES, usable_positions
-from mlm_lightning.model.checkpoint import check_checkpoint_path, load_checkpoint
+from mlm_lightning.model.checkpoint import check_checkpoint_path, check_model_dir, load_checkpoint, verified_checkpoint
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
 from mlm_lightning.training.checkpointing import MLMCheckpoint, checkpoint_io
 from mlm_lightning.training.plot import metrics_files, plot_runs
@@ -54,9 +54,10 @@ class MLMCLI(LightningCLI):
         sub = self.config.get("subcommand")
         if not sub:
             return
+        self.given = None  # what the user set (command line or --config): _parse_ckpt_path names what it replaces
         try:
-            given = parser.parse_args(plain, defaults=False)[sub]
-            changes = adjusted_defaults(self.config[sub], given, usable_positions)
+            self.given = parser.parse_args(plain, defaults=False)[sub]
+            changes = adjusted_defaults(self.config[sub], self.given, usable_positions)
         except ArgumentError:  # cannot tell what the user set: change nothing rather than override them
             log.warning("could not tell which options were set; no defaults adjusted (see --print_config)")
             changes = {}
@@ -69,29 +70,76 @@ class MLMCLI(LightningCLI):
             super().parse_arguments(parser, args + [f"--{k}={json.dumps(v)}" for k, (v, _) in changes.items()])
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters here, before any other hook: check it first
-        subcommand = self.config.get("subcommand")
-        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt and ckpt not in ("last", "best", "hpc"):
+        # LightningCLI reads the checkpoint's hyperparameters here, before any other hook (before tokenizing): the
+        # file is checked first, `last` resolved as Lightning will, and the options it replaces named or refused
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else None
+        ckpt = cfg.get("ckpt_path") if cfg else None
+        if ckpt == "last":
+            ckpt = last_checkpoint(cfg.checkpoint.dirpath or os.path.join(cfg.trainer.default_root_dir or ".",
+                                                                          "checkpoints"))
+        elif ckpt and ckpt not in ("best", "hpc"):
             check_checkpoint_path(ckpt)
-            strategy = str(self.config[subcommand].trainer.strategy).lower()
+        if not ckpt or ckpt in ("best", "hpc"):
+            return
+        if os.path.isdir(ckpt):
+            strategy = str(cfg.trainer.strategy).lower()
             check(
-                not os.path.isdir(ckpt) or "fsdp" in strategy or "deepspeed" in strategy,
+                "fsdp" in strategy or "deepspeed" in strategy,
                 f"{ckpt!r} is a sharded checkpoint directory: resume it with the strategy that wrote it"
                 " (--trainer.strategy fsdp or deepspeed), or turn it into a model with mlm-lightning export",
             )
-        super()._parse_ckpt_path()
+            return
+        hparams = verified_checkpoint(ckpt, resumable=sub == "fit").get("hyper_parameters")
+        if isinstance(hparams, dict) and hparams:
+            self._resume_hparams(sub, ckpt, hparams)
+
+    def _resume_hparams(self, sub: str, ckpt: str, hparams: dict) -> None:
+        """The checkpoint's model options replace the configured ones (as LightningCLI does), except how-to-run
+        options the user set; a given model size that differs is refused, any other given option it replaces is
+        named with both values."""
+        model = self.config[sub].model
+        hparams = {k: v for k, v in hparams.items() if k in model}  # only options this version has (it is data)
+        replaced = []
+        for key, saved in list(hparams.items()):
+            given = getattr(self, "given", None)
+            if given is None or f"model.{key}" not in given or _same(model[key], saved):
+                continue
+            check(key not in FIXED_ON_RESUME,
+                  f"--model.{key} {model[key]} cannot change on resume: checkpoint {ckpt!r} was trained with"
+                  f" {saved}; drop the option, or start a new run without --ckpt_path")
+            if key in KEPT_ON_RESUME:
+                del hparams[key]  # how to run, not what was trained: the user's value
+            else:
+                replaced.append(f"--model.{key} {saved} (you gave {model[key]})")
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except ArgumentError as e:
+            raise MLMError(f"checkpoint {ckpt!r} holds model options this version cannot take"
+                           f" ({' '.join(str(e).split())[:200]})") from None
+        if replaced and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+            log.info("resuming %s: the checkpoint's own %s; the resumed optimizer and schedule carry them (start a"
+                     " new run to change them)", ckpt, ", ".join(replaced))
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         trainer, data, model = cfg.trainer, cfg.data, cfg.model
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(trainer.default_root_dir or ".", "checkpoints")
+        if model.model_name_or_path:  # before anything is tokenized or loaded
+            own = data.tokenizer in (None, model.model_name_or_path)
+            check_model_dir(model.model_name_or_path, "--model.model_name_or_path", tokenizer=own)
         if data.tokenizer is None and model.model_name_or_path:
             data.tokenizer = model.model_name_or_path
         if not model.model_name_or_path and model.architecture in FAMILIES:  # (else MLMModule says what is wrong)
             data.tokenizer_kind = FAMILIES[model.architecture].tokenizer  # a new model's tokenizer fits its family
         _check_accelerator(trainer.accelerator, trainer.devices)
+        if self.subcommand == "fit":  # (Lightning would train forever, and the LR schedule would have no end)
+            check(
+                trainer.max_epochs != -1 or trainer.max_steps not in (None, -1) or trainer.max_time is not None,
+                "the run has no end: --trainer.max_epochs -1 and no --trainer.max_steps or --trainer.max_time;"
+                " set one of them (e.g. --trainer.max_time 00:12:00:00 for 12 hours)",
+            )
         positions = usable_positions(model.model_name_or_path) if model.model_name_or_path else \
             model.max_position_embeddings
         check(
@@ -189,6 +237,29 @@ class MLMCLI(LightningCLI):
             log.info("plot: %s", plot_runs([root], os.path.join(root, "plot.png")))
         except MLMError as e:  # e.g. a user's own plot.png in the way: the fit itself succeeded
             log.warning("plot not written: %s", e)
+
+
+# model options that shape the weights: a checkpoint's weights fit only its own
+FIXED_ON_RESUME = ("model_name_or_path", "architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size", "max_position_embeddings")
+# how to run, not what is trained: a resumed run takes the user's value
+KEPT_ON_RESUME = ("compile", "skip_nonfinite", "skip_nonfinite_limit", "sparse_head", "attn_implementation")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def last_checkpoint(dirpath: str) -> str | None:
+    """What Lightning's `ckpt_path="last"` loads: the newest `last*.ckpt` in the checkpoint directory."""
+    try:
+        names = [n for n in os.listdir(dirpath) if n.startswith("last") and n.endswith(".ckpt")]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    paths = [os.path.join(dirpath, n) for n in names]
+    return max(paths, key=os.path.getmtime) if paths else None
 
 
 def _check_accelerator(accelerator, devices) -> None:

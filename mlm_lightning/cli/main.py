@@ -12,6 +12,7 @@ dispatch must not pay for them (about 2 s); a command imports what it needs once
 from __future__ import annotations
 
 import ast
+import errno
 import importlib
 import importlib.util
 import inspect
@@ -22,7 +23,7 @@ import sys
 import traceback
 import warnings
 
-from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, check
+from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, check, os_error
 
 log = logging.getLogger("mlm_lightning")
 DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
@@ -195,8 +196,69 @@ def _describe(e: BaseException, command: str = "fit") -> tuple[int | None, str]:
             return 2, f"error: {' '.join(str(e).split())}"
     if isinstance(e, MisconfigurationException):
         return 2, f"error: {str(e).splitlines()[0]}"
+    error = os_error(e)
+    if error is not None:
+        return 2, f"error: {_os_line(error, e, command)}"
     return None, ""
 
 
-if __name__ == "__main__":
-    main()
+# what an operating-system error means for a user, and the way on; where a command writes (to write elsewhere)
+_OS_PROBLEMS = {
+    errno.ENOSPC: ("no space left on the device", "free some space there, or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space there, or write elsewhere"),
+    errno.EROFS: ("read-only file system", "write to a writable location"),
+    errno.EACCES: ("permission denied", "give this user access to it, or use another location"),
+    errno.EPERM: ("operation not permitted", "give this user access to it, or use another location"),
+    errno.ENOTDIR: ("a part of this path is a file, not a directory", "use another path"),
+    errno.EEXIST: ("exists already", "use another path"),
+    errno.EISDIR: ("is a directory where a file is needed", "use another path"),
+    errno.ENOENT: ("does not exist", "check the path"),
+    errno.EMFILE: ("too many open files (this process)", "raise the limit (ulimit -n) or use fewer workers"),
+    errno.ENFILE: ("too many open files (this system)", "raise the limit (ulimit -n) or use fewer workers"),
+    errno.EIO: ("input/output error", "check the disk or network file system"),
+}
+_WRITES = {
+    "fit": "--trainer.default_root_dir, --data.cache_dir (or $MLM_LIGHTNING_CACHE), --export_dir",
+    "validate": "--trainer.default_root_dir, --data.cache_dir", "test": "--trainer.default_root_dir, --data.cache_dir",
+    "predict": "--prediction_writer.output, --trainer.default_root_dir, --data.cache_dir",
+    "export": "--export_dir", "plot": "--out",
+}
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+
+
+def _os_line(error: OSError, raised: BaseException, command: str) -> str:
+    """One line for an operating-system error, in any command and phase: the path, the problem, the way on."""
+    problem, fix = _OS_PROBLEMS.get(error.errno, (error.strerror or os.strerror(error.errno), "check it"))
+    path = error.filename if isinstance(error.filename, str) else _open_file_in(raised)
+    if error.errno == errno.EEXIST and path and os.path.isfile(path):
+        problem = "is a file where a directory is needed"
+    if path and os.path.basename(path).startswith((".", "tmp")) and not os.path.exists(path):
+        path = os.path.dirname(os.path.abspath(path))  # (a temporary file, removed by now: its directory)
+    where = f" ({_WRITES[command]})" if command in _WRITES and error.errno in _WRITE_ERRORS else ""
+    saved = getattr(raised, "last_checkpoint", None)
+    kept = f"; the last checkpoint is kept: {saved}" if saved else ""
+    return f"{path!r}: {problem}; {fix}{where}{kept}" if path else f"{problem}; {fix}{where}{kept}"
+
+
+def _open_file_in(e: BaseException) -> str | None:
+    """The file a failed write() or close() was for (the OS names none): in the traceback's frames, innermost
+    first, an open file object with a name, else a local absolute path in an existing directory."""
+    import io
+
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        values = list(frame.f_locals.values())
+        for value in values:
+            if isinstance(value, io.IOBase):
+                name = getattr(value, "path", None) or getattr(value, "name", None)  # (fsspec's, Python's)
+                if isinstance(name, str) and name:
+                    return name
+        for value in values:
+            text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+            if isinstance(text, str) and os.path.isabs(text) and os.path.isdir(os.path.dirname(text)):
+                return text
+    return None

@@ -21,9 +21,22 @@ SAMPLE_CHUNK_LINES = 1000
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
+    problem = tokenizer_dir_problem(name_or_path) if os.path.isdir(name_or_path) else None
+    check(problem is None, f"tokenizer {name_or_path!r} is incomplete: it lacks {problem}; pass a directory with"
+                           " its tokenizer files (mlm-lightning export writes them)")
     tokenizer = load_pretrained(AutoTokenizer, name_or_path, "tokenizer")
     validate_tokenizer(tokenizer, name_or_path)
     return tokenizer
+
+
+def tokenizer_dir_problem(path: str) -> str | None:
+    """What a local tokenizer dir lacks, or None. Without its files transformers' AutoTokenizer falls back to a
+    tokenizer made from config.json alone (BERT's: 5 special tokens, every word unknown)."""
+    names = set(os.listdir(path))
+    if names & {"tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"} or \
+            {"vocab.json", "merges.txt"} <= names:
+        return None
+    return "its tokenizer files (tokenizer.json, or vocab.txt, vocab.json + merges.txt, or a sentencepiece model)"
 
 
 def validate_tokenizer(tokenizer, source: str) -> None:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 import zipfile
+import zlib
 
 import torch
 from transformers import AutoTokenizer
 
-from mlm_lightning.data.tokenizer import TOKENIZER_FILES
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.data.tokenizer import TOKENIZER_FILES, tokenizer_dir_problem
+from mlm_lightning.errors import MLMError, check, os_error
 from mlm_lightning.hub import load_pretrained
 from mlm_lightning.model import sharded
 from mlm_lightning.model.arch import from_config, load_pretrained_mlm
@@ -59,10 +61,127 @@ def check_checkpoint_path(path: str) -> None:
     """A .ckpt file, or a sharded (FSDP) / DeepSpeed checkpoint directory."""
     check(os.path.exists(path), f"checkpoint {path!r} does not exist; check the path or use --ckpt_path last")
     check(
-        (os.path.isfile(path) and zipfile.is_zipfile(path)) or (os.path.isdir(path) and sharded.kind(path)),
+        os.path.isfile(path) or (os.path.isdir(path) and sharded.kind(path)),
         f"{path!r} is not a checkpoint (expected a .ckpt written by mlm-lightning fit, or a sharded FSDP/DeepSpeed"
         " checkpoint directory)",
     )
+
+
+# -- is a .ckpt intact? (before anything is done with it) --------------------------------------------------------
+ZIP_START = b"PK\x03\x04"  # torch.save writes a zip archive: this is how one begins
+
+
+def checkpoint_problem(path: str, resumable: bool = False) -> tuple[str | None, dict | None]:
+    """(what is wrong with the .ckpt at `path`, or None; its contents, memory-mapped, if nothing is).
+
+    `resumable`: a fit resumes from it, so it must hold the optimizer and loop state too. torch.load checks no
+    checksum (a flipped byte in the weights loads silently) and fails on a cut-short file with a zip reader's
+    traceback: the zip's own CRC-32 of every member is checked here first (~0.2 s per GB once the file is cached,
+    and torch.load reads it right after)."""
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)", None
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == ZIP_START:
+                return f"is cut short ({os.path.getsize(path)} bytes and no end: a copy or save was interrupted)", None
+        return "is not a checkpoint (not the zip archive that torch.save writes)", None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:  # saved with torch's crc32 off: nothing to check against
+                    continue
+                with archive.open(info) as member:
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error) as e:
+        return f"is damaged ({e})", None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        if (error := os_error(e)) is not None:  # the file is fine, the system is not (e.g. too many open files)
+            raise OSError(error.errno, error.strerror, path) from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        return f"cannot be read as plain data ({first}): another tool's file, or not safe to load", None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        return "is not a Lightning checkpoint (it holds no state_dict)", None
+    if not isinstance(ckpt.get(PAYLOAD), dict):
+        return "is another tool's checkpoint (no mlm-lightning model config and tokenizer inside)", None
+    if resumable and "optimizer_states" not in ckpt:
+        return ("holds weights only (no optimizer state), so a fit cannot resume from it; export it (mlm-lightning"
+                " export) and start a new fit from the export with --model.model_name_or_path"), None
+    return None, ckpt
+
+
+def verified_checkpoint(path: str, option: str = "--ckpt_path", resumable: bool = False) -> dict:
+    """The contents of the .ckpt at `path` (memory-mapped), or one line naming the file, what is wrong with it
+    and the way on: the newest intact checkpoint beside it, or a run without it."""
+    problem, ckpt = checkpoint_problem(path, resumable)
+    if problem is None:
+        return ckpt
+    if "weights only" in problem:
+        raise MLMError(f"checkpoint {path!r} {problem}")
+    other = intact_beside(path, resumable)
+    if other:
+        way = f"the newest intact checkpoint beside it is {other!r}: pass {option} {other}"
+    elif resumable:
+        way = "no intact checkpoint beside it: start a new fit without --ckpt_path (another --trainer.default_root_dir)"
+    else:
+        way = "no intact checkpoint beside it: use another checkpoint or an exported model directory"
+    raise MLMError(f"checkpoint {path!r} {problem}; {way}")
+
+
+def intact_beside(path: str, resumable: bool = False, tries: int = 5) -> str | None:
+    """The newest intact .ckpt in `path`'s directory other than `path` (the `tries` newest are looked at)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        names = [n for n in os.listdir(directory) if n.endswith(".ckpt") and not n.startswith(".")]
+    except OSError:
+        return None
+    others = [os.path.join(directory, n) for n in names if not os.path.samefile(os.path.join(directory, n), path)]
+    others = sorted((p for p in others if os.path.isfile(p)), key=os.path.getmtime, reverse=True)
+    for candidate in others[:tries]:
+        if checkpoint_problem(candidate, resumable)[0] is None:
+            return candidate
+    return None
+
+
+# -- is a model dir complete? (before it is loaded) --------------------------------------------------------------
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_model_dir(path: str, what: str = "--model", tokenizer: bool = True) -> None:
+    """Refuse a local model directory without its config, its weights (or a shard its index names) or, with
+    `tokenizer`, its tokenizer files, naming what is missing. transformers would otherwise fill the gap silently
+    (AutoTokenizer makes a 5-token BERT tokenizer from a config alone: every mask filled with nothing)."""
+    if not os.path.isdir(path):
+        return  # a hub id or a file: checked where it is read
+    names = set(os.listdir(path))
+    missing = [] if "config.json" in names else ["its config (config.json)"]
+    weights = [n for n in WEIGHT_FILES if n in names]
+    for index in (f"{n}.index.json" for n in WEIGHT_FILES):
+        if index in names:
+            shards = _index_shards(os.path.join(path, index))
+            absent = sorted(s for s in shards if s not in names) if shards is not None else [f"{index} unreadable"]
+            if absent:
+                missing.append(f"the weight shard(s) its {index} names ({', '.join(absent[:3])})")
+            weights.append(index)
+    if not weights:
+        missing.append(f"its weights ({' or '.join(WEIGHT_FILES)})")
+    if tokenizer and (problem := tokenizer_dir_problem(path)):
+        missing.append(problem)
+    check(not missing, f"{what} {path!r} is incomplete: it lacks {' and '.join(missing)}; pass a complete model"
+                       " directory (mlm-lightning export writes one from a checkpoint)")
+
+
+def _index_shards(index: str) -> set[str] | None:
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    ok = all(isinstance(s, str) and s and os.path.basename(s) == s and s not in (".", "..") for s in shards)
+    return shards if ok else None
 
 
 def _tokenizer_from_files(files: object, source: str):
@@ -98,17 +217,14 @@ def _tokenizer_from_files(files: object, source: str):
             raise MLMError(f"{source} has an unreadable tokenizer ({type(e).__name__})") from None
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str, option: str = "--ckpt_path"):
     """(masked LM, tokenizer) from an mlm-lightning .ckpt (loaded with `weights_only=True`) or a sharded
     FSDP / DeepSpeed checkpoint directory (see `sharded.py`)."""
     check_checkpoint_path(path)
     if os.path.isdir(path):
         ckpt = sharded.load_directory(path)
     else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise MLMError(f"{path!r} could not be read as a checkpoint ({type(e).__name__}); is it complete?") from e
+        ckpt = verified_checkpoint(path, option)
     meta = ckpt.get(PAYLOAD) if isinstance(ckpt, dict) else None
     check(isinstance(meta, dict), f"{path!r} is not an mlm-lightning checkpoint (no model config/tokenizer inside)")
     source = f"checkpoint {path!r}"
@@ -123,10 +239,11 @@ def load_checkpoint(path: str):
     return model.eval(), _tokenizer_from_files(meta.get("tokenizer_files"), source)
 
 
-def load_model(path: str):
+def load_model(path: str, option: str = "--model"):
     """(model, tokenizer) from an exported/Hugging Face directory, a hub id, or a .ckpt file (any family of
     `arch.FAMILIES`; a model without MLM head weights gets a random head, with a warning)."""
     if os.path.isfile(path) or (os.path.isdir(path) and sharded.kind(path)):
-        return load_checkpoint(path)
+        return load_checkpoint(path, option)
+    check_model_dir(path, option)
     model, _ = load_pretrained_mlm(path, "model")
     return model.eval(), load_pretrained(AutoTokenizer, path, "tokenizer")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from typing import Literal
 
 import lightning as L
 import torch
@@ -25,6 +26,7 @@ from mlm_lightning.data.tokenizer import tokenizer_files
 from mlm_lightning.errors import NonFiniteLossError, check
 from mlm_lightning.model import arch, checkpoint
 from mlm_lightning.model.fill_mask import FillMasker
+from mlm_lightning.training.schedules import check_schedule, run_schedule
 
 log = logging.getLogger("mlm_lightning")
 # `configure_gradient_clipping` below leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
@@ -47,6 +49,9 @@ class MLMModule(L.LightningModule):
         head_learning_rate: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int | float = 0.06,
+        schedule: Literal["linear", "cosine", "wsd", "constant"] = "linear",
+        decay_share: float = 0.1,
+        min_lr_ratio: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         sparse_head: bool = True,
@@ -78,8 +83,12 @@ class MLMModule(L.LightningModule):
             head_learning_rate: Peak learning rate of new parameters (a pretrained encoder without MLM head
                 weights: its random head), while the pretrained ones keep `learning_rate`.
             weight_decay: AdamW weight decay (never on biases and LayerNorm weights).
-            warmup_steps: Linear warmup: a number of steps, or a float below 1 for a share of all steps.
-                Then linear decay to zero.
+            warmup_steps: Linear warmup: a number of steps, or a float below 1 for a share of the run.
+            schedule: After the warmup: `linear` or `cosine` decay, `wsd` (constant, then a decay over the last
+                `decay_share` of the run) or `constant`. A run bounded by `--trainer.max_time` follows it by
+                elapsed training time.
+            decay_share: wsd: the share of the run (its last steps, or its last time) that decays.
+            min_lr_ratio: The share of the peak learning rate that the decay ends at.
             betas: AdamW betas.
             eps: AdamW epsilon.
             sparse_head: Run the MLM head and loss only at masked positions (same loss, less compute).
@@ -105,6 +114,7 @@ class MLMModule(L.LightningModule):
         check(model_name_or_path or architecture in arch.SCRATCH,
               f"architecture must be one of {', '.join(arch.SCRATCH)}, got {architecture!r}")
         arch.check_attention(attn_implementation)
+        check_schedule(schedule, decay_share, min_lr_ratio)
         self.model = None
         self.new_parameters: list[str] = []  # pretrained weights that were missing: they train at head_learning_rate
         self.tokenizer = None
@@ -322,16 +332,11 @@ class MLMModule(L.LightningModule):
 
     # -- optimization -----------------------------------------------------------------------------------
     def configure_optimizers(self):
-        from transformers import get_linear_schedule_with_warmup
-
         h = self.hparams
         groups = arch.param_groups(self.model, h.weight_decay, self.new_parameters, h.head_learning_rate)
         fused = self.device.type == "cuda" or None
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        ratio = isinstance(h.warmup_steps, float) and h.warmup_steps < 1
-        warmup = int(h.warmup_steps * total) if ratio else int(h.warmup_steps)
-        scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
+        scheduler = run_schedule(optimizer, self.trainer, h.schedule, h.warmup_steps, h.decay_share, h.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:

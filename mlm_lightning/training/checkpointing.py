@@ -20,27 +20,41 @@ import tempfile
 import time
 from datetime import timedelta
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
+from mlm_lightning.errors import writing
 from mlm_lightning.model.module import is_log_step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = str(path)
+        if "://" in path:  # a remote store: Lightning's own fsspec write
+            return super().save_checkpoint(checkpoint, path, storage_options)
         directory, name = os.path.split(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)  # ours alone
-        os.close(fd)
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        prefix = f".{name}."
+        # Written straight into our temporary file beside `path` (Lightning's fsspec transaction would first write
+        # the whole checkpoint into the system temp dir, then copy it), synced, then renamed over `path`: the
+        # previous file stays whole until then. A full disk or a read-only directory is reported on `path`.
+        with writing(path, temporary=(os.path.join(directory, prefix),)):
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)  # ours alone
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: a checkpoint gets the usual permissions
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
@@ -137,6 +151,9 @@ class MLMCheckpoint(ModelCheckpoint):
         finally:
             self._mid_validation = False
         self._last_saved = (step, mid_validation, self.best_model_path)
+        # Lightning's on_train_end writes last.ckpt once more unless it saved one itself: a second write of the
+        # whole checkpoint (twice the room on disk), and one that records the epoch as finished
+        self._last_checkpoint_saved = self.last_path()
         self._last_time = time.monotonic()
 
     @staticmethod

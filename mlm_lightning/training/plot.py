@@ -33,6 +33,9 @@ def metrics_files(run_dir: str) -> list[str]:
 def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} of a run directory, all its logged versions joined."""
     files = metrics_files(run_dir)
+    for directory in ([] if files else [run_dir, os.path.join(run_dir, "lightning_logs")]):
+        if os.path.isdir(directory):
+            os.listdir(directory)  # glob hides why it found nothing: an unreadable directory raises its OS error
     check(bool(files), f"{run_dir!r} has no lightning_logs/version_*/metrics.csv; pass a fit's default_root_dir")
     series: dict[str, list[tuple[int, float]]] = {}
     for path in files:

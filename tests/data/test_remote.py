@@ -120,7 +120,7 @@ def test_second_run_reads_nothing_from_the_bucket_and_a_changed_object_gets_a_ne
         raise AssertionError("read or tokenized again")
 
     with monkeypatch.context() as m:
-        for target, name in ((corpus, "open_binary"), (data_module, "build_cache"), (data_module, "train_wordpiece"),
+        for target, name in ((corpus, "open_binary"), (data_module, "build_cache"), (data_module, "train_tokenizer"),
                              (cache, "_tokenize_into")):
             m.setattr(target, name, boom)
         second = prepared(url, tmp_path, storage_options=so)

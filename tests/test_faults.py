@@ -1,0 +1,347 @@
+"""Every fault ends in one line (issue 18): damaged checkpoints, OS errors in every command, full disks that keep the
+previous checkpoint and export whole, incomplete model dirs, options a resumed checkpoint replaces.
+
+The matrices are parametrized over the commands: a new command gets a row in `CKPT_COMMANDS`, `WRITERS` or
+`READERS` and inherits the guarantees. Faults are real where the machine allows: tmpfs mounts for a full disk and
+a read-only file system (skipped where this process may not mount), file permissions applied to root by dropping
+CAP_DAC_OVERRIDE for the command, a regular file where a directory is needed, and a lowered open-file limit.
+"""
+
+import errno
+import os
+import resource
+import shutil
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from mlm_lightning.cli.main import _describe
+from tests.helpers import (
+    TINY_DATA,
+    damage,
+    error_lines,
+    fit_args,
+    mount_tmpfs,
+    permissions_apply,
+    run_cli,
+    unmount,
+)
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    assert run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("masked") / "masked.txt"
+    path.write_text("the cat [MASK] the ball .\na [MASK] sees the dog .\n")
+    return str(path)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache for the command: still empty after it means nothing was tokenized or trained."""
+    cache = tmp_path / "fresh-cache"
+    monkeypatch.setenv("MLM_LIGHTNING_CACHE", str(cache))
+    return cache
+
+
+def one_line(capsys, code: int, *words: str) -> str:
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+# -- 1. damaged checkpoints: one line naming the file, the problem and the way on, before tokenizing ------------
+CKPT_COMMANDS = {
+    "fit": lambda k, c, m, o: [*fit_args(c, o / "run", "--trainer.max_steps", "6"), "--ckpt_path", k],
+    "validate": lambda k, c, m, o: ["validate", "--ckpt_path", k, "--data.train_files", c, *TINY_DATA, *QUIET,
+                                    "--trainer.default_root_dir", str(o / "v")],
+    "test": lambda k, c, m, o: ["test", "--ckpt_path", k, "--data.train_files", c, *TINY_DATA, *QUIET,
+                                "--trainer.default_root_dir", str(o / "t")],
+    "predict": lambda k, c, m, o: ["predict", "--ckpt_path", k, "--data.predict_files", m, *QUIET,
+                                   "--trainer.default_root_dir", str(o / "p")],
+    "export": lambda k, c, m, o: ["export", "--ckpt_path", k, "--export_dir", str(o / "e")],
+    "fill-mask": lambda k, c, m, o: ["fill-mask", "--model", k, "a [MASK] sees the dog ."],
+    "serve": lambda k, c, m, o: ["serve", "--model", k, "--port", "0"],
+}
+DAMAGES = {"truncated": "is cut short", "empty": "is empty", "random": "is not a checkpoint",
+           "corrupted": "is damaged", "foreign": "another tool's checkpoint"}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("command", CKPT_COMMANDS)
+def test_a_damaged_checkpoint_is_one_line_before_any_work(run, corpus, masked, tmp_path, capsys, fresh_cache,
+                                                          command, how):
+    beside = tmp_path / "ckpts"
+    beside.mkdir()
+    good = beside / "good.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", good)
+    broken = beside / "broken.ckpt"
+    damage(good, broken, how)
+    code = run_cli(*CKPT_COMMANDS[command](str(broken), corpus, masked, tmp_path))
+    way = f"the newest intact checkpoint beside it is {str(good)!r}"
+    line = one_line(capsys, code, repr(str(broken)), DAMAGES[how], way)
+    assert line.endswith(str(good))  # the way on: that checkpoint, with the command's own option
+    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())  # nothing tokenized or trained
+    assert not (tmp_path / "e").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_last_ckpt_points_to_the_newest_intact_one(run, corpus, tmp_path, capsys, fresh_cache, how):
+    root = tmp_path / "run"
+    shutil.copytree(run / "checkpoints", root / "checkpoints")
+    last = root / "checkpoints" / "last.ckpt"
+    damage(run / "checkpoints" / "last.ckpt", last, how)
+    best = next(p for p in (root / "checkpoints").iterdir() if p.name.startswith("best-"))
+    code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "6", "--ckpt_path", "last"))
+    one_line(capsys, code, repr(str(last)), DAMAGES[how], f"--ckpt_path {best}")
+    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
+
+
+def test_a_weights_only_checkpoint_cannot_resume_a_fit(run, corpus, tmp_path, capsys):
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    for key in ("optimizer_states", "lr_schedulers", "callbacks"):
+        ckpt.pop(key, None)
+    torch.save(ckpt, tmp_path / "weights.ckpt")
+    code = run_cli(*fit_args(corpus, tmp_path / "r", "--ckpt_path", str(tmp_path / "weights.ckpt")))
+    one_line(capsys, code, "holds weights only", "export it")
+    assert run_cli("export", "--ckpt_path", str(tmp_path / "weights.ckpt"), "--export_dir", str(tmp_path / "e")) == 0
+
+
+# -- 2. OS errors: one line in every command, whatever the phase ------------------------------------------------
+@contextmanager
+def fault(kind: str, base, prepare=None):
+    """A directory `base/target` with the fault `kind`, for the command run inside; `prepare(target)` first fills
+    it (while it is still writable)."""
+    target = base / "target"
+    if kind in ("read-only", "disk-full"):
+        if not mount_tmpfs(target, "size=4k" if kind == "disk-full" else "size=8m"):
+            pytest.skip("this process may not mount a tmpfs (needs root or CAP_SYS_ADMIN)")
+        try:
+            if prepare:
+                prepare(target)
+            if kind == "read-only":
+                assert mount_tmpfs(target, "remount,ro")
+            else:
+                (target / "filler").write_bytes(b"x" * 4096)  # the one page there is: now nothing fits
+            yield target
+        finally:
+            unmount(target)
+        return
+    if kind == "path-is-a-file":
+        target.write_text("a file, not a directory\n")
+        yield target
+        return
+    target.mkdir()
+    if prepare:
+        prepare(target)
+    if kind == "permission-denied":
+        denied = target / "model" if (target / "model").exists() else target
+        denied.chmod(0o000 if denied != target else 0o555)
+        apply = permissions_apply()
+        if not apply.possible:
+            pytest.skip("cannot make file permissions apply to this process")
+        try:
+            with apply:
+                yield target
+        finally:
+            denied.chmod(0o755)
+        return
+    assert kind == "too-many-open-files"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # a new descriptor takes the lowest free number, at least 3 (stdin, stdout, stderr stay open): every open
+    # fails, even after others were closed
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))
+    try:
+        yield target
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+FAULTS = {"read-only": "read-only file system", "disk-full": "no space left on the device",
+          "permission-denied": "permission denied", "path-is-a-file": "a file", "too-many-open-files": "open files"}
+# what each command writes under the faulty directory D (o: a sound directory for the rest)
+WRITERS = {
+    "fit": lambda D, r, c, m, o: fit_args(c, D / "run", "--trainer.max_steps", "2"),
+    "fit-cache": lambda D, r, c, m, o: [*fit_args(c, o / "run", "--trainer.max_steps", "2"), "--data.cache_dir",
+                                        str(D / "cache")],  # (the tokenizer is trained and saved there first)
+    "fit-checkpoint": lambda D, r, c, m, o: [*fit_args(c, o / "run", "--trainer.max_steps", "2"),
+                                             "--checkpoint.dirpath", str(D / "checkpoints")],
+    "fit-export": lambda D, r, c, m, o: [*fit_args(c, o / "run", "--trainer.max_steps", "2"), "--export_dir",
+                                         str(D / "export")],  # (written when the training is done)
+    "validate": lambda D, r, c, m, o: ["validate", "--ckpt_path", str(r / "checkpoints" / "last.ckpt"),
+                                       "--data.train_files", c, *TINY_DATA, *QUIET, "--trainer.default_root_dir",
+                                       str(D / "run")],
+    "test": lambda D, r, c, m, o: ["test", "--ckpt_path", str(r / "checkpoints" / "last.ckpt"), "--data.train_files",
+                                   c, *TINY_DATA, *QUIET, "--trainer.default_root_dir", str(D / "run")],
+    "predict": lambda D, r, c, m, o: ["predict", "--ckpt_path", str(r / "checkpoints" / "last.ckpt"),
+                                      "--data.predict_files", m, "--data.tokenizer", str(r / "export"), *QUIET,
+                                      "--prediction_writer.output", str(D / "p.jsonl"),
+                                      "--trainer.default_root_dir", str(o / "p")],
+    "export": lambda D, r, c, m, o: ["export", "--ckpt_path", str(r / "checkpoints" / "last.ckpt"), "--export_dir",
+                                     str(D / "export")],
+    "plot": lambda D, r, c, m, o: ["plot", str(r), "--out", str(D / "plot.png")],
+}
+# commands that only read a model from D/model
+READERS = {
+    "fill-mask": lambda D: ["fill-mask", "--model", str(D / "model"), "a [MASK] sees the dog ."],
+    "serve": lambda D: ["serve", "--model", str(D / "model"), "--port", "0"],
+}
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_os_error_while_writing_is_one_line(run, corpus, masked, tmp_path, capsys, command, kind):
+    with fault(kind, tmp_path) as target:
+        code = run_cli(*WRITERS[command](target, run, corpus, masked, tmp_path))
+    line = one_line(capsys, code, FAULTS[kind])
+    if kind != "too-many-open-files":  # (that one strikes wherever the next file is opened)
+        assert str(target) in line
+
+
+@pytest.mark.parametrize("kind", ["permission-denied", "path-is-a-file", "too-many-open-files"])
+@pytest.mark.parametrize("command", READERS)
+def test_an_os_error_while_reading_a_model_is_one_line(run, tmp_path, capsys, command, kind):
+    def prepare(target):
+        shutil.copytree(run / "export", target / "model")
+
+    with fault(kind, tmp_path, prepare) as target:
+        code = run_cli(*READERS[command](target))
+    words = {"path-is-a-file": "does not exist", "too-many-open-files": "too many open files"}
+    line = one_line(capsys, code, words.get(kind, FAULTS[kind]))
+    if kind != "too-many-open-files":
+        assert str(target) in line
+
+
+def test_a_model_on_a_read_only_file_system_is_used(run, tmp_path, capsys):
+    with fault("read-only", tmp_path, lambda t: shutil.copytree(run / "export", t / "model")) as target:
+        assert run_cli("fill-mask", "--model", str(target / "model"), "a [MASK] sees the dog .") == 0
+    assert "mask 1:" in capsys.readouterr().out
+
+
+def test_os_errors_without_a_file_name_are_one_line_too(tmp_path):
+    for raised, words in [
+        (OSError(errno.ENOSPC, "No space left on device", "/data/x"), ["'/data/x'", "no space left"]),
+        (PermissionError(errno.EACCES, "Permission denied", "/data"), ["'/data'", "permission denied"]),
+        (OSError(errno.EMFILE, "Too many open files"), ["too many open files", "ulimit -n"]),
+        # safetensors and tokenizers (Rust) say it as text only
+        (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), ["no space left"]),
+    ]:
+        code, line = _describe(raised, "fit")
+        assert code == 2 and "\n" not in line and all(w in line.lower() for w in words), line
+
+    def write(path):
+        with open(path, "w"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # (as write() and close() do: no file name)
+
+    with pytest.raises(OSError) as caught:
+        write(tmp_path / "plot.png")
+    code, line = _describe(caught.value, "plot")
+    assert code == 2 and repr(str(tmp_path / "plot.png")) in line and "(--out)" in line
+
+
+# -- 3. a save that does not fit leaves the previous file whole and no temporary file ------------------------------
+def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one(run, corpus, tmp_path, capsys):
+    size = (run / "checkpoints" / "last.ckpt").stat().st_size
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, f"size={size * 3 // 2 // 1024}k"):  # room for one checkpoint, not for a second
+        pytest.skip("this process may not mount a tmpfs (needs root or CAP_SYS_ADMIN)")
+    try:
+        args = fit_args(corpus, tmp_path / "r", "--checkpoint.dirpath", str(disk), "--checkpoint.save_top_k", "0")
+        assert run_cli(*args, "--trainer.max_steps", "2") == 0
+        before = (disk / "last.ckpt").read_bytes()
+        code = run_cli(*args, "--trainer.max_steps", "4", "--ckpt_path", "last")
+        one_line(capsys, code, repr(str(disk / "last.ckpt")), "no space left on the device",
+                 f"the last checkpoint is kept: {disk / 'last.ckpt'}")
+        assert (disk / "last.ckpt").read_bytes() == before
+        assert os.listdir(disk) == ["last.ckpt"]  # no temporary file left
+    finally:
+        unmount(disk)
+
+
+def test_an_export_that_does_not_fit_keeps_the_previous_one(run, tmp_path, capsys):
+    size = sum(p.stat().st_size for p in (run / "export").iterdir())
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, f"size={size * 3 // 2 // 1024 + 8}k"):
+        pytest.skip("this process may not mount a tmpfs (needs root or CAP_SYS_ADMIN)")
+    try:
+        out = disk / "export"
+        ckpt = str(run / "checkpoints" / "last.ckpt")
+        assert run_cli("export", "--ckpt_path", ckpt, "--export_dir", str(out)) == 0
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        code = run_cli("export", "--ckpt_path", ckpt, "--export_dir", str(out))
+        one_line(capsys, code, repr(str(out)), "no space left on the device")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert os.listdir(disk) == ["export"]  # no temporary directory left
+    finally:
+        unmount(disk)
+
+
+# -- 4. incomplete model dirs: refused by every command that takes a model, naming what is missing ---------------
+INCOMPLETE = {
+    "no tokenizer": (lambda n: not n.startswith(("tokenizer", "special_tokens", "vocab")), "its tokenizer files"),
+    "no weights": (lambda n: n != "model.safetensors", "its weights"),
+    "config only": (lambda n: n == "config.json", "its weights (model.safetensors or pytorch_model.bin) and its"
+                                                  " tokenizer files"),
+}
+MODEL_COMMANDS = {
+    "fit": lambda M, c, m, o: fit_args(c, o / "run", "--model.model_name_or_path", M, "--trainer.max_steps", "2"),
+    "validate": lambda M, c, m, o: ["validate", "--model.model_name_or_path", M, "--data.train_files", c, *QUIET,
+                                    "--trainer.default_root_dir", str(o / "v")],
+    "predict": lambda M, c, m, o: ["predict", "--model.model_name_or_path", M, "--data.predict_files", m, *QUIET,
+                                   "--trainer.default_root_dir", str(o / "p")],
+    "fill-mask": lambda M, c, m, o: ["fill-mask", "--model", M, "a [MASK] sees the dog ."],
+    "serve": lambda M, c, m, o: ["serve", "--model", M, "--port", "0"],
+}
+
+
+@pytest.mark.parametrize("what", INCOMPLETE)
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_an_incomplete_model_dir_is_refused(run, corpus, masked, tmp_path, capsys, fresh_cache, command, what):
+    keep, missing = INCOMPLETE[what]
+    model = tmp_path / "model"
+    shutil.copytree(run / "export", model, ignore=lambda d, names: [n for n in names if not keep(n)])
+    code = run_cli(*MODEL_COMMANDS[command](str(model), corpus, masked, tmp_path))
+    one_line(capsys, code, f"{str(model)!r} is incomplete", missing)
+    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
+
+
+def test_a_tokenizer_dir_without_tokenizer_files_is_refused(run, corpus, tmp_path, capsys):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    shutil.copy(run / "export" / "config.json", tok)
+    code = run_cli(*fit_args(corpus, tmp_path / "r", "--data.tokenizer", str(tok), "--trainer.max_steps", "2"))
+    one_line(capsys, code, f"tokenizer {str(tok)!r} is incomplete", "its tokenizer files")
+
+
+# -- 5. options a resumed checkpoint replaces ----------------------------------------------------------------------
+def test_resume_with_another_model_size_is_refused(run, corpus, tmp_path, capsys):
+    last = str(run / "checkpoints" / "last.ckpt")
+    code = run_cli(*fit_args(corpus, tmp_path / "r", "--ckpt_path", last, "--model.hidden_size", "64"))
+    one_line(capsys, code, "--model.hidden_size 64 cannot change on resume", "was trained with 32")
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_names_the_learning_rate_it_replaces_and_takes_how_to_run_options(run, corpus, tmp_path, capsys):
+    root = tmp_path / "r"
+    shutil.copytree(run / "checkpoints", root / "checkpoints")
+    code = run_cli(*fit_args(corpus, root, "--ckpt_path", "last", "--trainer.max_steps", "6",
+                             "--model.learning_rate", "0.005", "--model.skip_nonfinite", "true"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    named = [line for line in err.splitlines() if "resuming" in line and "checkpoint's own" in line]
+    assert len(named) == 1 and "--model.learning_rate 0.001 (you gave 0.005)" in named[0], err
+    assert "skip_nonfinite" not in named[0]
+    hparams = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["learning_rate"] == 0.001 and hparams["skip_nonfinite"] is True  # the user's, used
