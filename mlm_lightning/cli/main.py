@@ -54,7 +54,7 @@ def _early_signal_handler(signum, frame):
 
 # Lightning's subcommands and their one-line help (theirs are the Trainer methods' first docstring lines)
 LIGHTNING_COMMANDS = {
-    "fit": "Train a BERT masked-language model on your text (no options: the offline demo)",
+    "fit": "Train a BERT-family masked-language model on your text (no options: the offline demo)",
     "validate": "Validation loss, perplexity and accuracy of a checkpoint",
     "test": "The same as validate, reported as test metrics",
     "predict": "Fill masks in --data.predict_files with Lightning (several GPUs), JSONL in input order",
@@ -98,7 +98,7 @@ def _one_line(name: str) -> str:
 def print_help() -> None:
     names = list(LIGHTNING_COMMANDS) + list(COMMANDS)
     width = max(map(len, names))
-    print("usage: mlm-lightning COMMAND [--name value ...]\n\nTrain and use BERT masked-language models on your"
+    print("usage: mlm-lightning COMMAND [--name value ...]\n\nTrain and use BERT-family masked-language models on your"
           " own text.\n\ncommands:")
     for name in names:
         print(f"  {name.ljust(width)}  {_one_line(name)}")
