@@ -88,6 +88,28 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mlm_lightning.cli", *args]
 
 
+def two_nodes(tmp_path, fit_argv) -> list[str]:
+    """Run `fit_argv(node)` (a fit's arguments) as two simulated nodes of one process each (torchrun on 127.0.0.1,
+    gloo), with node-local caches `tmp_path/cache0` and `cache1`; asserts both exit 0 and returns their logs."""
+    port, procs, logs = free_port(), [], []
+    for node in (0, 1):
+        env = {**os.environ, "MLM_LIGHTNING_CACHE": str(tmp_path / f"cache{node}"), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "--module", "mlm_lightning.cli", *fit_argv(node), "--trainer.num_nodes", "2", "--trainer.devices",
+               "1", "--trainer.strategy", "ddp"]
+        logs.append(open(tmp_path / f"node{node}.log", "w+"))  # files, not pipes: a full pipe blocks a node
+        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    outs = [open(log.name).read() for log in logs]
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    return outs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,16 +8,14 @@
 
 import glob
 import hashlib
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.helpers import assert_resumed_at, cli, fit_args, free_port, metric, sentences
+from tests.helpers import assert_resumed_at, cli, fit_args, metric, sentences, two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -27,23 +25,8 @@ def weights(root):
 
 
 def test_two_nodes_with_node_local_caches_train_one_vocabulary(corpus, tmp_path):
-    port, procs, logs = free_port(), [], []
-    for node in (0, 1):
-        env = {**os.environ, "MLM_LIGHTNING_CACHE": str(tmp_path / f"cache{node}"), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "--module", "mlm_lightning.cli",
-               *fit_args(corpus, tmp_path / f"run{node}", "--trainer.num_nodes", "2", "--trainer.devices", "1",
-                         "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")]
-        logs.append(open(tmp_path / f"node{node}.log", "w+"))  # files, not pipes: a full pipe blocks a node
-        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    outs = [open(log.name).read() for log in logs]
-    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    outs = two_nodes(tmp_path, lambda node: fit_args(corpus, tmp_path / f"run{node}", "--trainer.max_steps", "4",
+                                                     "--trainer.val_check_interval", "2"))
     vocabs = []
     for node in (0, 1):
         files = glob.glob(f"{tmp_path}/cache{node}/tokenizers/*/tokenizer.json")

@@ -9,8 +9,6 @@ import glob
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -21,7 +19,7 @@ from mlm_lightning.data import cache, corpus
 from mlm_lightning.data import module as data_module
 from mlm_lightning.data.cache import TokenStream
 from mlm_lightning.data.module import MLMDataModule
-from tests.helpers import fit_args, free_port, run_cli, save_to_disk, sentences
+from tests.helpers import fit_args, free_port, run_cli, save_to_disk, sentences, two_nodes
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -342,24 +340,8 @@ def test_each_node_tokenizes_the_bucket_once_into_its_own_cache(s3, tmp_path):
     """Two nodes (simulated with gloo), node-local caches: process 0 trains the vocabulary from the bucket and
     tokenizes into node 0's cache, the first process of node 1 into node 1's, under the same key."""
     endpoint, _ = s3
-    port, procs, logs = free_port(), [], []
-    for node in (0, 1):
-        env = {**os.environ, "MLM_LIGHTNING_CACHE": str(tmp_path / f"cache{node}"), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "--module", "mlm_lightning.cli",
-               *fit_args("s3://corp/corpus/", tmp_path / f"run{node}", "--trainer.num_nodes", "2",
-                         "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
-                         "--data.storage_options", json.dumps(options(endpoint)))]
-        logs.append(open(tmp_path / f"node{node}.log", "w+"))
-        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    outs = [open(log.name).read() for log in logs]
-    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    two_nodes(tmp_path, lambda node: fit_args("s3://corp/corpus/", tmp_path / f"run{node}", "--trainer.max_steps",
+                                              "2", "--data.storage_options", json.dumps(options(endpoint))))
     keys = [[os.path.basename(os.path.dirname(m)) for m in glob.glob(f"{tmp_path}/cache{n}/data/*/meta.json")]
             for n in (0, 1)]
     assert len(keys[0]) == 1 and keys[0] == keys[1]  # each node tokenized it once, into its own cache
