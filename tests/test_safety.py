@@ -110,19 +110,20 @@ def test_checkpoint_tokenizer_config_naming_files_is_refused(run, tmp_path):
         load_checkpoint(str(tmp_path / "c.ckpt"))
 
 
-# -- 3. only BERT --------------------------------------------------------------------------------------
-def test_a_non_bert_masked_lm_is_refused_by_fit_and_fill_mask(run, corpus, tmp_path, capsys):
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
+# -- 3. only the families it knows ---------------------------------------------------------------------
+def test_a_refused_family_is_refused_by_fit_and_fill_mask(run, corpus, tmp_path, capsys):
+    """DeBERTa-v2/v3 hub checkpoints carry no MLM head (replaced-token detection): refused, not given a random head."""
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForMaskedLM
 
-    roberta = tmp_path / "roberta"
-    RobertaForMaskedLM(RobertaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64)).save_pretrained(roberta)
-    AutoTokenizer.from_pretrained(run / "export").save_pretrained(roberta)
-    assert run_cli(*fit(corpus, tmp_path / "r", "--model.model_name_or_path", str(roberta))) == 2
-    assert "holds a 'roberta' model" in capsys.readouterr().err
-    assert run_cli("fill-mask", "--model", str(roberta), "the [MASK] sees a tree .") == 2
-    err = capsys.readouterr().err
-    assert "holds a 'roberta' model" in err and err.count("\n") == 1
+    deberta = tmp_path / "deberta"
+    DebertaV2ForMaskedLM(DebertaV2Config(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64)).save_pretrained(deberta)
+    AutoTokenizer.from_pretrained(run / "export").save_pretrained(deberta)
+    assert run_cli(*fit(corpus, tmp_path / "r", "--model.model_name_or_path", str(deberta))) == 2
+    assert "deberta" in error_line(capsys.readouterr().err)
+    assert run_cli("fill-mask", "--model", str(deberta), "the [MASK] sees a tree .") == 2
+    assert "deberta" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
 
 
 # -- 4. interrupts in every phase, exact resume ---------------------------------------------------------

@@ -25,7 +25,7 @@ from mlm_lightning.data.tokenizer import TOKENIZER_FILES, tokenizer_dir_problem
 from mlm_lightning.errors import MLMError, check, os_error
 from mlm_lightning.hub import load_pretrained
 from mlm_lightning.model import sharded
-from mlm_lightning.model.arch import from_config, load_pretrained_mlm
+from mlm_lightning.model.arch import from_config, load_pretrained_mlm, pretrained_config
 
 PAYLOAD = "mlm_lightning"
 CONFIG = "bert_config"  # (the key's name is kept: checkpoints written before other families came read the same)
@@ -156,6 +156,8 @@ def check_model_dir(path: str, what: str = "--model", tokenizer: bool = True) ->
     if not os.path.isdir(path):
         return  # a hub id or a file: checked where it is read
     names = set(os.listdir(path))
+    if "config.json" in names:  # a family that is refused says why first: no other file would make it usable
+        pretrained_config(path, what)
     missing = [] if "config.json" in names else ["its config (config.json)"]
     weights = [n for n in WEIGHT_FILES if n in names]
     for index in (f"{n}.index.json" for n in WEIGHT_FILES):
