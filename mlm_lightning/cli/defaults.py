@@ -22,7 +22,7 @@ COMPILE_PAD_MULTIPLE = 64  # line-by-line lengths padded to 64, 128, ...: a hand
 MAX_PRETRAINED_LENGTH = 512  # BERT's own; longer models cost quadratic attention for a default
 
 
-def _given(given, key: str) -> bool:
+def was_given(given, key: str) -> bool:
     try:
         return key in given
     except (KeyError, TypeError):
@@ -31,7 +31,7 @@ def _given(given, key: str) -> bool:
 
 def _limit_given(given, key: str) -> bool:
     """A budget option set to a real limit (`max_steps -1` and `max_epochs -1` mean none)."""
-    return _given(given, key) and given[key] not in (None, -1)
+    return was_given(given, key) and given[key] not in (None, -1)
 
 
 def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[object, str]]:
@@ -43,24 +43,25 @@ def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[objec
     pretrained = cfg["model"].get("model_name_or_path")
     demo = cfg["data"].get("train_files") is None and not pretrained
     budget = [k for k in ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time") if _limit_given(given, k)]
-    if not budget and not _given(given, "trainer.max_epochs"):  # (an explicit -1, no limit, is the user's)
+    if not budget and not was_given(given, "trainer.max_epochs"):  # (an explicit -1, no limit, is the user's)
         changes["trainer.max_epochs"] = (DEMO_EPOCHS, "the offline demo") if demo else (CORPUS_EPOCHS, "your corpus")
-    elif not _given(given, "trainer.max_epochs"):
+    elif not was_given(given, "trainer.max_epochs"):
         changes["trainer.max_epochs"] = (None, f"{budget[0].split('.')[1]} ends the run")
     if pretrained:
-        if not _given(given, "model.learning_rate"):
+        if not was_given(given, "model.learning_rate"):
             changes["model.learning_rate"] = (FINETUNE_LEARNING_RATE, "fine-tuning a pretrained model")
-        if not _given(given, "data.max_length") and model_positions is not None:
+        if not was_given(given, "data.max_length") and model_positions is not None:
             positions = int(model_positions(pretrained))
             changes["data.max_length"] = (min(positions, MAX_PRETRAINED_LENGTH), f"the model's {positions} positions")
-    if cfg["model"].get("compile") and cfg["data"].get("line_by_line") and not _given(given, "data.pad_to_multiple_of"):
+    line_by_line = cfg["data"].get("line_by_line")
+    if cfg["model"].get("compile") and line_by_line and not was_given(given, "data.pad_to_multiple_of"):
         changes["data.pad_to_multiple_of"] = (COMPILE_PAD_MULTIPLE, "torch.compile: few distinct batch shapes")
     if on_gpu(cfg["trainer"].get("accelerator")):
         # on a GPU every host sync stalls the device: log (and check the loss) every 50 steps, and feed it
         # from loader workers
-        if not _given(given, "trainer.log_every_n_steps"):
+        if not was_given(given, "trainer.log_every_n_steps"):
             changes["trainer.log_every_n_steps"] = (GPU_LOG_EVERY, "a GPU: fewer host syncs")
-        if not _given(given, "data.num_workers"):
+        if not was_given(given, "data.num_workers"):
             changes["data.num_workers"] = (min(4, os.cpu_count() or 1), "a GPU: batches prepared in workers")
     return {k: (v, why) for k, (v, why) in changes.items() if cfg.get(k) != v}
 

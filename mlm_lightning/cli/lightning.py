@@ -16,11 +16,13 @@ import torch
 import torch.distributed as dist
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu
+from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, was_given
 from mlm_lightning.data import MLMDataModule
+from mlm_lightning.data.corpus import redacted
+from mlm_lightning.data.tokenizer import tokenizer_length_limit
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.model import MLMModule
@@ -34,6 +36,22 @@ from mlm_lightning.training.setup import RunSetup
 from mlm_lightning.training.stopping import GracefulStop
 
 log = logging.getLogger("mlm_lightning")
+
+
+class RedactedConfig(SaveConfigCallback):
+    """Lightning's `config.yaml` beside the logs, with the secret-looking `--data.storage_options` values (keys,
+    secrets, tokens) masked, as in the checkpoints' hyperparameters: the run itself keeps the real ones."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        real = self.config
+        options = real.get("data.storage_options") if hasattr(real, "get") else None
+        if options:
+            self.config = real.clone()
+            self.config["data.storage_options"] = redacted(options)
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            self.config = real
 
 
 class MLMCLI(LightningCLI):
@@ -57,7 +75,7 @@ class MLMCLI(LightningCLI):
         self.given = None  # what the user set (command line or --config): _parse_ckpt_path names what it replaces
         try:
             self.given = parser.parse_args(plain, defaults=False)[sub]
-            changes = adjusted_defaults(self.config[sub], self.given, usable_positions)
+            changes = adjusted_defaults(self.config[sub], self.given, _default_positions)
         except ArgumentError:  # cannot tell what the user set: change nothing rather than override them
             log.warning("could not tell which options were set; no defaults adjusted (see --print_config)")
             changes = {}
@@ -131,7 +149,9 @@ class MLMCLI(LightningCLI):
             check_model_dir(model.model_name_or_path, "--model.model_name_or_path", tokenizer=own)
         if data.tokenizer is None and model.model_name_or_path:
             data.tokenizer = model.model_name_or_path
-        if not model.model_name_or_path and model.architecture in FAMILIES:  # (else MLMModule says what is wrong)
+        kind_given = was_given(self.given, "data.tokenizer_kind")
+        if not model.model_name_or_path and model.architecture in FAMILIES and not kind_given:  # (else MLMModule
+            # says what is wrong; a kind the user chose is theirs)
             data.tokenizer_kind = FAMILIES[model.architecture].tokenizer  # a new model's tokenizer fits its family
         _check_accelerator(trainer.accelerator, trainer.devices)
         if self.subcommand == "fit":  # (Lightning would train forever, and the LR schedule would have no end)
@@ -262,6 +282,14 @@ def last_checkpoint(dirpath: str) -> str | None:
     return max(paths, key=os.path.getmtime) if paths else None
 
 
+def _default_positions(name_or_path: str) -> int:
+    """The positions a pretrained model's examples may use by default: its position embeddings', or fewer where its
+    tokenizer says it was trained on shorter examples (an export of a model trained from scratch)."""
+    positions = usable_positions(name_or_path)
+    limit = tokenizer_length_limit(name_or_path)
+    return min(positions, limit) if limit else positions
+
+
 def _check_accelerator(accelerator, devices) -> None:
     name = str(accelerator).lower()
     if name in ("gpu", "cuda"):
@@ -284,6 +312,7 @@ def run_lightning_cli(argv: list[str]) -> None:
             MLMDataModule,
             args=argv,
             seed_everything_default=42,
+            save_config_callback=RedactedConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             trainer_defaults={

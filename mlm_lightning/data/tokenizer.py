@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -194,3 +195,14 @@ def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str, vocab_size: i
 def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_max_length: int, lowercase: bool = True):
     """Train a BERT WordPiece tokenizer (`train_tokenizer` of kind "bert")."""
     return train_tokenizer("bert", texts, out_dir, vocab_size, model_max_length, lowercase)
+
+
+def tokenizer_length_limit(name_or_path: str) -> int | None:
+    """The `model_max_length` a local tokenizer dir sets (an export of a model trained on shorter examples sets
+    its training length), or None when it sets no real limit or is not a local dir."""
+    try:
+        with open(os.path.join(name_or_path, "tokenizer_config.json"), encoding="utf-8") as f:
+            limit = json.load(f).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1e6 else None

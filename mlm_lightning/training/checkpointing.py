@@ -150,10 +150,7 @@ class MLMCheckpoint(ModelCheckpoint):
             trainer.save_checkpoint(self.last_path(), weights_only=False)  # full state: resumable
         finally:
             self._mid_validation = False
-        self._last_saved = (step, mid_validation, self.best_model_path)
-        # Lightning's on_train_end writes last.ckpt once more unless it saved one itself: a second write of the
-        # whole checkpoint (twice the room on disk), and one that records the epoch as finished
-        self._last_checkpoint_saved = self.last_path()
+        self._last_saved = (step, mid_validation, self.best_model_path)  # (Lightning's own saves come here too)
         self._last_time = time.monotonic()
 
     @staticmethod

@@ -116,11 +116,24 @@ def run_schedule(optimizer, trainer, schedule: str, warmup: int | float, decay_s
     """The schedule of `trainer`'s run: its step budget and, with `max_time`, its `Timer`'s elapsed training time."""
     timer = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, Timer) and c._duration), None)
 
+    synced = {"step": None, "seconds": 0.0, "rate": 0.0}  # rank 0's clock at the last sync, and its pace
+
     def elapsed() -> float:
         seconds = timer.time_elapsed("train")
-        # every process steps with rank 0's clock (clocks differ, and so would the LRs and the weights); Lightning's
-        # Timer broadcasts its stop decision every step in the same way
-        return trainer.strategy.broadcast(seconds) if trainer.world_size > 1 else seconds
+        if trainer.world_size == 1:
+            return seconds
+        # every process steps with rank 0's clock (clocks differ, and so would the LRs and the weights). A broadcast
+        # is a host sync: rank 0's clock is sent only every log_every_n_steps steps (chosen by the step count, the
+        # same on every process), and in between each process extrapolates it from the broadcast values alone, so
+        # all compute the same learning rate
+        step, every = trainer.global_step, max(1, trainer.log_every_n_steps or 50)
+        if synced["step"] is None or (step % every == 0 and step != synced["step"]):
+            seconds = float(trainer.strategy.broadcast(seconds))
+            if synced["step"] is not None and step > synced["step"]:
+                synced["rate"] = (seconds - synced["seconds"]) / (step - synced["step"])
+            synced.update(step=step, seconds=seconds)
+            return seconds
+        return synced["seconds"] + max(0, step - synced["step"]) * synced["rate"]
 
     return RunSchedule(optimizer, schedule, trainer.estimated_stepping_batches, warmup, decay_share, min_lr_ratio,
                        max_time=timer._duration if timer else None, elapsed=elapsed if timer else None)

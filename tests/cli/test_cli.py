@@ -213,3 +213,19 @@ def test_a_fit_ended_by_epochs_or_time_leaves_last_ckpt(corpus, tmp_path, stop):
     assert code == 0
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == max(column(metrics(root), "step")) + 1  # the final step, not an earlier one
+
+
+def test_continuing_from_an_export_keeps_the_length_it_was_trained_at(trained, corpus, capsys):
+    """An export of a model trained from scratch on 32-token examples: its tokenizer says 32, and 32 is the default
+    length (not its 64 position embeddings, whose last 32 never trained)."""
+    assert run_cli("fit", "--data.train_files", corpus, "--model.model_name_or_path", str(trained / "export"),
+                   "--print_config") == 0
+    captured = capsys.readouterr()
+    assert "max_length: 32" in captured.out and "--data.max_length 32" in captured.err
+
+
+def test_a_tokenizer_kind_given_is_kept(corpus, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    assert run_cli(*fit_args(corpus, tmp_path / "r", "--trainer.max_steps", "1", "--model.architecture", "roberta",
+                             "--data.tokenizer_kind", "bert", "--data.cache_dir", str(cache))) == 0
+    assert [p.name.split("-")[0] for p in (cache / "tokenizers").iterdir()] == ["wordpiece"]

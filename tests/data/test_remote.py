@@ -179,6 +179,16 @@ def test_secrets_in_storage_options_are_not_saved_in_hyperparameters(local_corpu
     assert dm.storage_options == so  # (used as given)
 
 
+def test_secrets_in_storage_options_are_not_written_to_the_runs_config(local_corpus, tmp_path):
+    so = {"key": "AKIA1", "secret": "s3cr3t"}
+    root = tmp_path / "run"
+    assert run_cli(*fit_args(str(local_corpus), root, "--trainer.max_steps", "1", "--data.storage_options",
+                             json.dumps(so), "--data.cache_dir", str(tmp_path / "cache"))) == 0
+    [config] = root.glob("lightning_logs/version_*/config.yaml")
+    text = config.read_text()
+    assert "storage_options" in text and "AKIA1" not in text and "s3cr3t" not in text
+
+
 def test_fingerprint_of_local_files_is_unchanged(tmp_path):
     """Caches made before URLs were read stay valid: the local key is still path|size|mtime_ns."""
     import hashlib

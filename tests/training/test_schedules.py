@@ -166,3 +166,30 @@ def test_a_run_with_no_end_is_refused_before_any_work(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(error_lines(err)) == 1 and "the run has no end" in err
     assert not (tmp_path / "forever").exists()
+
+
+def test_a_time_bounded_schedule_sends_rank_0s_clock_only_every_log_interval():
+    """Several processes: each broadcast of rank 0's clock is a host sync; sent every log_every_n_steps steps only,
+    and between them every process extrapolates the same clock from the broadcast values."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from mlm_lightning.training.schedules import run_schedule
+
+    timer, clock, sent = Timer(duration=timedelta(seconds=100)), [0.0], []
+    timer.time_elapsed = lambda stage="train": clock[0]
+    trainer = SimpleNamespace(callbacks=[timer], world_size=2, log_every_n_steps=10, global_step=0,
+                              estimated_stepping_batches=float("inf"),
+                              strategy=SimpleNamespace(broadcast=lambda x, src=0: sent.append(x) or x))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = run_schedule(optimizer, trainer, "linear", 0, 0.1, 0.0)
+    lrs = {}
+    for step in range(1, 31):
+        clock[0], trainer.global_step = float(step), step
+        optimizer.step()
+        schedule.step()
+        lrs[step] = optimizer.param_groups[0]["lr"]
+    assert len(sent) == 4  # at the start, then at steps 10, 20 and 30
+    assert lrs[25] == pytest.approx(0.75) and lrs[30] == pytest.approx(0.70)  # 25 s of 100 extrapolated, 30 s sent
