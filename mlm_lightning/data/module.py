@@ -121,7 +121,8 @@ class MLMDataModule(L.LightningDataModule):
                 or fsspec URLs (s3://, gs://, http(s)://; globs and directories where the store lists them).
                 A mixture: a list of sources `{"path": ..., "weight": 0.8, "name": ..., "val_files": ...}`,
                 each tokenized into its own cache, batches drawn by weight (by tokens). Unset: the offline
-                default corpus, CPython's bundled language reference.
+                default corpus: CPython's language reference and standard-library docstrings, validated on its
+                held-out modules (`data/offline.py`).
             val_files: Validation text, same forms. Unset: a seeded `val_fraction` of the training lines.
             val_fraction: Share of training lines held out for validation when `val_files` is unset (a seeded
                 function of each line's index, decided before tokenizing).

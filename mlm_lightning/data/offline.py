@@ -22,6 +22,7 @@ import re
 import sys
 import sysconfig
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 
 from mlm_lightning.errors import MLMError
@@ -151,3 +152,31 @@ def default_corpus_files(cache_dir: str) -> tuple[str, str]:
     train, val = split_lines(units)
     _write_all({paths[0]: "\n".join(train) + "\n", paths[1]: "\n".join(val) + "\n"})
     return paths
+
+
+def demo_sentences(cache_dir: str, n: int = 4, min_words: int = 8, max_words: int = 20) -> list[str]:
+    """`n` held-out lines for the demo, picked by a rule rather than by hand: the first held-out lines of
+    `min_words` to `max_words` words, each with its first word of 4+ letters that is among the training text's
+    300 most frequent such words replaced by [MASK] (so the model saw the word, never the sentence)."""
+    train, val = default_corpus_files(cache_dir)
+    with open(train, encoding="utf-8") as f:
+        counts = Counter(w for line in f for w in re.findall(r"[a-z]{4,}", line.lower()))
+    common = {w for w, _ in counts.most_common(300)}
+    out = []
+    with open(val, encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            if not min_words <= len(words) <= max_words:
+                continue
+            i = next((i for i, w in enumerate(words) if w.lower() in common), None)
+            if i is not None:
+                out.append(" ".join(words[:i] + ["[MASK]"] + words[i + 1:]))
+            if len(out) == n:
+                break
+    return out
+
+
+if __name__ == "__main__":  # `python -m mlm_lightning.data.offline [N]`: the demo's sentences, one a line
+    from mlm_lightning.data.cache import default_cache_dir
+
+    print("\n".join(demo_sentences(default_cache_dir(), int(sys.argv[1]) if len(sys.argv) > 1 else 4)))

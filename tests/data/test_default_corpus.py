@@ -102,3 +102,15 @@ def test_no_pydoc_data_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
                    "--trainer.default_root_dir", str(tmp_path / "run"))
     assert code == 2
     assert "--data.train_files" in error_line(capsys.readouterr().err)
+
+
+def test_demo_sentences_are_held_out_lines_with_one_common_word_masked(cache):
+    train, val = offline.default_corpus_files(cache)
+    got = offline.demo_sentences(cache, 4)
+    assert len(got) == 4 and got == offline.demo_sentences(cache, 4)
+    held, trained = lines(val), set(lines(train))
+    for s in got:
+        assert s.count("[MASK]") == 1
+        source = next(x for x in held if len(x.split()) == len(s.split()) and all(
+            a == b or b == "[MASK]" for a, b in zip(x.split(), s.split(), strict=True)))
+        assert source not in trained
