@@ -22,7 +22,6 @@ import json
 import lzma
 import os
 import re
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -31,6 +30,7 @@ from typing import BinaryIO
 
 import fsspec
 
+from mlm_lightning.data.offline import default_corpus_files
 from mlm_lightning.errors import MLMError, check
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw"}
@@ -649,29 +649,5 @@ def iter_texts(files: Sequence[str], text_column: str = "text", storage_options:
 
 
 def default_corpus(cache_dir: str) -> str:
-    """The offline default: CPython's bundled language reference (`pydoc_data.topics`), one paragraph a line.
-
-    It ships with every CPython, so the default training needs no download.
-    """
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # pragma: no cover - some distro Pythons strip it
-        raise MLMError("this Python has no pydoc_data module; pass your own corpus with --data.train_files") from e
-    path = os.path.join(cache_dir, "corpus", "python-language-reference-v2.txt")
-    if not os.path.exists(path):
-        paragraphs = []
-        for key in sorted(topics):
-            for para in re.split(r"\n\s*\n", topics[key]):
-                para = " ".join(para.replace('"', "").split())  # pydoc quotes every keyword: "break"
-                if len(para) > 20:
-                    paragraphs.append(para)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".corpus-", suffix=".tmp")
-        try:
-            with open(fd, "w", encoding="utf-8") as f:
-                f.write("\n".join(paragraphs) + "\n")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path
+    """The offline default's training file (see `offline.py`); `default_corpus_files` gives its validation file too."""
+    return default_corpus_files(cache_dir)[0]

@@ -123,7 +123,8 @@ class MLMDataModule(L.LightningDataModule):
                 or fsspec URLs (s3://, gs://, http(s)://; globs and directories where the store lists them).
                 A mixture: a list of sources `{"path": ..., "weight": 0.8, "name": ..., "val_files": ...}`,
                 each tokenized into its own cache, batches drawn by weight (by tokens). Unset: the offline
-                default corpus, CPython's bundled language reference.
+                default corpus: CPython's language reference and standard-library docstrings, validated on its
+                held-out modules (`data/offline.py`).
             val_files: Validation text, same forms. Unset: a seeded `val_fraction` of the training lines.
             val_fraction: Share of training lines held out for validation when `val_files` is unset (a seeded
                 function of each line's index, decided before tokenizing).
@@ -211,8 +212,10 @@ class MLMDataModule(L.LightningDataModule):
 
     # -- preparation (rank 0) and loading (every rank) --------------------------------------------------
     def _train_paths(self) -> list[str]:
-        if self.train_paths is None:
-            self.train_paths = [corpus.default_corpus(self.cache_dir)]
+        if self.train_paths is None:  # the offline default, with its own held-out modules (unless val_files)
+            train, val = corpus.default_corpus_files(self.cache_dir)
+            self.train_paths = [train]
+            self.val_paths = [val] if self.val_paths is None else self.val_paths
         return self.train_paths
 
     def _tokenizer_dir(self) -> str:
@@ -247,7 +250,8 @@ class MLMDataModule(L.LightningDataModule):
     def _parts(self) -> list[tuple[list[str], list[str] | None]]:
         """(train files, val files) of each tokenized cache: one, or one per source of a mixture."""
         if self.sources is None:
-            return [(self._train_paths(), self.val_paths)]
+            train = self._train_paths()  # (first: the default corpus brings its validation file)
+            return [(train, self.val_paths)]
         return [(s.paths, s.val_paths) for s in self.sources]
 
     def _data_dirs(self) -> list[str]:

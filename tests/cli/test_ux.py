@@ -48,7 +48,8 @@ def bert_dir(tmp_path_factory):
 
 # -- defaults that follow from what was asked ----------------------------------------------------------
 def test_print_config_shows_the_budget_for_the_demo_and_for_a_user_corpus(corpus, capsys):
-    assert printed_config(capsys, "fit")["trainer"]["max_epochs"] == 60  # the offline demo
+    demo = printed_config(capsys, "fit")  # the offline demo: configs/default.yaml's budget and length
+    assert demo["trainer"]["max_epochs"] == 12 and demo["data"]["max_length"] == 128
     user = printed_config(capsys, "fit", "--data.train_files", corpus)
     assert user["trainer"]["max_epochs"] == 3 and user["model"]["learning_rate"] == 0.001
     steps = printed_config(capsys, "fit", "--data.train_files", corpus, "--trainer.max_steps", "500")
