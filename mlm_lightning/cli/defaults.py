@@ -49,7 +49,7 @@ def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[objec
         changes["trainer.max_epochs"] = (DEMO_EPOCHS, "the offline demo") if demo else (CORPUS_EPOCHS, "your corpus")
     elif not was_given(given, "trainer.max_epochs"):
         changes["trainer.max_epochs"] = (None, f"{budget[0].split('.')[1]} ends the run")
-    if demo and not _given(given, "data.max_length"):
+    if demo and not was_given(given, "data.max_length"):
         changes["data.max_length"] = (DEMO_LENGTH, "the offline demo")
     if pretrained:
         if not was_given(given, "model.learning_rate"):
