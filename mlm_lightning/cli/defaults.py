@@ -36,7 +36,7 @@ def _limit_given(given, key: str) -> bool:
     return was_given(given, key) and given[key] not in (None, -1)
 
 
-def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[object, str]]:
+def adjusted_defaults(cfg, given, model_positions=None, subcommand: str = "fit") -> dict[str, tuple[object, str]]:
     """{dotted key: (value, why)} to set in `cfg` (the parsed subcommand config) for options not in `given`.
 
     `model_positions(name_or_path) -> int` reads a pretrained model's max_position_embeddings.
@@ -50,7 +50,12 @@ def adjusted_defaults(cfg, given, model_positions=None) -> dict[str, tuple[objec
     elif not was_given(given, "trainer.max_epochs"):
         changes["trainer.max_epochs"] = (None, f"{budget[0].split('.')[1]} ends the run")
     if demo and not was_given(given, "data.max_length"):
-        changes["data.max_length"] = (DEMO_LENGTH, "the offline demo")
+        # never beyond the positions of the model being built (a smaller --model.max_position_embeddings wins);
+        # validate/test/predict of a checkpoint keep the data module's own length (the checkpoint's model may be
+        # smaller than the demo's: its sizes are only read after these defaults)
+        length = min(DEMO_LENGTH, cfg["model"].get("max_position_embeddings") or DEMO_LENGTH)
+        if subcommand == "fit" or not cfg.get("ckpt_path"):
+            changes["data.max_length"] = (length, "the offline demo")
     if pretrained:
         if not was_given(given, "model.learning_rate"):
             changes["model.learning_rate"] = (FINETUNE_LEARNING_RATE, "fine-tuning a pretrained model")

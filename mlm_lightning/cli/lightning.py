@@ -75,7 +75,7 @@ class MLMCLI(LightningCLI):
         self.given = None  # what the user set (command line or --config): _parse_ckpt_path names what it replaces
         try:
             self.given = parser.parse_args(plain, defaults=False)[sub]
-            changes = adjusted_defaults(self.config[sub], self.given, _default_positions)
+            changes = adjusted_defaults(self.config[sub], self.given, _default_positions, sub)
         except ArgumentError:  # cannot tell what the user set: change nothing rather than override them
             log.warning("could not tell which options were set; no defaults adjusted (see --print_config)")
             changes = {}
