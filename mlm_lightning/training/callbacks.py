@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
+from mlm_lightning.errors import check
 from mlm_lightning.model.arch import train_flops
 
 # Dense (no-sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (16-bit, tf32, fp32). Lightning's own
@@ -137,6 +138,28 @@ class JSONLPredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         self.output = self.output or os.path.join(trainer.default_root_dir, "predictions.jsonl")
         self._records: list[dict] = []
+        # never replace a file predict did not write: decided on rank 0 (the one that writes) for all processes,
+        # before any prediction is made
+        problem = self._foreign_file() if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            problem = trainer.strategy.broadcast(problem, src=0)
+        check(problem is None, problem or "")
+
+    def _foreign_file(self) -> str | None:
+        """Why `output` must not be replaced (a user's file is in the way), or None (absent, or a previous output:
+        a JSONL whose first record has the keys this writer writes)."""
+        if not os.path.lexists(self.output):
+            return None
+        try:
+            with open(self.output, encoding="utf-8") as f:
+                first = json.loads(f.readline())
+            if isinstance(first, dict) and {"index", "text", "predictions"} <= set(first) and os.path.isfile(
+                    self.output) and not os.path.islink(self.output):
+                return None
+        except (OSError, ValueError, UnicodeDecodeError):
+            pass
+        return (f"--prediction_writer.output {self.output!r} exists and is not a file that predict wrote; predict"
+                " replaces only its own output: pick another path")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         self._records += prediction

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import column, fit_args, metric, run_cli
+from tests.helpers import column, error_line, fit_args, metric, run_cli
 from tests.helpers import metric_rows as metrics
 
 
@@ -229,3 +229,18 @@ def test_a_tokenizer_kind_given_is_kept(corpus, tmp_path, monkeypatch):
     assert run_cli(*fit_args(corpus, tmp_path / "r", "--trainer.max_steps", "1", "--model.architecture", "roberta",
                              "--data.tokenizer_kind", "bert", "--data.cache_dir", str(cache))) == 0
     assert [p.name.split("-")[0] for p in (cache / "tokenizers").iterdir()] == ["wordpiece"]
+
+
+def test_predict_replaces_only_its_own_output(trained, corpus, tmp_path, capsys):
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("the cat [MASK] the river .\n")
+    base = ["predict", *fit_args(corpus, trained)[1:], "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
+            "--data.predict_files", str(inputs), "--prediction_writer.output"]
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("my notes\n")
+    assert run_cli(*base, str(mine)) == 2
+    assert "is not a file that predict wrote" in error_line(capsys.readouterr().err)
+    assert mine.read_text() == "my notes\n"
+    ours = tmp_path / "ours.jsonl"
+    assert run_cli(*base, str(ours)) == 0 and run_cli(*base, str(ours)) == 0  # its own output: replaced
+    assert len(ours.read_text().splitlines()) == 1
