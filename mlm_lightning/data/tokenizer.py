@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from mlm_lightning.data.seeds import uniform
 from mlm_lightning.errors import check
 from mlm_lightning.hub import load_pretrained
+
+log = logging.getLogger("mlm_lightning")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SAMPLE_CHUNK_LINES = 1000
@@ -27,6 +30,15 @@ def load_tokenizer(name_or_path: str):
                            " its tokenizer files (mlm-lightning export writes them)")
     tokenizer = load_pretrained(AutoTokenizer, name_or_path, "tokenizer")
     validate_tokenizer(tokenizer, name_or_path)
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None or backend.truncation is not None:
+        # a sentence-transformers tokenizer.json pads every text to a fixed length and cuts longer ones; the
+        # corpus encoder calls this backend directly, which would fill every line up with [PAD] and cut long
+        # lines. `tokenizer(...)` (fill-mask, serve, pipelines) sets both per call, so none needs them here.
+        log.info("tokenizer %r: its saved padding/truncation (%s) dropped: lines are encoded whole, then packed",
+                 name_or_path, ", ".join(k for k in ("padding", "truncation") if getattr(backend, k) is not None))
+        backend.no_padding()
+        backend.no_truncation()
     return tokenizer
 
 

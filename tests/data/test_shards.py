@@ -1,5 +1,6 @@
 """Streaming tokenization into shards: equality with in-memory tokenization, word starts, resume, memory, workers."""
 
+import json
 import os
 import pickle
 import random
@@ -284,3 +285,29 @@ def test_word_starts_of_a_bpe_tokenizer_come_from_its_word_ids(write, tmp_path, 
     ids, starts, offsets = reference([t for t, v in zip(texts, is_val, strict=True) if not v], bpe, bpe.sep_token_id)
     assert np.array_equal(stream.tokens, ids) and np.array_equal(stream.word_starts.astype(bool), starts)
     assert not starts.all()  # (some words are split into several pieces)
+
+
+def test_a_tokenizer_saved_with_padding_and_truncation_encodes_lines_whole(write, tmp_path, tok):
+    """A sentence-transformers tokenizer.json pads every text to a fixed length and cuts longer ones (MiniLM's: 128);
+    the corpus must still hold each line's own tokens, no [PAD] filler and no cut lines."""
+    from mlm_lightning.data.tokenizer import load_tokenizer
+
+    saved = str(tmp_path / "st-tok")
+    tok.save_pretrained(saved)
+    with open(os.path.join(saved, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    spec["padding"] = {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "[PAD]"}
+    spec["truncation"] = {"max_length": 8, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}
+    with open(os.path.join(saved, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    loaded = load_tokenizer(saved)
+    assert loaded.backend_tokenizer.padding is None and loaded.backend_tokenizer.truncation is None
+    lines = varied(200, seed=4)
+    path = write("t.txt", lines)
+    stream = TokenStream.load(build(tmp_path, loaded, path), "train")
+    is_val = seeds.val_lines(3, 0, len(lines), 0.1)
+    ids, _, offsets = reference([t for t, v in zip(lines, is_val, strict=True) if not v], tok, tok.sep_token_id)
+    assert np.array_equal(stream.tokens, ids) and np.array_equal(stream.offsets, offsets)
+    assert tok.pad_token_id not in stream.tokens
+    assert loaded("a b c", padding="max_length", max_length=6)["input_ids"][-1] == tok.pad_token_id  # per call
