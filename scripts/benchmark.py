@@ -11,7 +11,8 @@ script prints real tokens/s, the ratios (c)/(a), (c)/(b), (c)/(d) and the peak R
 `--mode quality`: wall time (evaluation excluded) for (a) and (c) to reach the same validation loss.
 `--mode gpu`: bert-base on one GPU for (b), (c), (d) with MFU (`scripts/benchmark_gpu.py`; `--mode gpu --help`).
 `--architecture bert,roberta,modernbert`: (c) for each model family at the same width and depth, side by side
-(each with its own kind of tokenizer trained on the corpus).
+(each with its own kind of tokenizer trained on the corpus), with the attention each ran (`--accelerator gpu`
+with flash-attn installed: ModernBERT's flash_attention_2).
 
     python scripts/benchmark.py                         # ../shared/data/meditations.txt if present
     python scripts/benchmark.py --precision 32-true --only seed,ours
@@ -169,7 +170,7 @@ def run_ours(args, dm, max_steps: int, extra_callbacks=(), val_every: int | None
     module = build(args, dm.tokenizer, architecture)
     timing = Timing()
     trainer = L.Trainer(
-        accelerator="cpu", precision=args.precision, max_steps=max_steps, logger=False,
+        accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=max_steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=1.0, use_distributed_sampler=False, log_every_n_steps=10,
         limit_val_batches=1.0 if val_every else 0, val_check_interval=val_every, check_val_every_n_epoch=None,
@@ -177,6 +178,7 @@ def run_ours(args, dm, max_steps: int, extra_callbacks=(), val_every: int | None
     )
     dm.trainer = None
     trainer.fit(module, datamodule=dm)
+    timing.meter.attention = module.model.config._attn_implementation  # (`auto` resolved: flash or sdpa)
     return timing.meter
 
 
@@ -279,8 +281,10 @@ def families(args, corpus: str) -> None:
         if name not in FAMILIES or FAMILIES[name].scratch is None:
             sys.exit(f"--architecture {name!r}: not one of {', '.join(n for n, f in FAMILIES.items() if f.scratch)}")
         dm = datamodule(args, corpus, tokenizer_kind=FAMILIES[name].tokenizer)
-        rates[name] = run_ours(args, dm, max_steps=10**6, architecture=name).rate
-        print(f"{name:12s} {rates[name]:9.0f} real tokens/s   (peak RSS so far {peak_rss_mb():.0f} MB)")
+        meter = run_ours(args, dm, max_steps=10**6, architecture=name)
+        rates[name] = meter.rate
+        print(f"{name:12s} {rates[name]:9.0f} real tokens/s   attention {meter.attention}   (peak RSS so far"
+              f" {peak_rss_mb():.0f} MB)")
     first = next(iter(rates))
     print("relative to " + first + ": " + ", ".join(f"{n} {r / rates[first]:.2f}x" for n, r in rates.items()))
 
@@ -315,6 +319,7 @@ def main():
     p.add_argument("--architecture", default=None,
                    help="comma-separated model families (e.g. bert,roberta,modernbert): (c) for each, side by side")
     p.add_argument("--cache_dir", default=None)
+    p.add_argument("--accelerator", default="cpu", help="for (c): cpu, or gpu (the GPU check's family stage)")
     args = p.parse_args()
     quiet_transformers()
     import logging

@@ -8,7 +8,10 @@ Stages (`--stages`, comma-separated; all by default):
          every host sync is recorded with the step it happened in; none may fall inside a training step between
          log steps (after the first log interval, where torch.compile compiles);
   fsdp   FSDP with one process, full and sharded state dicts: fit, resume (`--ckpt_path last`) and export; the
-         exported weights must equal the checkpoint's.
+         exported weights must equal the checkpoint's;
+  families  `scripts/benchmark.py --architecture bert,roberta,modernbert --accelerator gpu` at bert-base's shape:
+         real tokens/s per family and the attention each ran (ModernBERT: flash_attention_2 where flash-attn is
+         installed, `pip install '.[flash]'`; SDPA otherwise).
 `--cpu`: the same plumbing on a CPU, tiny (bench `--tiny`, a 2-layer model, FSDP skipped: Lightning refuses it
 without a GPU), so the script itself is tested where there is no GPU.
 """
@@ -152,6 +155,18 @@ def stage_bench(args, tmp: str) -> list[str]:
     return keep + ([f"benchmark FAILED (exit {done.returncode})"] if done.returncode else [])
 
 
+def stage_families(args, tmp: str) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--architecture", "bert,roberta,modernbert"]
+    cmd += (["--tokens", "3000", "--warmup", "1", "--hidden_size", "64", "--layers", "2", "--heads", "2",
+             "--intermediate", "128", "--precision", "32-true"] if args.cpu
+            else ["--accelerator", "gpu", "--tokens", "1500000", "--warmup", "10", "--hidden_size", "768", "--layers",
+                  "12", "--heads", "12", "--intermediate", "3072", "--seq_len", "512", "--batch_size", "32"])
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.bench_timeout)
+    print(done.stdout[-4000:], done.stderr[-3000:] if done.returncode else "", sep="\n", flush=True)
+    keep = [line for line in done.stdout.splitlines() if "real tokens/s" in line or line.startswith("relative")]
+    return keep + ([f"families FAILED (exit {done.returncode})"] if done.returncode else [])
+
+
 def stage_sync(args, tmp: str) -> list[str]:
     steps = 30 if args.cpu else args.sync_steps
     train = corpus(tmp, steps * (16 if args.cpu else 128) * 128 * 1.1)
@@ -239,7 +254,7 @@ def metric_rows(root: str) -> list[dict]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny, on a CPU: checks the script, says nothing of a GPU")
-    p.add_argument("--stages", default="bench,sync,fsdp")
+    p.add_argument("--stages", default="bench,sync,fsdp,families")
     p.add_argument("--bench_steps", type=int, default=50)
     p.add_argument("--bench_timeout", type=int, default=240)
     p.add_argument("--sync_steps", type=int, default=300)
@@ -247,7 +262,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     sys.modules.setdefault("gpu_check", sys.modules[__name__])  # the fit finds SyncRecorder by this name
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    stages = {"bench": stage_bench, "sync": stage_sync, "fsdp": stage_fsdp}
+    stages = {"bench": stage_bench, "sync": stage_sync, "fsdp": stage_fsdp, "families": stage_families}
     summary, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         for name in args.stages.split(","):

@@ -35,7 +35,7 @@ log = logging.getLogger("mlm_lightning")
 
 VOCAB_MULTIPLE = 64  # new vocabularies are padded to this: the decoder matmul stays on aligned GPU tiles
 NEVER = -1e4  # output bias of the padding ids: softmax gives them ~0, so nothing ever predicts them
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Family:
     tokenizer: str = "bert"  # the kind of tokenizer trained for a new model (data/tokenizer.py)
     position_offset: Callable = lambda config: 0  # positions a model reserves (RoBERTa: padding_idx + 1)
     norms: tuple[str, ...] = ()  # the family's own norm classes (no weight decay) beside torch's
+    flash: bool = False  # `auto` attention takes flash_attention_2 where it is installed (it skips padding)
     notes: str = ""
 
 
@@ -136,7 +137,8 @@ FAMILIES: dict[str, Family] = {
     ),
     "modernbert": Family(
         "ModernBertForMaskedLM", ("head", "decoder"), "decoder.bias", _modernbert_flops, _modernbert_config,
-        tokenizer="modernbert", notes="rotary positions, local/global attention; flash_attention_2 optional",
+        tokenizer="modernbert", flash=True,
+        notes="rotary positions, local/global attention; flash_attention_2 (unpadded) where flash-attn is installed",
     ),
 }
 SCRATCH = tuple(name for name, f in FAMILIES.items() if f.scratch is not None)
@@ -204,6 +206,18 @@ def check_attention(attn_implementation: str) -> None:
     )
 
 
+def resolve_attention(family: str, attn_implementation: str) -> str:
+    """`auto`: flash_attention_2 for a family that gains from it (ModernBERT: its attention then skips padding)
+    when flash-attn and a CUDA GPU are there, else SDPA; any other choice stays as given."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    if FAMILIES[family].flash and transformers.utils.is_flash_attn_2_available():
+        log.info("%s attention: flash_attention_2 (flash-attn is installed; padding is skipped);"
+                 " --model.attn_implementation sdpa to turn it off", family)
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_pretrained_mlm(name_or_path: str, what: str = "model_name_or_path", attn_implementation: str = "sdpa"):
     """(model, new parameter names): a pretrained masked LM in fp32 whatever dtype it was saved in.
 
@@ -214,8 +228,9 @@ def load_pretrained_mlm(name_or_path: str, what: str = "model_name_or_path", att
     fam = FAMILIES[config.model_type]
     cls = getattr(transformers, fam.model_class)
     model, info = load_pretrained(
-        cls, name_or_path, what, config=config, attn_implementation=attn_implementation, dtype=torch.float32,
-        output_loading_info=True,
+        cls, name_or_path, what, config=config, attn_implementation=resolve_attention(config.model_type,
+                                                                                      attn_implementation),
+        dtype=torch.float32, output_loading_info=True,
     )
     missing = sorted(info.get("missing_keys", []))
     head = tuple(f"{name}." for name in fam.head)
@@ -265,7 +280,8 @@ def new_model(architecture: str, tokenizer, attn_implementation: str = "sdpa", *
     vocab = len(tokenizer)
     ids = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
     config = fam.scratch(-(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE, ids, sizes)
-    model = getattr(transformers, fam.model_class)._from_config(config, attn_implementation=attn_implementation)
+    model = getattr(transformers, fam.model_class)._from_config(
+        config, attn_implementation=resolve_attention(architecture, attn_implementation))
     with torch.no_grad():  # the padding ids are no tokens: never predicted, by fill-mask or a pipeline
         model.get_parameter(fam.output_bias)[vocab:] = NEVER
     return model
@@ -278,7 +294,7 @@ SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediat
 def build(hparams, tokenizer):
     """(model, names of its new parameters): `model_name_or_path` (any supported family), or a new
     `architecture` with the sizes in `hparams` (all its parameters are new, but none is "new" next to others)."""
-    attention = hparams.get("attn_implementation", "sdpa")
+    attention = hparams.get("attn_implementation", "auto")
     if hparams.model_name_or_path:
         model, new = load_pretrained_mlm(hparams.model_name_or_path, attn_implementation=attention)
         vocab = len(tokenizer)

@@ -56,7 +56,7 @@ class MLMModule(L.LightningModule):
         eps: float = 1e-6,
         sparse_head: bool = True,
         compile: bool = False,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
         skip_nonfinite: bool = False,
         skip_nonfinite_limit: int = 20,
         top_k: int = 5,
@@ -93,8 +93,9 @@ class MLMModule(L.LightningModule):
             eps: AdamW epsilon.
             sparse_head: Run the MLM head and loss only at masked positions (same loss, less compute).
             compile: `torch.compile` the encoder.
-            attn_implementation: sdpa, eager, or flash_attention_2 (needs the flash-attn package and a CUDA GPU:
-                its attention then skips padding; pip install 'mlm-lightning[flash]').
+            attn_implementation: auto (ModernBERT: flash_attention_2 where flash-attn and a CUDA GPU are there,
+                its attention then skips padding; every other family and no flash-attn: sdpa), sdpa, eager, or
+                flash_attention_2 (pip install 'mlm-lightning[flash]').
             skip_nonfinite: Skip optimizer steps whose loss is NaN/inf instead of stopping the run.
             skip_nonfinite_limit: With skip_nonfinite: stop (exit 3, the last good checkpoint kept) after this many
                 skipped steps in a row (0: never); the model is not recovering.

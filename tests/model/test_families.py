@@ -220,6 +220,31 @@ def test_unknown_architecture_and_flash_without_the_package():
         module(None, attn_implementation="flash_attention_2")
 
 
+def test_auto_attention_takes_flash_for_modernbert_only_where_it_is_installed(monkeypatch, caplog):
+    """Item 8: ModernBERT's unpadded flash path where flash-attn (and a CUDA GPU) is there, SDPA otherwise; BERT and
+    RoBERTa keep SDPA; an explicit choice is kept."""
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert {f: arch.resolve_attention(f, "auto") for f in ("bert", "roberta", "modernbert")} == dict.fromkeys(
+        ("bert", "roberta", "modernbert"), "sdpa")
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    with caplog.at_level("INFO", logger="mlm_lightning"):
+        assert arch.resolve_attention("modernbert", "auto") == "flash_attention_2"
+    assert "flash_attention_2" in caplog.text and "--model.attn_implementation sdpa" in caplog.text
+    assert [arch.resolve_attention(f, "auto") for f in ("bert", "roberta", "electra")] == ["sdpa"] * 3
+    assert arch.resolve_attention("modernbert", "sdpa") == "sdpa"
+    assert arch.resolve_attention("bert", "eager") == "eager"
+
+
+def test_auto_attention_builds_sdpa_here(tmp_path):
+    """The default (`auto`) on this machine (no flash-attn, no GPU) builds every family with SDPA."""
+    if transformers.utils.is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    for architecture in ("bert", "modernbert"):
+        m = module(family_tokenizer(tmp_path, architecture), architecture=architecture)
+        assert m.hparams.attn_implementation == "auto"
+        assert m.model.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", SCRATCH)
 def test_fit_export_and_continue_each_family(tmp_path, capsys, corpus, architecture):
