@@ -30,13 +30,20 @@ def load_tokenizer(name_or_path: str):
                            " its tokenizer files (mlm-lightning export writes them)")
     tokenizer = load_pretrained(AutoTokenizer, name_or_path, "tokenizer")
     validate_tokenizer(tokenizer, name_or_path)
+    return drop_saved_padding(tokenizer, repr(name_or_path))
+
+
+def drop_saved_padding(tokenizer, source: str):
+    """The tokenizer without the padding and truncation its tokenizer.json may carry.
+
+    A sentence-transformers tokenizer.json pads every text to a fixed length and cuts longer ones (MiniLM's: 128);
+    the corpus encoder calls this backend directly, so every line would be filled up with [PAD] and long lines
+    cut. `tokenizer(...)` (fill-mask, serve, pipelines) sets both per call, so nothing needs them kept."""
     backend = tokenizer.backend_tokenizer
-    if backend.padding is not None or backend.truncation is not None:
-        # a sentence-transformers tokenizer.json pads every text to a fixed length and cuts longer ones; the
-        # corpus encoder calls this backend directly, which would fill every line up with [PAD] and cut long
-        # lines. `tokenizer(...)` (fill-mask, serve, pipelines) sets both per call, so none needs them here.
-        log.info("tokenizer %r: its saved padding/truncation (%s) dropped: lines are encoded whole, then packed",
-                 name_or_path, ", ".join(k for k in ("padding", "truncation") if getattr(backend, k) is not None))
+    saved = [k for k in ("padding", "truncation") if getattr(backend, k) is not None]
+    if saved:
+        log.info("tokenizer %s: its saved %s dropped (lines are encoded whole, then packed)", source,
+                 " and ".join(saved))
         backend.no_padding()
         backend.no_truncation()
     return tokenizer

@@ -21,7 +21,7 @@ import zlib
 import torch
 from transformers import AutoTokenizer
 
-from mlm_lightning.data.tokenizer import TOKENIZER_FILES, tokenizer_dir_problem
+from mlm_lightning.data.tokenizer import TOKENIZER_FILES, drop_saved_padding, tokenizer_dir_problem
 from mlm_lightning.errors import MLMError, check, os_error
 from mlm_lightning.hub import load_pretrained
 from mlm_lightning.model import sharded
@@ -214,7 +214,8 @@ def _tokenizer_from_files(files: object, source: str):
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
         try:
-            return AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+            return drop_saved_padding(AutoTokenizer.from_pretrained(tmp, local_files_only=True,
+                                                                    trust_remote_code=False), source)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise MLMError(f"{source} has an unreadable tokenizer ({type(e).__name__})") from None
 
@@ -248,4 +249,4 @@ def load_model(path: str, option: str = "--model"):
         return load_checkpoint(path, option)
     check_model_dir(path, option)
     model, _ = load_pretrained_mlm(path, "model")
-    return model.eval(), load_pretrained(AutoTokenizer, path, "tokenizer")
+    return model.eval(), drop_saved_padding(load_pretrained(AutoTokenizer, path, "tokenizer"), repr(path))

@@ -303,6 +303,10 @@ def test_a_tokenizer_saved_with_padding_and_truncation_encodes_lines_whole(write
         json.dump(spec, f)
     loaded = load_tokenizer(saved)
     assert loaded.backend_tokenizer.padding is None and loaded.backend_tokenizer.truncation is None
+    from mlm_lightning.model.checkpoint import _tokenizer_from_files  # the tokenizer a checkpoint carries, too
+
+    files = {n: open(os.path.join(saved, n), encoding="utf-8").read() for n in ("tokenizer.json",)}
+    assert _tokenizer_from_files(files, "a checkpoint").backend_tokenizer.padding is None
     lines = varied(200, seed=4)
     path = write("t.txt", lines)
     stream = TokenStream.load(build(tmp_path, loaded, path), "train")
