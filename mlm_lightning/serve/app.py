@@ -32,7 +32,7 @@ log = logging.getLogger("mlm_lightning")
 
 MAX_BODY_BYTES = 1 << 20  # longer texts than this are no sentences; a model sees at most 512 tokens of them
 PARAMETERS = ("top_k", "targets")
-EXAMPLES = [  # the demo model's domain (the Python language reference); `--examples` sets your own
+EXAMPLES = [  # the demo model's domain (CPython's docs: reference + stdlib docstrings); `--examples` sets your own
     "the [MASK] statement is used to leave a loop.",
     "a class definition defines a [MASK] object.",
     "if the condition is false, the [MASK] clause is executed.",

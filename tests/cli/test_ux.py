@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
-from tests.helpers import TINY_DATA, TINY_MODEL, error_line, run_cli, sentences
+from tests.helpers import ROOT, TINY_DATA, TINY_MODEL, error_line, run_cli, sentences
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -20,8 +21,6 @@ def quiet(*extra):
 
 
 def printed_config(capsys, *args) -> dict:
-    import yaml
-
     assert run_cli(*args, "--print_config") == 0
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -48,10 +47,17 @@ def bert_dir(tmp_path_factory):
 
 # -- defaults that follow from what was asked ----------------------------------------------------------
 def test_print_config_shows_the_budget_for_the_demo_and_for_a_user_corpus(corpus, capsys):
-    demo = printed_config(capsys, "fit")  # the offline demo: configs/default.yaml's budget and length
-    assert demo["trainer"]["max_epochs"] == 12 and demo["data"]["max_length"] == 128
+    demo = printed_config(capsys, "fit")  # the offline demo: configs/default.yaml's recipe, for 12 epochs
+    assert demo["trainer"]["max_epochs"] == 12 and demo["data"]["max_length"] == 64
+    assert demo["data"]["vocab_size"] == 4096 and demo["data"]["mlm_probability"] == 0.3
+    with open(ROOT / "configs" / "default.yaml") as f:
+        shipped = yaml.safe_load(f)
+    for key in ("model.learning_rate", "data.mlm_probability", "data.max_length", "data.vocab_size"):
+        group, name = key.split(".")
+        assert shipped[group][name] == demo[group][name], key  # a bare `fit` runs the shipped recipe
     user = printed_config(capsys, "fit", "--data.train_files", corpus)
     assert user["trainer"]["max_epochs"] == 3 and user["model"]["learning_rate"] == 0.001
+    assert user["data"]["mlm_probability"] == 0.15 and user["data"]["vocab_size"] == 8192
     steps = printed_config(capsys, "fit", "--data.train_files", corpus, "--trainer.max_steps", "500")
     assert steps["trainer"]["max_epochs"] is None and steps["trainer"]["max_steps"] == 500  # steps alone decide
     mine = printed_config(capsys, "fit", "--data.train_files", corpus, "--trainer.max_epochs", "60")
