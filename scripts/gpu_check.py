@@ -156,7 +156,8 @@ def stage_bench(args, tmp: str) -> list[str]:
 
 
 def stage_families(args, tmp: str) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--architecture", "bert,roberta,modernbert"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--architecture", "bert,roberta,modernbert",
+           "--cache_dir", os.path.join(tmp, "families-cache")]
     cmd += (["--tokens", "3000", "--warmup", "1", "--hidden_size", "64", "--layers", "2", "--heads", "2",
              "--intermediate", "128", "--precision", "32-true"] if args.cpu
             else ["--accelerator", "gpu", "--tokens", "1500000", "--warmup", "10", "--hidden_size", "768", "--layers",

@@ -57,7 +57,7 @@ def adjusted_defaults(cfg, given, model_positions=None, subcommand: str = "fit")
         length = min(DEMO_LENGTH, cfg["model"].get("max_position_embeddings") or DEMO_LENGTH)
         if subcommand == "fit" or not cfg.get("ckpt_path"):
             changes["data.max_length"] = (length, "the offline demo")
-    if demo and subcommand == "fit":
+    if demo:  # (every subcommand: validate/test/predict of a demo checkpoint need its vocabulary, its masking)
         changes.update({k: (v, "the offline demo") for k, v in DEMO_RECIPE.items() if not was_given(given, k)})
     if pretrained:
         if not was_given(given, "model.learning_rate"):

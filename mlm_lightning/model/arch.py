@@ -138,7 +138,7 @@ FAMILIES: dict[str, Family] = {
     "modernbert": Family(
         "ModernBertForMaskedLM", ("head", "decoder"), "decoder.bias", _modernbert_flops, _modernbert_config,
         tokenizer="modernbert", flash=True,
-        notes="rotary positions, local/global attention; flash_attention_2 (unpadded) where flash-attn is installed",
+        notes="rotary positions, local/global attention; flash_attention_2 (padding skipped) on a GPU with flash-attn",
     ),
 }
 SCRATCH = tuple(name for name, f in FAMILIES.items() if f.scratch is not None)
@@ -206,19 +206,21 @@ def check_attention(attn_implementation: str) -> None:
     )
 
 
-def resolve_attention(family: str, attn_implementation: str) -> str:
-    """`auto`: flash_attention_2 for a family that gains from it (ModernBERT: its attention then skips padding)
-    when flash-attn and a CUDA GPU are there, else SDPA; any other choice stays as given."""
+def resolve_attention(family: str, attn_implementation: str, half_on_cuda: bool = False) -> str:
+    """`auto`: flash_attention_2 for a family that gains from it (ModernBERT: the kernel skips padding) when the
+    run is on a CUDA GPU in 16/bf16 precision (flash-attn refuses fp32) and flash-attn is installed, else SDPA;
+    any other choice stays as given."""
     if attn_implementation != "auto":
         return attn_implementation
-    if FAMILIES[family].flash and transformers.utils.is_flash_attn_2_available():
+    if half_on_cuda and FAMILIES[family].flash and transformers.utils.is_flash_attn_2_available():
         log.info("%s attention: flash_attention_2 (flash-attn is installed; padding is skipped);"
                  " --model.attn_implementation sdpa to turn it off", family)
         return "flash_attention_2"
     return "sdpa"
 
 
-def load_pretrained_mlm(name_or_path: str, what: str = "model_name_or_path", attn_implementation: str = "sdpa"):
+def load_pretrained_mlm(name_or_path: str, what: str = "model_name_or_path", attn_implementation: str = "sdpa",
+                        half_on_cuda: bool = False):
     """(model, new parameter names): a pretrained masked LM in fp32 whatever dtype it was saved in.
 
     Missing encoder weights are an error; a missing MLM head (a headless encoder, a sentence-transformers model)
@@ -229,7 +231,8 @@ def load_pretrained_mlm(name_or_path: str, what: str = "model_name_or_path", att
     cls = getattr(transformers, fam.model_class)
     model, info = load_pretrained(
         cls, name_or_path, what, config=config, attn_implementation=resolve_attention(config.model_type,
-                                                                                      attn_implementation),
+                                                                                      attn_implementation,
+                                                                                      half_on_cuda),
         dtype=torch.float32, output_loading_info=True,
     )
     missing = sorted(info.get("missing_keys", []))
@@ -268,7 +271,8 @@ def from_config(config: dict, source: str, attn_implementation: str = "sdpa"):
     return cls._from_config(parsed, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
-def new_model(architecture: str, tokenizer, attn_implementation: str = "sdpa", **sizes):
+def new_model(architecture: str, tokenizer, attn_implementation: str = "sdpa", half_on_cuda: bool = False,
+              **sizes):
     """A new masked LM of `architecture` for `tokenizer`, with the sizes given (hidden_size, ...)."""
     check(architecture in SCRATCH, f"architecture must be one of {', '.join(SCRATCH)}, got {architecture!r}")
     check_attention(attn_implementation)
@@ -281,7 +285,7 @@ def new_model(architecture: str, tokenizer, attn_implementation: str = "sdpa", *
     ids = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
     config = fam.scratch(-(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE, ids, sizes)
     model = getattr(transformers, fam.model_class)._from_config(
-        config, attn_implementation=resolve_attention(architecture, attn_implementation))
+        config, attn_implementation=resolve_attention(architecture, attn_implementation, half_on_cuda))
     with torch.no_grad():  # the padding ids are no tokens: never predicted, by fill-mask or a pipeline
         model.get_parameter(fam.output_bias)[vocab:] = NEVER
     return model
@@ -291,12 +295,13 @@ SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediat
          "dropout")
 
 
-def build(hparams, tokenizer):
+def build(hparams, tokenizer, half_on_cuda: bool = False):
     """(model, names of its new parameters): `model_name_or_path` (any supported family), or a new
     `architecture` with the sizes in `hparams` (all its parameters are new, but none is "new" next to others)."""
     attention = hparams.get("attn_implementation", "auto")
     if hparams.model_name_or_path:
-        model, new = load_pretrained_mlm(hparams.model_name_or_path, attn_implementation=attention)
+        model, new = load_pretrained_mlm(hparams.model_name_or_path, attn_implementation=attention,
+                                         half_on_cuda=half_on_cuda)
         vocab = len(tokenizer)
         check(
             vocab <= model.config.vocab_size,
@@ -304,7 +309,8 @@ def build(hparams, tokenizer):
             " own tokenizer (leave --data.tokenizer unset)",
         )
         return model, new
-    model = new_model(hparams.get("architecture", "bert"), tokenizer, attention, **{k: hparams[k] for k in SIZES})
+    model = new_model(hparams.get("architecture", "bert"), tokenizer, attention, half_on_cuda,
+                      **{k: hparams[k] for k in SIZES})
     return model, []
 
 

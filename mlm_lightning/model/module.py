@@ -126,6 +126,13 @@ class MLMModule(L.LightningModule):
         self._skips: torch.Tensor | None = None  # skip_nonfinite: counts on the device (see on_before_optimizer_step)
 
     # -- building ---------------------------------------------------------------------------------------
+    def _half_on_cuda(self) -> bool:
+        """Will this run compute in 16/bf16 on a CUDA device (where `auto` attention may take flash-attn)?"""
+        if self._trainer is None:
+            return False
+        return self.trainer.strategy.root_device.type == "cuda" and str(self.trainer.precision).startswith(
+            ("16", "bf16"))
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -133,7 +140,7 @@ class MLMModule(L.LightningModule):
             self.tokenizer = self.trainer.datamodule.load_tokenizer()
         check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule or set .tokenizer")
         # from_pretrained() returns eval mode and Lightning keeps module modes: train (dropout on) explicitly
-        model, self.new_parameters = arch.build(self.hparams, self.tokenizer)
+        model, self.new_parameters = arch.build(self.hparams, self.tokenizer, self._half_on_cuda())
         self.model = model.train()
         if self.new_parameters:
             shown = ", ".join(self.new_parameters[:8]) + (", ..." if len(self.new_parameters) > 8 else "")

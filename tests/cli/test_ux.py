@@ -55,6 +55,9 @@ def test_print_config_shows_the_budget_for_the_demo_and_for_a_user_corpus(corpus
     for key in ("model.learning_rate", "data.mlm_probability", "data.max_length", "data.vocab_size"):
         group, name = key.split(".")
         assert shipped[group][name] == demo[group][name], key  # a bare `fit` runs the shipped recipe
+    for sub in ("validate", "predict"):  # a demo checkpoint is read with the demo's vocabulary and masking
+        other = printed_config(capsys, sub)
+        assert other["data"]["vocab_size"] == 4096 and other["data"]["mlm_probability"] == 0.3, sub
     user = printed_config(capsys, "fit", "--data.train_files", corpus)
     assert user["trainer"]["max_epochs"] == 3 and user["model"]["learning_rate"] == 0.001
     assert user["data"]["mlm_probability"] == 0.15 and user["data"]["vocab_size"] == 8192

@@ -228,11 +228,15 @@ def test_auto_attention_takes_flash_for_modernbert_only_where_it_is_installed(mo
         ("bert", "roberta", "modernbert"), "sdpa")
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     with caplog.at_level("INFO", logger="mlm_lightning"):
-        assert arch.resolve_attention("modernbert", "auto") == "flash_attention_2"
+        assert arch.resolve_attention("modernbert", "auto", half_on_cuda=True) == "flash_attention_2"
     assert "flash_attention_2" in caplog.text and "--model.attn_implementation sdpa" in caplog.text
-    assert [arch.resolve_attention(f, "auto") for f in ("bert", "roberta", "electra")] == ["sdpa"] * 3
-    assert arch.resolve_attention("modernbert", "sdpa") == "sdpa"
+    assert arch.resolve_attention("modernbert", "auto", half_on_cuda=False) == "sdpa"  # fp32 or CPU: flash refuses
+    assert [arch.resolve_attention(f, "auto", True) for f in ("bert", "roberta", "electra")] == ["sdpa"] * 3
+    assert arch.resolve_attention("modernbert", "sdpa", True) == "sdpa"
     assert arch.resolve_attention("bert", "eager") == "eager"
+    from mlm_lightning.model.module import MLMModule
+
+    assert MLMModule(architecture="modernbert")._half_on_cuda() is False  # no trainer (a unit test): never flash
 
 
 def test_auto_attention_builds_sdpa_here(tmp_path):
