@@ -19,7 +19,11 @@ set -euo pipefail
 E=${1:?encoder dir (config.json + weights + tokenizer)} H=${2:?output dir} T=${3:-00:00:04:00}
 ML="python -m mlm_lightning.cli"
 export HF_HUB_OFFLINE=1
-mkdir -p "$H"
+# OUT_DIR: a new directory, or one this script made (its marker inside): run dirs in it are replaced, nothing else
+if [ -n "$(ls -A "$H" 2>/dev/null)" ] && [ ! -e "$H/.bench_headless" ]; then
+  echo "bench_headless: $H is not empty and was not made by this script; pass a new OUT_DIR" >&2; exit 2
+fi
+mkdir -p "$H" && touch "$H/.bench_headless"
 read -r TRAIN VAL < <(python -c "
 from mlm_lightning.data.offline import default_corpus_files
 print(*default_corpus_files('$H/cache'))")

@@ -147,7 +147,11 @@ def main() -> None:
           f" ({files[1]}); torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seconds:.0f} s a"
           " setting", flush=True)
     workdir = args.workdir or tempfile.mkdtemp(prefix="mlm-sweep-")
+    marker = os.path.join(workdir, ".sweep_default")  # a --workdir of the user's: only one this script made
+    if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.exists(marker):
+        p.error(f"--workdir {workdir} is not empty and was not made by this script; pass a new directory")
     os.makedirs(workdir, exist_ok=True)
+    open(marker, "a").close()
     rows = []
     for name in names:
         rows.append(run(name, args.seconds, workdir, args.cache_dir, files, env))
