@@ -144,28 +144,31 @@ def run_cli(argv: list[str]) -> int:
 
 
 # -- stages -----------------------------------------------------------------------------------------------------
-def stage_bench(args, tmp: str) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--mode", "gpu"]
-    cmd += (["--tiny", "--steps", "3", "--warmup", "1", "--precision", "32-true", "--only", "loop,ours"] if args.cpu
-            else ["--steps", str(args.bench_steps), "--warmup", "10"])
+def run_benchmark(args, name: str, options: list[str], keep) -> list[str]:
+    """`scripts/benchmark.py OPTIONS`: its output printed, the summary lines `keep(line)` picks returned."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *options]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.bench_timeout)
     print(done.stdout[-6000:], done.stderr[-3000:] if done.returncode else "", sep="\n", flush=True)
-    keep = [line for line in done.stdout.splitlines()
-            if re.match(r"(device |\([bcd]\)|MFU |\(c\)/)", line) and "mlm-lightning" not in line]
-    return keep + ([f"benchmark FAILED (exit {done.returncode})"] if done.returncode else [])
+    lines = [line for line in done.stdout.splitlines() if keep(line) and "mlm-lightning" not in line]
+    return lines + ([f"{name} FAILED (exit {done.returncode})"] if done.returncode else [])
+
+
+def stage_bench(args, tmp: str) -> list[str]:
+    options = (["--tiny", "--steps", "3", "--warmup", "1", "--precision", "32-true", "--only", "loop,ours"]
+               if args.cpu else ["--steps", str(args.bench_steps), "--warmup", "10"])
+    return run_benchmark(args, "benchmark", ["--mode", "gpu", *options],
+                         lambda line: re.match(r"(device |\([bcd]\)|MFU |\(c\)/)", line))
 
 
 def stage_families(args, tmp: str) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--architecture", "bert,roberta,modernbert",
-           "--cache_dir", os.path.join(tmp, "families-cache")]
-    cmd += (["--tokens", "3000", "--warmup", "1", "--hidden_size", "64", "--layers", "2", "--heads", "2",
-             "--intermediate", "128", "--precision", "32-true"] if args.cpu
-            else ["--accelerator", "gpu", "--tokens", "1500000", "--warmup", "10", "--hidden_size", "768", "--layers",
-                  "12", "--heads", "12", "--intermediate", "3072", "--seq_len", "512", "--batch_size", "32"])
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.bench_timeout)
-    print(done.stdout[-4000:], done.stderr[-3000:] if done.returncode else "", sep="\n", flush=True)
-    keep = [line for line in done.stdout.splitlines() if "real tokens/s" in line or line.startswith("relative")]
-    return keep + ([f"families FAILED (exit {done.returncode})"] if done.returncode else [])
+    options = (["--tokens", "3000", "--warmup", "1", "--hidden_size", "64", "--layers", "2", "--heads", "2",
+                "--intermediate", "128", "--precision", "32-true"] if args.cpu
+               else ["--accelerator", "gpu", "--tokens", "1500000", "--warmup", "10", "--hidden_size", "768",
+                     "--layers", "12", "--heads", "12", "--intermediate", "3072", "--seq_len", "512",
+                     "--batch_size", "32"])
+    return run_benchmark(args, "families", ["--architecture", "bert,roberta,modernbert", "--cache_dir",
+                                            os.path.join(tmp, "families-cache"), *options],
+                         lambda line: "real tokens/s" in line or line.startswith("relative"))
 
 
 def stage_sync(args, tmp: str) -> list[str]:
