@@ -23,3 +23,23 @@ def test_a_users_output_dir_is_refused_and_kept(tmp_path, command):
                           timeout=120)
     assert done.returncode == 2 and "was not made by this script" in done.stderr
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_the_sweeps_old_corpus_holds_no_line_of_the_split_it_is_scored_on(tmp_path):
+    """pydoc's topics repeat each other's text, so dropping the held-out topics alone leaves split lines in."""
+    import importlib.util
+
+    from mlm_lightning.data.offline import default_corpus_files
+    spec = importlib.util.spec_from_file_location("sweep_default", ROOT / "scripts" / "sweep_default.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    held_out = default_corpus_files(str(tmp_path / "cache"))[1]
+    split = set(open(held_out, encoding="utf-8").read().splitlines())
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    leaky = set(open(sweep.todays_corpus(str(tmp_path / "leaky.txt"), str(empty))).read().splitlines())
+    assert len(leaky & split) > 10  # what the filter is for: many of the split's lines are in other topics
+    old = set(open(sweep.todays_corpus(str(tmp_path / "old.txt"), held_out)).read().splitlines())
+    assert not old & split and len(old) > 1000
+    score = sweep.scoring_file(held_out, str(tmp_path / "score.txt"))
+    assert open(score).read() == open(held_out).read() * sweep.DRAWS
