@@ -222,9 +222,11 @@ class FillMasker:
 
 
 def format_text(result: dict) -> str:
-    lines = [result["filled"]]
+    """The terminal's view: a byte-level BPE token decodes with its leading space (" same", as Hugging Face's
+    pipeline gives it, and the JSON keeps it); shown stripped, a whitespace-only token as its repr."""
+    lines = [result["filled"].strip()]
     for j, candidates in enumerate(result["predictions"], start=1):
-        tops = ", ".join(f"{c['token_str']} {c['score']:.3f}" for c in candidates)
+        tops = ", ".join(f"{c['token_str'].strip() or repr(c['token_str'])} {c['score']:.3f}" for c in candidates)
         lines.append(f"  mask {j}: {tops}")
     return "\n".join(lines)
 

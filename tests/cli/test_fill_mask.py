@@ -107,3 +107,13 @@ def test_fill_mask_reads_a_file(exported, tmp_path, capsys):
     assert [r["text"] for r in rows] == ["the cat [MASK] the river .", "a [MASK] sees the ball ."]  # blank skipped
     assert run_cli("fill-mask", "--model", exported, "--file", str(tmp_path / "missing.txt")) == 2
     assert "--file" in error_line(capsys.readouterr().err)
+
+
+def test_text_view_strips_the_leading_space_of_byte_level_tokens():
+    """RoBERTa/ModernBERT tokens decode as " same": the terminal shows `same`, the JSON keeps what HF gives."""
+    from mlm_lightning.model.fill_mask import format_text
+
+    tops = [{"token_str": " defined", "score": 0.03}, {"token_str": ",", "score": 0.02},
+            {"token_str": " ", "score": 0.01}]
+    result = {"filled": " defined in version 3.11", "predictions": [tops]}
+    assert format_text(result) == "defined in version 3.11\n  mask 1: defined 0.030, , 0.020, ' ' 0.010"
