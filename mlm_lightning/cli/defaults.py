@@ -1,7 +1,8 @@
 """Defaults that follow from what the user asked for, applied to options the user left unset.
 
 The offline demo (no corpus, no model) gets configs/default.yaml's recipe (chosen by scripts/sweep_default.py):
-a 4,096-token vocabulary, 64-token blocks, 30% masked, for 12 epochs of its 313k-token corpus. Your own corpus gets
+a small ModernBERT at a peak learning rate of 3e-3, a 4,096-token vocabulary, 64-token blocks, 30% masked, for 12
+epochs of its 326k-token corpus. Your own corpus gets
 3 epochs (as Hugging Face's `run_mlm`): 60 epochs of a real corpus would run for days. A pretrained model
 gets the fine-tuning learning rate 5e-5 (the from-scratch 1e-3 wrecks its weights) and its own length
 (`max_position_embeddings`, at most 512) instead of the small model's 64 tokens. A budget given as
@@ -17,7 +18,8 @@ import os
 
 DEMO_EPOCHS = 12
 DEMO_LENGTH = 64
-DEMO_RECIPE = {"data.vocab_size": 4096, "data.mlm_probability": 0.3}  # as configs/default.yaml
+DEMO_RECIPE = {"model.architecture": "modernbert", "model.learning_rate": 3e-3, "data.vocab_size": 4096,
+               "data.mlm_probability": 0.3}  # as configs/default.yaml
 CORPUS_EPOCHS = 3
 FINETUNE_LEARNING_RATE = 5e-5
 GPU_LOG_EVERY = 50

@@ -85,7 +85,8 @@ class MLMCLI(LightningCLI):
             log.info("defaults for this run: %s; set them to change", ", ".join(
                 f"--{k} {'null' if v is None else v} ({why})" for k, (v, why) in changes.items()))
         if printing:
-            super().parse_arguments(parser, args + [f"--{k}={json.dumps(v)}" for k, (v, _) in changes.items()])
+            super().parse_arguments(parser, args + [f"--{k}={v if isinstance(v, str) else json.dumps(v)}"
+                                                    for k, (v, _) in changes.items()])  # (a str is taken as typed)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters here, before any other hook (before tokenizing): the
