@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up, train the offline default (a small ModernBERT from scratch on CPython's language reference and the
-# standard library's docstrings, with a byte-level BPE vocabulary trained on them), then fill in masked words with the exported
-# model, in sentences of the held-out modules (text the model never trained on; picked by a rule, not by hand).
+# standard library's docstrings, with a byte-level BPE vocabulary trained on them), then fill in masked words with
+# the exported model, in sentences of the held-out modules (text the model never trained on; picked by a rule,
+# not by hand).
 # Extra arguments go to `mlm-lightning fit`, e.g. `bash scripts/demo.sh --trainer.max_epochs 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
