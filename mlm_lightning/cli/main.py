@@ -159,10 +159,27 @@ def main(argv: list[str] | None = None) -> None:
             raise
         if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # once, not once per DDP process
             print(f"mlm-lightning: {message}", file=sys.stderr)
+        _leave_process_group(code)
         sys.exit(code)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _leave_process_group(code: int) -> None:
+    """A failed process of a multi-process run exits with `os._exit`, skipping the interpreter's teardown: there,
+    DDP's reducer drops the gloo process group with the GIL held, whose destructor joins its worker thread, which
+    may itself wait for the GIL to free a finished collective's tensor: a deadlock (seen in a CI run of the NaN
+    test: py-spy showed `~ProcessGroupGloo` in `std::thread::join`, its worker in `gil_scoped_acquire`), and the
+    process never ends. Lightning has torn the run down (checkpoints written, loggers closed) before the error gets
+    here, so nothing is lost. A single process, or one without a process group, returns and exits normally."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _describe(e: BaseException, command: str = "fit") -> tuple[int | None, str]:
