@@ -1,4 +1,4 @@
-"""The measurement scripts never replace what they did not make: a user's non-empty output dir is refused."""
+"""The measurement scripts: a user's non-empty output dir is refused and kept; the sweep scores on a clean split."""
 
 import os
 import subprocess
