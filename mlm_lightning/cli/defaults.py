@@ -2,11 +2,11 @@
 
 The offline demo (no corpus, no model) gets configs/default.yaml's recipe (chosen by scripts/sweep_default.py):
 a small ModernBERT at a peak learning rate of 3e-3, a 4,096-token vocabulary, 64-token blocks, 30% masked, for 12
-epochs of its 326k-token corpus. Your own corpus gets
-3 epochs (as Hugging Face's `run_mlm`): 60 epochs of a real corpus would run for days. A pretrained model
-gets the fine-tuning learning rate 5e-5 (the from-scratch 1e-3 wrecks its weights) and its own length
-(`max_position_embeddings`, at most 512) instead of the small model's 64 tokens. A budget given as
-`max_steps` or `max_time` alone ends the run by itself: no epoch limit is added on top of it.
+epochs of its 326k-token corpus. Your own corpus gets 3 epochs (as Hugging Face's `run_mlm`): 12 epochs of a
+real corpus would run for days. A budget given as `max_steps` or `max_time` alone ends the run by itself: no epoch
+limit is added on top of it. On a GPU: log every 50 steps, batches from loader workers. What a model brings to
+its data (a pretrained model's tokenizer, length and learning rate) is applied here too, by `model/pairing.py`,
+the rules' one home (Python callers get them from `MLMDataModule`).
 
 "Set by the user" means given on the command line or in a `--config` file, whatever the value (jsonargparse
 parses the same arguments once more without defaults to tell).
@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import os
 
+from mlm_lightning.model.pairing import COMPILE_PAD_MULTIPLE, paired_options
+
+__all__ = ["COMPILE_PAD_MULTIPLE", "adjusted_defaults", "on_gpu", "was_given"]
+
 DEMO_EPOCHS = 12
 DEMO_LENGTH = 64
 DEMO_RECIPE = {"model.architecture": "modernbert", "model.learning_rate": 3e-3, "data.vocab_size": 4096,
                "data.mlm_probability": 0.3}  # as configs/default.yaml
 CORPUS_EPOCHS = 3
-FINETUNE_LEARNING_RATE = 5e-5
 GPU_LOG_EVERY = 50
-COMPILE_PAD_MULTIPLE = 64  # line-by-line lengths padded to 64, 128, ...: a handful of shapes to compile
-MAX_PRETRAINED_LENGTH = 512  # BERT's own; longer models cost quadratic attention for a default
+# what a model brings to its data (a pretrained model's tokenizer, length and learning rate; an architecture's
+# tokenizer kind) is not about the command line: model/pairing.py, for Python callers too
+PAIRED_HERE = ("model.learning_rate", "data.max_length", "data.pad_to_multiple_of")
 
 
 def was_given(given, key: str) -> bool:
@@ -61,15 +65,12 @@ def adjusted_defaults(cfg, given, model_positions=None, subcommand: str = "fit")
             changes["data.max_length"] = (length, "the offline demo")
     if demo:  # (every subcommand: validate/test/predict of a demo checkpoint need its vocabulary, its masking)
         changes.update({k: (v, "the offline demo") for k, v in DEMO_RECIPE.items() if not was_given(given, k)})
-    if pretrained:
-        if not was_given(given, "model.learning_rate"):
-            changes["model.learning_rate"] = (FINETUNE_LEARNING_RATE, "fine-tuning a pretrained model")
-        if not was_given(given, "data.max_length") and model_positions is not None:
-            positions = int(model_positions(pretrained))
-            changes["data.max_length"] = (min(positions, MAX_PRETRAINED_LENGTH), f"the model's {positions} positions")
-    line_by_line = cfg["data"].get("line_by_line")
-    if cfg["model"].get("compile") and line_by_line and not was_given(given, "data.pad_to_multiple_of"):
-        changes["data.pad_to_multiple_of"] = (COMPILE_PAD_MULTIPLE, "torch.compile: few distinct batch shapes")
+    model = {**dict(cfg["model"].items()), **{k.split(".", 1)[1]: v for k, (v, _) in changes.items()
+                                              if k.startswith("model.")}}
+    data = {**dict(cfg["data"].items()), **{k.split(".", 1)[1]: v for k, (v, _) in changes.items()
+                                            if k.startswith("data.")}}
+    paired = paired_options(model, data, lambda key: was_given(given, key), model_positions)
+    changes.update({k: v for k, v in paired.items() if k in PAIRED_HERE})
     if on_gpu(cfg["trainer"].get("accelerator")):
         # on a GPU every host sync stalls the device: log (and check the loss) every 50 steps, and feed it
         # from loader workers

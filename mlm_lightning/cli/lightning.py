@@ -22,14 +22,14 @@ from lightning.pytorch.loggers import CSVLogger
 from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, was_given
 from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data.corpus import redacted
-from mlm_lightning.data.tokenizer import tokenizer_length_limit
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.model import MLMModule
-from mlm_lightning.model.arch import FAMILIES, usable_positions
+from mlm_lightning.model.arch import usable_positions
 from mlm_lightning.model.checkpoint import check_checkpoint_path, check_model_dir, load_checkpoint, verified_checkpoint
+from mlm_lightning.model.pairing import default_length, paired_options
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
-from mlm_lightning.training.checkpointing import MLMCheckpoint, checkpoint_io
+from mlm_lightning.training.checkpointing import MLMCheckpoint
 from mlm_lightning.training.plot import metrics_files, plot_runs
 from mlm_lightning.training.progress import CompactModelSummary, RunReport, duration, progress_bar
 from mlm_lightning.training.setup import RunSetup
@@ -75,7 +75,7 @@ class MLMCLI(LightningCLI):
         self.given = None  # what the user set (command line or --config): _parse_ckpt_path names what it replaces
         try:
             self.given = parser.parse_args(plain, defaults=False)[sub]
-            changes = adjusted_defaults(self.config[sub], self.given, _default_positions, sub)
+            changes = adjusted_defaults(self.config[sub], self.given, default_length, sub)
         except ArgumentError:  # cannot tell what the user set: change nothing rather than override them
             log.warning("could not tell which options were set; no defaults adjusted (see --print_config)")
             changes = {}
@@ -148,12 +148,12 @@ class MLMCLI(LightningCLI):
         if model.model_name_or_path:  # before anything is tokenized or loaded
             own = data.tokenizer in (None, model.model_name_or_path)
             check_model_dir(model.model_name_or_path, "--model.model_name_or_path", tokenizer=own)
-        if data.tokenizer is None and model.model_name_or_path:
-            data.tokenizer = model.model_name_or_path
-        kind_given = was_given(self.given, "data.tokenizer_kind")
-        if not model.model_name_or_path and model.architecture in FAMILIES and not kind_given:  # (else MLMModule
-            # says what is wrong; a kind the user chose is theirs)
-            data.tokenizer_kind = FAMILIES[model.architecture].tokenizer  # a new model's tokenizer fits its family
+        # a pretrained model's own tokenizer, a new model's tokenizer kind (a kind or tokenizer the user chose is
+        # theirs; an unknown architecture is MLMModule's to refuse)
+        paired = paired_options(dict(model.items()), dict(data.items()), lambda key: was_given(self.given, key))
+        for key in ("data.tokenizer", "data.tokenizer_kind"):
+            if key in paired and (key != "data.tokenizer" or data.tokenizer is None):
+                data[key.split(".")[1]] = paired[key][0]
         _check_accelerator(trainer.accelerator, trainer.devices)
         if self.subcommand == "fit":  # (Lightning would train forever, and the LR schedule would have no end)
             check(
@@ -186,9 +186,7 @@ class MLMCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         # after the checkpoint callback (Lightning puts it last at init): GracefulStop asks it to save
         trainer.callbacks += [RunSetup(), ThroughputLogger(), RunReport(), GracefulStop()]
-        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
-            trainer.strategy.checkpoint_io = checkpoint_io(trainer, trainer.checkpoint_callback)
-        return trainer
+        return trainer  # (MLMCheckpoint.setup gives the strategy the atomic checkpoint IO)
 
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
@@ -264,7 +262,8 @@ class MLMCLI(LightningCLI):
 FIXED_ON_RESUME = ("model_name_or_path", "architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
                    "intermediate_size", "max_position_embeddings")
 # how to run, not what is trained: a resumed run takes the user's value
-KEPT_ON_RESUME = ("compile", "skip_nonfinite", "skip_nonfinite_limit", "sparse_head", "attn_implementation")
+KEPT_ON_RESUME = ("compile", "skip_nonfinite", "skip_nonfinite_limit", "sparse_head", "attn_implementation",
+                  "fused_optimizer")
 
 
 def _same(a, b) -> bool:
@@ -281,14 +280,6 @@ def last_checkpoint(dirpath: str) -> str | None:
         return None
     paths = [os.path.join(dirpath, n) for n in names]
     return max(paths, key=os.path.getmtime) if paths else None
-
-
-def _default_positions(name_or_path: str) -> int:
-    """The positions a pretrained model's examples may use by default: its position embeddings', or fewer where its
-    tokenizer says it was trained on shorter examples (an export of a model trained from scratch)."""
-    positions = usable_positions(name_or_path)
-    limit = tokenizer_length_limit(name_or_path)
-    return min(positions, limit) if limit else positions
 
 
 def _check_accelerator(accelerator, devices) -> None:

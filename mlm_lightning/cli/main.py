@@ -23,6 +23,7 @@ import sys
 import traceback
 import warnings
 
+from mlm_lightning.arguments import use_cli_terms
 from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, check, os_error
 
 log = logging.getLogger("mlm_lightning")
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     _quiet_logging()
+    use_cli_terms(True)
     previous = {s: signal.signal(s, _early_signal_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if not argv or argv[0] in ("-h", "--help"):
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         _leave_process_group(code)
         sys.exit(code)
     finally:
+        use_cli_terms(False)
         for s, handler in previous.items():
             signal.signal(s, handler)
 

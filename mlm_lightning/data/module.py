@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, option
 from mlm_lightning.data import corpus, mixture
 from mlm_lightning.data.cache import CACHE_VERSION, TokenStream, build_cache, default_cache_dir
 from mlm_lightning.data.distributed import together
@@ -83,7 +85,18 @@ class MLMDataset(Dataset):
 
 
 
-class MLMDataModule(L.LightningDataModule):
+class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
+    """Text for masked-language modeling: files, dirs, globs or URLs (txt, jsonl, csv, parquet; compressed too),
+    a weighted mixture, or the offline default corpus; tokenized once into a memory-mapped cache, masked afresh
+    every epoch. Used with `MLMModule`, it takes what the model brings (a pretrained model's own tokenizer and
+    length, a new model's tokenizer kind) for the options it was not given.
+
+    Example::
+
+        data = MLMDataModule(train_files=["notes/*.txt"], line_by_line=True, max_length=128)
+        lightning.Trainer(max_epochs=3).fit(MLMModule(model_name_or_path="bert-base-uncased"), datamodule=data)
+    """
+
     def __init__(
         self,
         train_files: str | list[str | dict] | None = None,
@@ -109,6 +122,7 @@ class MLMDataModule(L.LightningDataModule):
         tokenizer_sample_mb: float = 100.0,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        pin_memory: bool | Literal["auto"] = "auto",
         seed: int = 42,
         predict_files: str | list[str] | None = None,
         storage_options: dict | None = None,
@@ -157,6 +171,8 @@ class MLMDataModule(L.LightningDataModule):
             cache_dir: Where tokenizers and tokenized corpora are cached (default ~/.cache/mlm-lightning or
                 $MLM_LIGHTNING_CACHE).
             num_workers: DataLoader worker processes.
+            pin_memory: Batches in page-locked memory, so the copy to the GPU runs asynchronously: auto (when training
+                on a CUDA device), true or false.
             seed: Seed of the validation split, the data order and the masks.
             predict_files: Sentences with [MASK] for the `predict` subcommand (one per line).
             storage_options: fsspec options for URL corpora, e.g. `{"endpoint_url": ...}` (an S3-compatible store),
@@ -165,6 +181,7 @@ class MLMDataModule(L.LightningDataModule):
                 runs out starting a new seeded pass. Unset: an epoch ends when the first source runs out.
         """
         super().__init__()
+        check_arguments("MLMDataModule", MLMDataModule.__init__, locals())
         self.save_hyperparameters(ignore=["storage_options"])
         self.hparams["storage_options"] = corpus.redacted(storage_options)  # (hparams go into every checkpoint)
         check(
@@ -178,9 +195,10 @@ class MLMDataModule(L.LightningDataModule):
         check(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
         check(
             val_files is not None or val_fraction > 0,
-            "no validation data: set --data.val_fraction above 0 or pass --data.val_files",
+            f"no validation data: set {option('data.val_fraction')} above 0 or pass {option('data.val_files')}",
         )
         check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
+        check(pin_memory in (True, False, "auto"), f"pin_memory must be auto, true or false, got {pin_memory!r}")
         check(pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         check_masking(masking, mlm_probability, mean_span_length)  # (mlm_probability too)
         check(val_max_lines >= 1, f"val_max_lines must be at least 1, got {val_max_lines}")
@@ -274,7 +292,16 @@ class MLMDataModule(L.LightningDataModule):
         )
         return os.path.join(self.cache_dir, "data", key)
 
+    def _pair_with_model(self) -> None:
+        """What the model brings (its tokenizer, length, tokenizer kind) for options this module was not given,
+        asked of the Trainer's module before any tokenizer is trained or loaded (`MLMModule.pair_data`; the data
+        path never imports the model)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if callable(getattr(module, "pair_data", None)):
+            module.pair_data(self)
+
     def prepare_data(self) -> None:
+        self._pair_with_model()
         if self.trainer is not None and self.trainer.world_size > 1:
             return  # several processes: setup() agrees on one vocabulary first (see _setup_distributed)
         self.load_tokenizer(train_if_missing=True)
@@ -298,6 +325,7 @@ class MLMDataModule(L.LightningDataModule):
             log.info("tokenized %d train / %d val tokens into %s", meta["train_tokens"], meta["val_tokens"], directory)
 
     def setup(self, stage: str | None = None) -> None:
+        self._pair_with_model()  # (processes that ran no prepare_data)
         distributed = self.trainer is not None and self.trainer.world_size > 1
         if stage == "predict":
             if distributed:
@@ -374,7 +402,8 @@ class MLMDataModule(L.LightningDataModule):
         return tokenizer
 
     def _setup_predict(self) -> None:
-        check(self.predict_paths is not None, "predict needs input: pass --data.predict_files FILE ([MASK] sentences)")
+        check(self.predict_paths is not None,
+              f"predict needs input: pass {option('data.predict_files', 'FILE')} (a file of [MASK] sentences)")
         mask = self.load_tokenizer().mask_token
         self.predict_lines = []
         for path in self.predict_paths:
@@ -395,7 +424,7 @@ class MLMDataModule(L.LightningDataModule):
             check(
                 len(part) >= world or train,
                 f"the {split} split has {len(part)} examples, fewer than the {world} processes;"
-                " add validation text (--data.val_fraction or --data.val_files)",
+                f" add validation text ({option('data.val_fraction')} or {option('data.val_files')})",
             )
 
         def batch_plan(lengths, seed, replicas, replica):
@@ -427,8 +456,15 @@ class MLMDataModule(L.LightningDataModule):
         return ResumableDataLoader(
             ds, plan, progress=progress, collate_fn=self.collator, num_workers=h.num_workers,
             generator=torch.Generator().manual_seed(h.seed), persistent_workers=h.num_workers > 0,
-            pin_memory=bool(trainer and trainer.strategy.root_device.type == "cuda"),
+            pin_memory=self.pins_memory(),
         )
+
+    def pins_memory(self) -> bool:
+        """`pin_memory` resolved: auto pins when the trainer runs on a CUDA device."""
+        choice = self.hparams.get("pin_memory", "auto")
+        if choice == "auto":
+            return bool(self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+        return bool(choice)
 
     def train_dataloader(self):
         self._train_loader = self._loader("train", train=True)

@@ -23,10 +23,12 @@ renamed, so a cache directory that exists is always complete.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -97,6 +99,35 @@ def _encode_job(train: list[str], val: list[str]):
         to_arrays(encode_batch(backend, texts, fast=table is not None), _JOB["sep_id"], _JOB["dtype"], table)
         for texts in (train, val)
     )
+
+
+@contextlib.contextmanager
+def main_module_hidden(hide: bool = True):
+    """While tokenizing workers start: the user's `__main__` is not re-run in them.
+
+    A spawned process imports the parent's `__main__` module (by path, or by name under `python -m`) before it
+    unpickles its work; a script without an `if __name__ == "__main__":` guard would then run its whole fit again in
+    every worker, which spawns workers in turn (the pool never starts: the fit hangs). The workers need nothing
+    from `__main__` (their job is this module's `_encode_job`), so multiprocessing is shown a `__main__` with no
+    path and no spec, as in an interactive session or a notebook, for as long as the pool may start processes.
+    https://docs.python.org/3/library/multiprocessing.html#the-spawn-and-forkserver-start-methods
+    """
+    main = sys.modules.get("__main__")
+    if not hide or main is None:
+        yield
+        return
+    missing = object()
+    saved = {k: main.__dict__.get(k, missing) for k in ("__file__", "__spec__")}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is missing:
+                main.__dict__.pop(key, None)
+            else:
+                main.__dict__[key] = value
 
 
 def _pool(tokenizer, workers: int):
@@ -229,45 +260,46 @@ def tokenize_phase(
     cap = val_max_lines if val_max_lines is not None else 2**62
 
     shard: _ShardWriter | None = None
-    pool = _pool(tokenizer, workers)
-    pending: collections.deque = collections.deque()  # (future, val lines so far), in corpus order
-    try:
-        for batch in itertools.chain(_batches(texts), [None]):
-            if batch is not None:
-                if val_fraction >= 1.0:
-                    is_val = np.ones(len(batch), dtype=bool)
-                else:
-                    is_val = val_lines(seed, line, len(batch), val_fraction)
-                    over = np.flatnonzero(is_val)[max(0, cap - n_val):]
-                    is_val[over] = False  # the cap is reached: the rest of the corpus trains
-                line += len(batch)
-                n_val += int(is_val.sum())
-                train = [t for t, v in zip(batch, is_val, strict=True) if not v]
-                val = [t for t, v in zip(batch, is_val, strict=True) if v] if is_val.any() else []
-                future = pool.submit(_encode_job, train, val)  # encoded while the next batches are read
-                pending.append((future, n_val, len(batch), sum(map(len, batch))))
-            # bounded memory: at most two batches per worker in flight
-            while pending and (len(pending) > 2 * max(1, workers) or batch is None):
-                future, val_so_far, n_lines, chars = pending.popleft()
-                train_arrays, val_arrays = future.result()
-                if shard is None:
-                    shard = _ShardWriter(partial, f"{phase}-{len(done):05d}")
-                shard.add("train", *train_arrays)
-                shard.add("val", *val_arrays)
-                shard.input_lines += n_lines
-                shard.chars += chars
-                if on_batch is not None:
-                    on_batch()
-                if shard.chars >= shard_chars or (batch is None and not pending):
-                    shard.finish({"val_so_far": val_so_far})
-                    done.append({})
-                    shard = None
-    except BaseException:
-        if shard is not None:
-            shard.abort()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+    with main_module_hidden(workers > 1):
+        pool = _pool(tokenizer, workers)
+        pending: collections.deque = collections.deque()  # (future, val lines so far), in corpus order
+        try:
+            for batch in itertools.chain(_batches(texts), [None]):
+                if batch is not None:
+                    if val_fraction >= 1.0:
+                        is_val = np.ones(len(batch), dtype=bool)
+                    else:
+                        is_val = val_lines(seed, line, len(batch), val_fraction)
+                        over = np.flatnonzero(is_val)[max(0, cap - n_val):]
+                        is_val[over] = False  # the cap is reached: the rest of the corpus trains
+                    line += len(batch)
+                    n_val += int(is_val.sum())
+                    train = [t for t, v in zip(batch, is_val, strict=True) if not v]
+                    val = [t for t, v in zip(batch, is_val, strict=True) if v] if is_val.any() else []
+                    future = pool.submit(_encode_job, train, val)  # encoded while the next batches are read
+                    pending.append((future, n_val, len(batch), sum(map(len, batch))))
+                # bounded memory: at most two batches per worker in flight
+                while pending and (len(pending) > 2 * max(1, workers) or batch is None):
+                    future, val_so_far, n_lines, chars = pending.popleft()
+                    train_arrays, val_arrays = future.result()
+                    if shard is None:
+                        shard = _ShardWriter(partial, f"{phase}-{len(done):05d}")
+                    shard.add("train", *train_arrays)
+                    shard.add("val", *val_arrays)
+                    shard.input_lines += n_lines
+                    shard.chars += chars
+                    if on_batch is not None:
+                        on_batch()
+                    if shard.chars >= shard_chars or (batch is None and not pending):
+                        shard.finish({"val_so_far": val_so_far})
+                        done.append({})
+                        shard = None
+        except BaseException:
+            if shard is not None:
+                shard.abort()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
 
 def join_shards(partial: str, phases: list[str], out_dir: str, vocab_size: int) -> dict:

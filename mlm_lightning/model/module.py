@@ -9,6 +9,7 @@ of positions that carry no label. The weights stay a plain transformers `*ForMas
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import warnings
@@ -22,9 +23,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, option
 from mlm_lightning.data.tokenizer import tokenizer_files
 from mlm_lightning.errors import NonFiniteLossError, check
-from mlm_lightning.model import arch, checkpoint
+from mlm_lightning.model import arch, checkpoint, pairing
 from mlm_lightning.model.fill_mask import FillMasker
 from mlm_lightning.training.schedules import check_schedule, run_schedule
 
@@ -34,7 +36,28 @@ log = logging.getLogger("mlm_lightning")
 warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 
-class MLMModule(L.LightningModule):
+class MLMModule(RecordsGivenArguments, L.LightningModule):
+    """A masked-language model (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, ModernBERT; pretrained: also XLM-R and
+    CamemBERT) trained with Lightning; the weights stay a plain transformers `*ForMaskedLM` (`module.model`).
+
+    Example::
+
+        import lightning as L
+        from mlm_lightning import MLMDataModule, MLMModule
+
+        if __name__ == "__main__":
+            data = MLMDataModule(train_files="corpus.txt")      # a vocabulary is trained on the corpus
+            model = MLMModule(architecture="bert")             # or MLMModule(model_name_or_path="bert-base-uncased")
+            L.Trainer(max_steps=1000).fit(model, datamodule=data)
+            model.fill_mask("the cat sat on the [MASK] .")     # the fill-mask pipeline's dicts
+            model.export("runs/export")                         # a Hugging Face model dir
+            model = MLMModule.load("runs/checkpoints/last.ckpt")  # or an export dir
+
+    With a plain `Trainer` the module brings its callbacks (`configure_callbacks`): Ctrl-C or SIGTERM saves
+    `<default_root_dir>/checkpoints/last.ckpt` and stops cleanly, the best and the last checkpoints are kept, and a
+    start and an end line are logged. `MLMModule(..., callbacks=False)` leaves the Trainer's own.
+    """
+
     def __init__(
         self,
         model_name_or_path: str | None = None,
@@ -56,12 +79,14 @@ class MLMModule(L.LightningModule):
         eps: float = 1e-6,
         sparse_head: bool = True,
         compile: bool = False,
+        fused_optimizer: bool | Literal["auto"] = "auto",
         attn_implementation: str = "auto",
         skip_nonfinite: bool = False,
         skip_nonfinite_limit: int = 20,
         top_k: int = 5,
         joint: bool = False,
         targets: list[str] | None = None,
+        callbacks: bool = True,
     ):
         """A masked-language model: BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ALBERT, ELECTRA or ModernBERT.
 
@@ -93,6 +118,8 @@ class MLMModule(L.LightningModule):
             eps: AdamW epsilon.
             sparse_head: Run the MLM head and loss only at masked positions (same loss, less compute).
             compile: `torch.compile` the encoder.
+            fused_optimizer: AdamW's fused kernel (one kernel for all parameters): auto (on CUDA devices), true
+                (any device torch has it for, CPUs too) or false.
             attn_implementation: auto (ModernBERT: flash_attention_2 where flash-attn and a CUDA GPU are there,
                 its attention then skips padding; every other family and no flash-attn: sdpa), sdpa, eager, or
                 flash_attention_2 (pip install 'mlm-lightning[flash]').
@@ -103,18 +130,22 @@ class MLMModule(L.LightningModule):
             joint: predict: fill several masks left to right, feeding each choice back.
             targets: predict: score only these words (as transformers' fill-mask pipeline: a word that is not
                 one token is scored by its first token).
+            callbacks: Bring the project's callbacks to a Trainer that lacks them (`configure_callbacks`).
         """
         super().__init__()
         # prediction options are not saved: LightningCLI re-applies a checkpoint's hyperparameters over the
         # command line, which would make `predict --ckpt_path X --model.top_k 2` ignore the 2
-        self.save_hyperparameters(ignore=["top_k", "joint", "targets"])
-        self.top_k, self.joint, self.targets = top_k, joint, targets
+        check_arguments("MLMModule", MLMModule.__init__, locals())
+        self.save_hyperparameters(ignore=["top_k", "joint", "targets", "callbacks"])
+        self.top_k, self.joint, self.targets, self.brings_callbacks = top_k, joint, targets, callbacks
         check(learning_rate > 0, f"learning_rate must be positive, got {learning_rate}")
         check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
         check(head_learning_rate > 0, f"head_learning_rate must be positive, got {head_learning_rate}")
         check(model_name_or_path or architecture in arch.SCRATCH,
               f"architecture must be one of {', '.join(arch.SCRATCH)}, got {architecture!r}")
         arch.check_attention(attn_implementation)
+        check(fused_optimizer in (True, False, "auto"),
+              f"fused_optimizer must be auto, true or false, got {fused_optimizer!r}")
         check_schedule(schedule, decay_share, min_lr_ratio)
         self.model = None
         self.new_parameters: list[str] = []  # pretrained weights that were missing: they train at head_learning_rate
@@ -124,6 +155,10 @@ class MLMModule(L.LightningModule):
         self._first_bad: torch.Tensor | None = None  # see training_step
         self._window_bad: torch.Tensor | None = None  # skip_nonfinite: 1.0 if this step is to be skipped
         self._skips: torch.Tensor | None = None  # skip_nonfinite: counts on the device (see on_before_optimizer_step)
+        self._window_tokens = 0  # masked tokens of this optimizer step's micro-batches so far (a Python int)
+        self._window_loss: torch.Tensor | None = None  # their summed loss, on the device
+        self._unit: float | None = None  # see _loss_unit
+        self.fused = False  # what configure_optimizers chose (the start line names it)
 
     # -- building ---------------------------------------------------------------------------------------
     def _half_on_cuda(self) -> bool:
@@ -135,12 +170,18 @@ class MLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is not None:
+            self._add_metrics()
             return
-        if self.tokenizer is None and self._trainer is not None and self.trainer.datamodule is not None:
-            self.tokenizer = self.trainer.datamodule.load_tokenizer()
-        check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule or set .tokenizer")
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if self.tokenizer is None and data is not None:
+            self.tokenizer = data.load_tokenizer()
+        check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule, set .tokenizer,"
+              " or load a checkpoint or model dir with MLMModule.load(path)")
         # from_pretrained() returns eval mode and Lightning keeps module modes: train (dropout on) explicitly
         model, self.new_parameters = arch.build(self.hparams, self.tokenizer, self._half_on_cuda())
+        if self.hparams.model_name_or_path:
+            source = getattr(getattr(data, "hparams", None), "get", lambda *_: None)("tokenizer")
+            pairing.check_tokenizer_fits(self.tokenizer, model.config, self.hparams.model_name_or_path, source)
         self.model = model.train()
         if self.new_parameters:
             shown = ", ".join(self.new_parameters[:8]) + (", ..." if len(self.new_parameters) > 8 else "")
@@ -149,11 +190,35 @@ class MLMModule(L.LightningModule):
         if not self.hparams.model_name_or_path and self._trainer is not None and self.trainer.datamodule is not None:
             # a new model only ever saw max_length positions: exported tokenizers truncate there
             self.tokenizer.model_max_length = self.trainer.datamodule.hparams.max_length
-        vocab = self.model.config.vocab_size
-        self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100)
-        self.val_ppl = Perplexity(ignore_index=-100)
+        self._add_metrics()
         if self.hparams.compile:
             arch.compile_encoder(self.model)
+
+    def _add_metrics(self) -> None:
+        if not hasattr(self, "val_acc"):
+            vocab = self.model.config.vocab_size
+            self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100)
+            self.val_ppl = Perplexity(ignore_index=-100)
+
+    def pair_data(self, data) -> None:
+        """Apply what this model brings to `data`, an `MLMDataModule` (`model/pairing.py`: a pretrained model's own
+        tokenizer, length and fine-tuning learning rate; a new model's tokenizer kind) to the options neither
+        constructor call was given. `MLMDataModule` asks for it before it trains or loads a tokenizer."""
+        if getattr(data, "_paired", False) or not hasattr(data, "given_arguments"):
+            return
+        data._paired = True
+
+        def given(key: str) -> bool:
+            group, _, name = key.partition(".")
+            return name in (self.given_arguments if group == "model" else data.given_arguments)
+
+        changes = pairing.paired_options(dict(self.hparams), dict(data.hparams), given, pairing.default_length)
+        for key, (value, _) in changes.items():
+            group, _, name = key.partition(".")
+            (self.hparams if group == "model" else data.hparams)[name] = value
+        if changes and (self._trainer is None or self.trainer.is_global_zero):
+            log.info("from the model: %s; pass them to change them", ", ".join(
+                f"{option(k, v)} ({why})" for k, (v, why) in changes.items()))
 
     # -- steps ------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,14 +230,17 @@ class MLMModule(L.LightningModule):
         return arch.head(self.model, hidden).flatten(0, 1), batch["labels"].flatten()
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+        """Validation/test: the mean loss over this batch's masked tokens. Training: their summed loss (see
+        `training_step`)."""
         logits, labels = self(batch)
         n_masked = batch["masked_positions"].numel()  # a shape: no host sync
+        train = stage == "train"
         if n_masked == 0:
             # nothing was masked (each token is drawn independently, or all are [UNK]/special): the mean
             # over no tokens would be NaN. A zero that still depends on the logits keeps every parameter
             # in the graph (zero gradients), so DDP's reducer and gradient accumulation stay in step.
             loss = logits.sum() * 0.0
-            if stage != "train":
+            if not train:
                 # batch_size 0 leaves the epoch mean untouched; logging anyway keeps the same keys on
                 # every rank for sync_dist. The accuracy/perplexity metrics are logged (every process must
                 # reach their synced epoch-end compute) but not updated.
@@ -180,20 +248,29 @@ class MLMModule(L.LightningModule):
                 self.log(f"{stage}/acc", self.val_acc, batch_size=1)
                 self.log(f"{stage}/ppl", self.val_ppl, batch_size=1, prog_bar=True)
             return loss
+        if train:
+            return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
         loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
-        # not in Lightning's bar in training: it would read the loss off the device every step (the bar shows it
-        # from log steps, see progress.py)
-        train = stage == "train"
-        self.log(f"{stage}/loss", loss, batch_size=n_masked, prog_bar=not train, sync_dist=not train)
-        if stage != "train":
-            self.val_acc(logits, labels)
-            self.val_ppl(logits.float().unsqueeze(0), labels.unsqueeze(0))
-            self.log(f"{stage}/acc", self.val_acc, batch_size=n_masked)
-            self.log(f"{stage}/ppl", self.val_ppl, batch_size=n_masked, prog_bar=True)
+        self.log(f"{stage}/loss", loss, batch_size=n_masked, prog_bar=True, sync_dist=True)
+        self.val_acc(logits, labels)
+        self.val_ppl(logits.float().unsqueeze(0), labels.unsqueeze(0))
+        self.log(f"{stage}/acc", self.val_acc, batch_size=n_masked)
+        self.log(f"{stage}/ppl", self.val_ppl, batch_size=n_masked, prog_bar=True)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int):
-        loss = self._shared_step(batch, "train")
+        # Token-weighted over the whole optimizer step: each micro-batch returns its *summed* loss over a constant
+        # (`_loss_unit`), and `on_before_optimizer_step` rescales the accumulated gradients by the masked tokens of
+        # every micro-batch of the step on every process. A per-micro-batch mean would give each micro-batch the
+        # same weight however many tokens it masked (Lightning's accumulation and DDP average the micro-batches'
+        # losses), so the gradient would depend on how a batch is split across steps and processes (the bug
+        # transformers fixed with `num_items_in_batch`, huggingface/transformers#34191).
+        summed = self._shared_step(batch, "train")
+        n_masked = batch["masked_positions"].numel()  # a shape: no host sync
+        self._window_tokens += n_masked
+        detached = summed.detach().float()
+        self._window_loss = detached if self._window_loss is None else self._window_loss + detached
+        loss = summed / self._loss_unit() if self._token_weighted() else summed / max(1, n_masked)
         # Nothing here waits for the device between log steps (on a GPU each wait drains its queue): a NaN/inf
         # loss is recorded on the device and read, by all processes together, at log steps and before a
         # checkpoint (one process raising alone would leave the others waiting in the gradient all-reduce)
@@ -213,6 +290,54 @@ class MLMModule(L.LightningModule):
             self.check_finite()
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
+
+    def _token_weighted(self) -> bool:
+        """Token weighting rescales `.grad` before the step; DeepSpeed's engine keeps gradients of its own (each
+        micro-batch then weighs its own mean, as Lightning and DeepSpeed do by default)."""
+        return not (self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy))
+
+    def _loss_unit(self) -> float:
+        """What each micro-batch's summed loss is divided by before backward: a constant, the same on every process
+        (DDP averages gradients before `on_before_optimizer_step` could weigh them per process), of the size of a
+        batch's masked-token count, so fp16 loss scaling sees gradients of the usual size. Exactness does not
+        depend on it: the step's gradients are rescaled by the real count."""
+        if self._unit is None:
+            data = self.trainer.datamodule if self._trainer is not None else None
+            h = getattr(data, "hparams", {})
+            try:
+                tokens = h.get("max_tokens") or h["batch_size"] * h["max_length"]
+                self._unit = max(1.0, float(tokens) * float(h.get("mlm_probability", 0.15)))
+            except (KeyError, TypeError, ValueError, AttributeError):  # a data module of the user's own
+                self._unit = 1.0
+        return self._unit
+
+    def _weigh_by_tokens(self, optimizer) -> None:
+        """Rescale the step's accumulated gradients to the gradient of the mean loss over all masked tokens of the
+        step (all micro-batches, all processes), and log that mean as `train/loss`.
+
+        Each micro-batch returned sum_i / unit; Lightning divided that by `accumulate_grad_batches` (K) and DDP/FSDP
+        averaged over the W processes, so `.grad` = sum over micro-batches and processes of grad(sum_i) / (unit K W).
+        Times unit K W / N (N: masked tokens of the step, all processes) gives the token-weighted mean. One
+        all-reduce of the (count, loss sum) pair per step on many processes (no host sync); on one process N is a
+        Python int already."""
+        tokens, self._window_tokens = self._window_tokens, 0
+        loss_sum, self._window_loss = self._window_loss, None
+        if loss_sum is None:
+            return
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            pair = torch.stack([loss_sum.new_tensor(float(tokens)), loss_sum])
+            count, loss_sum = self.trainer.strategy.reduce(pair, reduce_op="sum")
+            count = count.clamp(min=1.0)
+        else:
+            count = float(max(1, tokens))
+        self.log("train/loss", loss_sum / count, batch_size=1)
+        if not self._token_weighted():
+            return
+        factor = self._loss_unit() * self.trainer.accumulate_grad_batches * world / count
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)  # a device tensor or a float: no host sync either way
 
     def check_finite(self, weights: bool = False) -> None:
         """Raise `NonFiniteLossError` on every process if a loss on any process was NaN/inf (a collective), or, with
@@ -237,8 +362,8 @@ class MLMModule(L.LightningModule):
         step, value = first.tolist()
         if step > 0:
             raise NonFiniteLossError(
-                f"the loss became {value} at step {int(step)}; lower --model.learning_rate, check the data,"
-                " or pass --model.skip_nonfinite true to skip such steps"
+                f"the loss became {value} at step {int(step)}; lower {option('model.learning_rate')}, check the data,"
+                f" or pass {option('model.skip_nonfinite', True)} to skip such steps"
             )
 
     def _check_skipped(self) -> None:
@@ -270,6 +395,8 @@ class MLMModule(L.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # (before Lightning clips: clipping sees the token-weighted gradient)
+        self._weigh_by_tokens(optimizer)
         if self._window_bad is None:
             return
         flag, self._window_bad = self._window_bad, None  # 1.0 if a loss of this step was NaN/inf on any process
@@ -294,6 +421,9 @@ class MLMModule(L.LightningModule):
         if gradient_clip_val and by_norm and isinstance(strategy, FSDPStrategy):
             # the norm over all shards: only the FSDP root can compute it (Lightning's FSDP precision refuses it)
             strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False):
+            clip_unscaling_optimizer(optimizer, self.trainer.precision_plugin, gradient_clip_val, by_norm)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -342,8 +472,10 @@ class MLMModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         groups = arch.param_groups(self.model, h.weight_decay, self.new_parameters, h.head_learning_rate)
-        fused = self.device.type == "cuda" or None
-        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
+        choice = h.get("fused_optimizer", "auto")  # (a checkpoint of an older version has no such option)
+        self.fused = self.device.type == "cuda" if choice == "auto" else bool(choice)
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps,
+                                      fused=self.fused or None)
         scheduler = run_schedule(optimizer, self.trainer, h.schedule, h.warmup_steps, h.decay_share, h.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -352,6 +484,91 @@ class MLMModule(L.LightningModule):
         # seed as given, so a single-process run is unchanged
         if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
             torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+    # -- any Trainer gets the project's safety ---------------------------------------------------------------------
+    def configure_callbacks(self):
+        """What the command line gives every fit, for a plain `lightning.Trainer` too: the graceful stop (Ctrl-C, a
+        notebook's interrupt or SIGTERM save `last.ckpt` within seconds and `fit` returns), the checkpoint policy
+        (the best by val/loss and the last, in `<default_root_dir>/checkpoints`, written atomically), the start and
+        end lines, throughput logging, and the setup many processes need. Only what the Trainer lacks is added: a
+        checkpoint callback of the user's own is kept (Lightning's default one is replaced), and so is every
+        callback the CLI configured. Off: `MLMModule(..., callbacks=False)`."""
+        import os
+
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        from mlm_lightning.training.callbacks import ThroughputLogger
+        from mlm_lightning.training.checkpointing import MLMCheckpoint
+        from mlm_lightning.training.progress import RunReport
+        from mlm_lightning.training.setup import RunSetup
+        from mlm_lightning.training.stopping import GracefulStop
+
+        if not self.brings_callbacks or self._trainer is None:
+            return []
+        show_info_lines()
+        present = self.trainer.callbacks
+        wanted = [RunSetup(), ThroughputLogger(), RunReport(log_summary=True)]
+        checkpoint_cb = self.trainer.checkpoint_callback
+        if checkpoint_cb is not None and type(checkpoint_cb) is ModelCheckpoint and checkpoint_cb.dirpath is None \
+                and checkpoint_cb.monitor is None:  # Lightning's default: replaced (MLMCheckpoint is a subclass)
+            wanted.append(MLMCheckpoint(dirpath=os.path.join(self.trainer.default_root_dir, "checkpoints")))
+        wanted.append(GracefulStop(stop_quietly=True))  # (after the checkpoint callback: it asks it to save)
+        return [c for c in wanted if not any(isinstance(p, type(c)) for p in present)]
+
+    # -- using a trained model ------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, **kwargs) -> MLMModule:
+        """A trained model from a `.ckpt` written by a fit (`MLMModule.load_from_checkpoint`), a sharded checkpoint
+        directory, an export or any Hugging Face model dir or hub id: ready to `fill_mask`, `export`, validate, or
+        train on (a checkpoint keeps its options; `kwargs` replace them)."""
+        import os
+
+        if os.path.isfile(path):
+            return cls.load_from_checkpoint(path, **kwargs)
+        net, tokenizer = checkpoint.load_model(path, "MLMModule.load(path)")
+        module = cls(model_name_or_path=path, **kwargs)
+        module.model, module.tokenizer = net.train(), tokenizer
+        module._add_metrics()
+        return module
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """The module of a `.ckpt` written by a fit, with its tokenizer (the checkpoint carries it) and its options
+        (`kwargs` replace them). Read as data (`weights_only=True`), checked as the command line checks it."""
+        path = str(checkpoint_path)
+        net, tokenizer = checkpoint.load_checkpoint(path, "checkpoint_path")
+        saved = checkpoint.verified_checkpoint(path, "checkpoint_path").get("hyper_parameters") or {}
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        module = cls(**{**{k: v for k, v in saved.items() if k in known}, **kwargs})
+        module.model, module.tokenizer = net.train(), tokenizer
+        module._add_metrics()
+        return module
+
+    def fill_mask(self, texts: str | list[str], top_k: int = 5, targets: str | list[str] | None = None,
+                  joint: bool = False, batch_size: int = 64):
+        """Fill the masks of one sentence or a list, as transformers' fill-mask pipeline answers: per sentence, a
+        list of candidates (`score`, `token`, `token_str`, `sequence`), or one such list per mask where a sentence
+        has several. `targets`: score only these words; `joint`: fill several masks left to right."""
+        check(self.model is not None and self.tokenizer is not None,
+              "fill_mask needs a trained model: train it first, or MLMModule.load(path)")
+        single = isinstance(texts, str)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            masker = FillMasker(self.model, self.tokenizer, self.device, top_k, batch_size)
+            results = masker([texts] if single else list(texts), joint=joint, targets=targets)
+        finally:
+            self.model.train(was_training)
+        answers = [r["predictions"][0] if len(r["predictions"]) == 1 else r["predictions"] for r in results]
+        return answers[0] if single else answers
+
+    def export(self, export_dir: str) -> str:
+        """Write the model and its tokenizer as a Hugging Face directory (what `transformers.pipeline` and
+        `MLMModule.load` read); an earlier export there is replaced, anything else in the way refused."""
+        from mlm_lightning.export import save_hf
+
+        check(self.model is not None and self.tokenizer is not None, "nothing to export: train or load a model first")
+        return save_hf(self.model, self.tokenizer, export_dir)
 
     # -- checkpoints carry the architecture and tokenizer and each process's RNG state (`checkpoint.py`) --------
     def _rng_state(self) -> dict:
@@ -380,7 +597,7 @@ class MLMModule(L.LightningModule):
                 _vocab(saved) == _vocab(self.tokenizer.backend_tokenizer.to_str()),
                 "the checkpoint was trained with another tokenizer than this data module's (a WordPiece"
                 " vocabulary is trained once per corpus and cached: another cache or corpus gives another);"
-                " export the checkpoint (mlm-lightning export) and pass --data.tokenizer EXPORT_DIR",
+                f" export the checkpoint (mlm-lightning export) and pass {option('data.tokenizer', 'EXPORT_DIR')}",
             )
         if self._trainer is None or self.trainer.state.fn != "fit":
             return
@@ -396,6 +613,39 @@ class MLMModule(L.LightningModule):
         torch.set_rng_state(state["torch"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+def clip_unscaling_optimizer(optimizer, precision_plugin, clip_val: float, by_norm: bool) -> None:
+    """Clip the gradients of an optimizer that unscales inside its own step (fused AdamW), which Lightning's
+    mixed-precision plugin refuses to clip in 2.6 (`MixedPrecision.clip_gradients` raises for any such optimizer,
+    under bf16-mixed too, where there is no scaler: Lightning-AI/pytorch-lightning#21435).
+
+    - bf16-mixed, 32-true: no scaler, the gradients are as they are: clip them directly.
+    - 16-mixed: unscale first through the scaler (`GradScaler.unscale_`), then clip. The scaler records the
+      optimizer as unscaled, so its `step` passes no `grad_scale` to the fused kernel (nothing is unscaled twice)
+      and still hands it `found_inf`, so a step with inf/NaN gradients is skipped on the device as before.
+    """
+    scaler = getattr(precision_plugin, "scaler", None)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if by_norm:
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
+    else:
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+
+
+def show_info_lines() -> None:
+    """The project's info lines (the start and end lines, where checkpoints went) reach a Python user who configured
+    no logging: a stderr handler on the project's own logger, only when neither it nor the root logger has one
+    (the root logger is never touched; a configured one gets our records as usual)."""
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("mlm-lightning: %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
 
 
 def _vocab(tokenizer_json: str) -> dict:

@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from datetime import timedelta
+from typing import Literal
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -96,7 +97,7 @@ class MLMCheckpoint(ModelCheckpoint):
         every_n_epochs: int | None = None,
         train_time_interval: timedelta | None = None,
         save_on_interrupt: bool = True,
-        async_save: bool | None = None,
+        async_save: bool | Literal["auto"] = "auto",
     ):
         """Args:
         dirpath: Where checkpoints go. Unset: `<trainer.default_root_dir>/checkpoints`.
@@ -111,8 +112,8 @@ class MLMCheckpoint(ModelCheckpoint):
         train_time_interval: Also refresh `last.ckpt` so often in wall time.
         save_on_interrupt: On SIGINT/SIGTERM, write `last.ckpt` within seconds and stop (see `stopping.py`).
         async_save: Write checkpoints in a background thread (training goes on while a file is written; the
-            state saved is that of its step). Default: on GPUs. FSDP's sharded and DeepSpeed's checkpoints are
-            written by the strategy itself, always in the foreground.
+            state saved is that of its step). FSDP's sharded and DeepSpeed's checkpoints are
+            written by the strategy itself, always in the foreground. auto: on CUDA GPUs; true: on any device.
         """
         # Lightning's own step/time triggers would also rank top-k checkpoints at training steps, scored with
         # the *previous* validation's metric: here they only refresh last.ckpt, and top-k follows validations
@@ -128,6 +129,13 @@ class MLMCheckpoint(ModelCheckpoint):
         self._last_time = time.monotonic()
         self._mid_validation = False
         self._due: int | None = None  # a save due at this step waits for the validation that follows it
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # atomic writes (in a background thread as `async_save` says) for any Trainer; a checkpoint IO of the
+        # strategy's own (FSDP's sharded, DeepSpeed's) or of the user's is kept
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            trainer.strategy.checkpoint_io = checkpoint_io(trainer, self)
 
     def last_path(self) -> str:
         return os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
@@ -259,7 +267,7 @@ def _validation_follows(trainer) -> bool:
 
 def checkpoint_io(trainer, callback: ModelCheckpoint | None):
     """The checkpoint IO for this run: atomic writes, in a background thread on GPUs (or as `async_save` says)."""
-    wanted = getattr(callback, "async_save", None)
-    if wanted is None:
+    wanted = getattr(callback, "async_save", "auto")
+    if wanted in (None, "auto"):
         wanted = isinstance(trainer.accelerator, CUDAAccelerator)
     return AsyncAtomicCheckpointIO() if wanted else AtomicCheckpointIO()

@@ -42,7 +42,10 @@ def human(n: float) -> str:
 class RunReport(Callback):
     """Resume line at the start; steps, real tokens and time for the summary at the end (`summary()`)."""
 
-    def __init__(self):
+    def __init__(self, log_summary: bool = False):
+        """Args:
+        log_summary: Log the end summary when the fit ends (the command line logs it itself, with the export)."""
+        self.log_summary = log_summary
         self.start_time = self.end_time = None
         self.start_step = self.end_step = 0
         self.tokens = 0  # real (non-pad) tokens, this process; summed over processes at the end
@@ -62,6 +65,11 @@ class RunReport(Callback):
         self.end_time, self.end_step = time.perf_counter(), trainer.global_step
         total = torch.tensor(float(self.tokens), device=pl_module.device)
         self.total_tokens = int(trainer.strategy.reduce(total, reduce_op="sum").item())  # every process
+        if self.log_summary and trainer.is_global_zero and self.end_step > self.start_step:
+            log.info("fit done: %s", self.summary())
+            ckpt = trainer.checkpoint_callback
+            if ckpt is not None and getattr(ckpt, "dirpath", None):
+                log.info("checkpoints: %s (best: %s)", ckpt.dirpath, ckpt.best_model_path or "none yet")
 
     def elapsed(self) -> float:
         return (self.end_time or time.perf_counter()) - (self.start_time or time.perf_counter())

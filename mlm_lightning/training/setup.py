@@ -13,11 +13,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from mlm_lightning.errors import check
 from mlm_lightning.model.arch import layer_classes
+
+log = logging.getLogger("mlm_lightning")
 
 
 class EncoderLayerPolicy:
@@ -56,9 +60,34 @@ class RunSetup(Callback):
         )
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            log.info("device options: %s", ", ".join(f"{k} {v}" for k, v in device_options(trainer, pl_module).items()))
         # with check_val_every_n_epoch null Lightning counts val_check_interval over the whole run, and would never
         # validate a corpus whose run is shorter than it: validate at least once per epoch
         epoch = trainer.fit_loop.max_batches
         if trainer.check_val_every_n_epoch is None and isinstance(trainer.val_check_batch, int) and epoch:
             if isinstance(epoch, int) and trainer.val_check_batch > epoch:
                 trainer.val_check_batch = epoch
+
+
+def device_options(trainer, pl_module) -> dict[str, str]:
+    """The choices made for the device (each an option whose `auto` picks it on CUDA GPUs), as resolved for this run:
+    the start line names them, so a run on a GPU says what it ran with."""
+    def said(value, option) -> str:
+        shown = option.replace("True", "true").replace("False", "false")
+        return f"{'on' if value else 'off'} ({shown})"
+
+    h = pl_module.hparams
+    data = trainer.datamodule
+    io = getattr(trainer.strategy, "_checkpoint_io", None)
+    callback = trainer.checkpoint_callback
+    model = getattr(pl_module, "model", None)
+    return {
+        "fused AdamW": said(getattr(pl_module, "fused", False), f"--model.fused_optimizer {h.get('fused_optimizer')}"),
+        "pinned memory": said(data.pins_memory(), f"--data.pin_memory {data.hparams.get('pin_memory')}")
+        if hasattr(data, "pins_memory") else "n/a",
+        "async checkpoint saves": said(type(io).__name__.startswith("Async"),
+                                       f"--checkpoint.async_save {getattr(callback, 'async_save', 'auto')}"),
+        "attention": getattr(getattr(model, "config", None), "_attn_implementation", None) or "n/a",
+        "compile": said(h.get("compile"), "--model.compile"),
+    }

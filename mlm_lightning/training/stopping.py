@@ -13,18 +13,26 @@ A second Ctrl-C stops at once (exit 130, through `Interrupted`, not Lightning's 
 
 from __future__ import annotations
 
+import logging
 import signal
 
 from lightning.pytorch.callbacks import Callback
 
 from mlm_lightning.errors import Interrupted
 
+log = logging.getLogger("mlm_lightning")
+
 
 class GracefulStop(Callback):
     running = False  # a fit with these handlers is under way (the CLI's own handler stands aside)
     last_signum: int | None = None
 
-    def __init__(self):
+    def __init__(self, stop_quietly: bool = False):
+        """Args:
+        stop_quietly: Once `last.ckpt` is saved, end the fit by returning from `Trainer.fit` (Python callers: a
+            notebook's interrupt) instead of through Lightning's SIGTERM exception (the command line's exit code).
+        """
+        self.stop_quietly = stop_quietly
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._notified = False
@@ -84,13 +92,23 @@ class GracefulStop(Callback):
         if trainer.global_step > 0 and hasattr(checkpoint, "write_last"):
             checkpoint.write_last(trainer, mid_validation=mid_validation)
 
-    def _notify_lightning(self) -> None:
-        """Lightning's own SIGTERM handler: it stops the loops at the next boundary (and relays to DDP ranks)."""
-        if not self._notified:
-            self._notified = True
-            handler = self._previous.get(signal.SIGTERM)
-            if callable(handler):
-                handler(self.signum or signal.SIGTERM, None)
+    def _notify_lightning(self, trainer) -> None:
+        """Lightning's own SIGTERM handler: it stops the loops at the next boundary (and relays to DDP ranks).
+        Quietly: the fit loop stops after this batch, with no validation first, and `fit` returns."""
+        if self._notified:
+            return
+        self._notified = True
+        if self.stop_quietly:
+            trainer.should_stop = True
+            trainer.fit_loop.epoch_loop._skip_next_val = True  # (Lightning validates before an early stop)
+            saved = getattr(trainer.checkpoint_callback, "last_model_path", "") or "nothing (no step trained)"
+            if trainer.is_global_zero:
+                log.info("interrupted by %s: saved %s; resume with trainer.fit(model, datamodule=data,"
+                         " ckpt_path=%r)", signal.Signals(self.signum or signal.SIGTERM).name, saved, saved)
+            return
+        handler = self._previous.get(signal.SIGTERM)
+        if callable(handler):
+            handler(self.signum or signal.SIGTERM, None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._notified or not self._requested(trainer, batch_idx):
@@ -98,7 +116,7 @@ class GracefulStop(Callback):
         if trainer.fit_loop.epoch_loop._should_accumulate():
             return  # mid-window: save once the window's optimizer step has been taken
         self._save(trainer)
-        self._notify_lightning()
+        self._notify_lightning(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.sanity_checking:
@@ -112,11 +130,11 @@ class GracefulStop(Callback):
         if loop._should_accumulate() or loop.val_loop.batch_progress.is_last_batch:
             return  # inside an accumulation window: stop after it; last batch: stop at on_validation_end
         self._save(trainer, mid_validation=True)  # the validation is cut short after this batch
-        self._notify_lightning()
+        self._notify_lightning(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self._notified or not self._requested(trainer):
             return
         if not trainer.fit_loop.epoch_loop._should_accumulate():
             self._save(trainer)  # (MLMCheckpoint ran first: it ranked this validation and wrote last.ckpt)
-            self._notify_lightning()
+            self._notify_lightning(trainer)
