@@ -273,6 +273,8 @@ def main(argv: list[str]) -> int:
                            " later stages did not run")
             problems += 1
         finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a signal now would cut the summary short
+                signal.signal(sig, signal.SIG_IGN)
             if "one_line" in state:  # its summary is that line, last on the console, nothing after it
                 console.line(PREFIX + state["one_line"])
                 if out:
