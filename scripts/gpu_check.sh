@@ -4,7 +4,8 @@
 # stage under its own budget and one deadline; one summary block, printed whatever happens (scripts/gpu_check.py
 # says what each stage does and how long it should take: ~6.5 minutes on one H100).
 #   bash scripts/gpu_check.sh            # on a GPU machine, from anywhere; OUT=DIR keeps the log and the summary
-#   bash scripts/gpu_check.sh --cpu      # the dry run: the same plumbing, tiny, on a CPU (no GPU figures)
+#   bash scripts/gpu_check.sh --cpu      # the same plumbing, tiny, on a CPU (no GPU figures, no timing verdicts);
+#                                        # scripts/gpu_dry_run.sh runs it in a venv like the GPU machine's
 # Its Python is $PYTHON, else python3 (the GPU machine's Python; it has no `python`). Missing packages there:
 # scripts/gpu_wheels.sh and the README's install line.
 set -uo pipefail
