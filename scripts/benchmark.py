@@ -274,19 +274,22 @@ def quality(args, tokenizer_dm, lines, train_file, val_file):
               f"speed-up to the same loss: {seed_time / to_target.reached:.1f}x")
 
 
-def families(args, corpus: str) -> None:
-    """(c) for each family of --architecture at the same width, depth and vocabulary size."""
-    rates = {}
+def families(args, corpus: str) -> dict[str, tuple[float, str]]:
+    """(c) for each family of --architecture at the same width, depth and vocabulary size: {family: (real
+    tokens/s, the attention it ran)} (scripts/gpu_check.py's families stage reads it)."""
+    rates, attention = {}, {}
     for name in args.architecture.split(","):
         if name not in FAMILIES or FAMILIES[name].scratch is None:
             sys.exit(f"--architecture {name!r}: not one of {', '.join(n for n, f in FAMILIES.items() if f.scratch)}")
         dm = datamodule(args, corpus, tokenizer_kind=FAMILIES[name].tokenizer)
         meter = run_ours(args, dm, max_steps=10**6, architecture=name)
         rates[name] = meter.rate
+        attention[name] = meter.attention
         print(f"{name:12s} {rates[name]:9.0f} real tokens/s   attention {meter.attention}   (peak RSS so far"
               f" {peak_rss_mb():.0f} MB)")
     first = next(iter(rates))
     print("relative to " + first + ": " + ", ".join(f"{n} {r / rates[first]:.2f}x" for n, r in rates.items()))
+    return {name: (rate, attention[name]) for name, rate in rates.items()}
 
 
 def main():
