@@ -25,6 +25,7 @@ from mlm_lightning.data.corpus import redacted
 from mlm_lightning.data.tokenizer import tokenizer_length_limit
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.export import check_export_dir, save_hf
+from mlm_lightning.files import atomic_path
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import FAMILIES, usable_positions
 from mlm_lightning.model.checkpoint import check_checkpoint_path, check_model_dir, load_checkpoint, verified_checkpoint
@@ -40,7 +41,10 @@ log = logging.getLogger("mlm_lightning")
 
 class RedactedConfig(SaveConfigCallback):
     """Lightning's `config.yaml` beside the logs, with the secret-looking `--data.storage_options` values (keys,
-    secrets, tokens) masked, as in the checkpoints' hyperparameters: the run itself keeps the real ones."""
+    secrets, tokens) masked, as in the checkpoints' hyperparameters: the run itself keeps the real ones.
+
+    Written aside and renamed (`files.atomic_path`: whole or not at all, with the umask's permissions), where
+    Lightning's own `setup` writes it in place."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         real = self.config
@@ -49,7 +53,17 @@ class RedactedConfig(SaveConfigCallback):
             self.config = real.clone()
             self.config["data.storage_options"] = redacted(options)
         try:
-            super().setup(trainer, pl_module, stage)
+            if self.already_saved or not self.save_to_log_dir:
+                return super().setup(trainer, pl_module, stage)
+            log_dir = trainer.log_dir  # (this broadcasts the directory)
+            if "://" in str(log_dir):
+                return super().setup(trainer, pl_module, stage)  # a remote log dir: Lightning's fsspec write
+            if trainer.is_global_zero:
+                with atomic_path(os.path.join(log_dir, self.config_filename), suffix=".yaml") as tmp:
+                    self.parser.save(self.config, tmp, skip_none=False, overwrite=True, multifile=self.multifile)
+                self.save_config(trainer, pl_module, stage)
+                self.already_saved = True
+            self.already_saved = trainer.strategy.broadcast(self.already_saved)
         finally:
             self.config = real
 

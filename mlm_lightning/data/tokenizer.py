@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from mlm_lightning.data.seeds import uniform
 from mlm_lightning.errors import check
+from mlm_lightning.files import share_tree
 from mlm_lightning.hub import load_pretrained
 
 log = logging.getLogger("mlm_lightning")
@@ -98,6 +99,7 @@ def save_tokenizer_files(files: dict[str, str], out_dir: str) -> str:
     for name, text in files.items():
         with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
             f.write(text)
+    share_tree(tmp)  # (mkdtemp makes 0700: the cache's files get the umask's permissions)
     try:
         os.rename(tmp, out_dir)  # fails if out_dir exists (another process of this node was first)
         return out_dir
@@ -201,6 +203,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str, vocab_size: i
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}-")
     try:
         tokenizer.save_pretrained(tmp)
+        share_tree(tmp)  # (mkdtemp makes 0700: the cache's files get the umask's permissions)
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process (a DDP rank) finished first: keep theirs
