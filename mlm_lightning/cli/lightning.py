@@ -33,6 +33,7 @@ from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLo
 from mlm_lightning.training.checkpointing import MLMCheckpoint, checkpoint_io
 from mlm_lightning.training.plot import metrics_files, plot_runs
 from mlm_lightning.training.progress import CompactModelSummary, RunReport, duration, progress_bar
+from mlm_lightning.training.rundir import own_run_dir, release_run_dirs
 from mlm_lightning.training.setup import RunSetup
 from mlm_lightning.training.stopping import GracefulStop
 
@@ -207,6 +208,9 @@ class MLMCLI(LightningCLI):
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
         trainer = self.trainer
+        # first: nothing is written into the run directory before it is ours (config.yaml, logs, checkpoints,
+        # the export; the corpus is tokenized later, in trainer.fit); a fit already running there is named
+        own_run_dir(trainer.default_root_dir, trainer.global_rank)
         check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
         last = trainer.checkpoint_callback.last_path()
         check(
@@ -339,6 +343,7 @@ def run_lightning_cli(argv: list[str]) -> None:
             },
         )
     finally:
+        release_run_dirs()
         close_process_group()
 
 
