@@ -28,7 +28,13 @@ from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.files import atomic_path
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import FAMILIES, usable_positions
-from mlm_lightning.model.checkpoint import check_checkpoint_path, check_model_dir, load_checkpoint, verified_checkpoint
+from mlm_lightning.model.checkpoint import (
+    carried_tokenizer,
+    check_checkpoint_path,
+    check_model_dir,
+    load_checkpoint,
+    verified_checkpoint,
+)
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
 from mlm_lightning.training.checkpointing import MLMCheckpoint, checkpoint_io
 from mlm_lightning.training.plot import metrics_files, plot_runs
@@ -124,9 +130,30 @@ class MLMCLI(LightningCLI):
                 " (--trainer.strategy fsdp or deepspeed), or turn it into a model with mlm-lightning export",
             )
             return
-        hparams = verified_checkpoint(ckpt, resumable=sub == "fit").get("hyper_parameters")
+        contents = verified_checkpoint(ckpt, resumable=sub == "fit")
+        hparams = contents.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams:
             self._resume_hparams(sub, ckpt, hparams)
+        cfg = self.config[sub]
+        if cfg.data.tokenizer is None and not cfg.model.model_name_or_path:
+            # the vocabulary is the checkpoint's own, not whatever a cache holds under the corpus's key (which may be
+            # gone, or trained anew): nothing is trained, and the corpus is tokenized with this one
+            self._check_tokenizer_options(cfg, ckpt, contents.get("datamodule_hyper_parameters"))
+            self.carried_tokenizer = carried_tokenizer(contents, ckpt)
+            if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+                log.info("%s %s with the tokenizer it carries", "resuming" if sub == "fit" else "running", ckpt)
+
+    def _check_tokenizer_options(self, cfg, ckpt: str, saved) -> None:
+        """The options that shape a trained vocabulary cannot change with the checkpoint's own tokenizer: one the
+        user set to another value than the checkpoint's is refused (rather than silently not applied)."""
+        if not isinstance(saved, dict):
+            return
+        given = getattr(self, "given", None)
+        for key in ("vocab_size", "tokenizer_kind", "lowercase", "tokenizer_sample_mb"):
+            if was_given(given, f"data.{key}") and key in saved and not _same(cfg.data[key], saved[key]):
+                raise MLMError(f"--data.{key} {cfg.data[key]} cannot change on resume: checkpoint {ckpt!r} was trained"
+                               f" with another tokenizer ({key} {saved[key]}), which it carries; drop the option, or"
+                               " start a new run without --ckpt_path")
 
     def _resume_hparams(self, sub: str, ckpt: str, hparams: dict) -> None:
         """The checkpoint's model options replace the configured ones (as LightningCLI does), except how-to-run
@@ -154,6 +181,12 @@ class MLMCLI(LightningCLI):
         if replaced and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
             log.info("resuming %s: the checkpoint's own %s; the resumed optimizer and schedule carry them (start a"
                      " new run to change them)", ckpt, ", ".join(replaced))
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        carried = getattr(self, "carried_tokenizer", None)
+        if carried is not None and isinstance(self.datamodule, MLMDataModule):
+            self.datamodule.tokenizer = carried  # (MLMDataModule.load_tokenizer: a tokenizer it has is used)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]

@@ -346,7 +346,8 @@ class MLMDataModule(L.LightningDataModule):
             files = together(trainer, lambda: tokenizer_files(self.load_tokenizer(train_if_missing=True))
                              if trainer.is_global_zero else None)
             files = strategy.broadcast(files, src=0)
-            if not trainer.is_global_zero:
+            if not trainer.is_global_zero and self.tokenizer is None:  # (one given already, a checkpoint's own on
+                # resume, is kept: the fingerprints below must agree)
                 self.tokenizer = self._received_tokenizer(files)
         prints = [None] * trainer.world_size
         dist.all_gather_object(prints, together(trainer, lambda: tokenizer_fingerprint(self.load_tokenizer())))
