@@ -37,6 +37,9 @@ def own_run_dir(root: str, global_rank: int = 0) -> None:
     """Take `root`'s lock for this fit, or refuse in one line naming the fit that holds it."""
     if global_rank != 0:
         return  # one multi-process run: rank 0 holds it for all of them
+    if "://" in str(root):
+        log.warning("the run directory %s is a URL: it cannot be locked; start only one fit in it at a time", root)
+        return
     os.makedirs(root, exist_ok=True)
     key = os.path.realpath(root)
     if key in _held:

@@ -79,6 +79,12 @@ def test_without_flock_it_warns_and_goes_on(tmp_path, monkeypatch, caplog):
     assert "cannot lock the run directory" in caplog.text and "going on without the lock" in caplog.text
 
 
+def test_a_run_directory_on_an_object_store_is_not_locked_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    own_run_dir("s3://bucket/runs/a")
+    assert "cannot be locked" in caplog.text and not os.listdir(tmp_path)  # (no local "s3:" directory)
+
+
 @pytest.mark.slow
 def test_two_simultaneous_fits_into_one_run_dir_leave_the_first_intact(corpus, tmp_path):
     root = tmp_path / "run"
