@@ -135,13 +135,27 @@ def sample_texts(reader, sample_mb: float, seed: int) -> Iterator[str]:
 
 class SampledTexts:
     """`sample_texts` as a collection that can be read more than once (training a WordPiece vocabulary reads its
-    sample twice, see `train_tokenizer`), without holding the sample in memory."""
+    sample twice, see `train_tokenizer`). The first complete reading keeps the sample in a temporary file, not in
+    memory, and later ones read it from there: the corpus itself (maybe large, maybe remote) is read once."""
 
     def __init__(self, reader, sample_mb: float, seed: int):
         self.reader, self.sample_mb, self.seed = reader, sample_mb, seed
+        self._spool = None
 
     def __iter__(self) -> Iterator[str]:
-        return sample_texts(self.reader, self.sample_mb, self.seed)
+        return self._first() if self._spool is None else self._again()
+
+    def _first(self) -> Iterator[str]:
+        spool = tempfile.TemporaryFile("w+", encoding="utf-8")  # (removed when closed or collected)
+        for text in sample_texts(self.reader, self.sample_mb, self.seed):
+            spool.write(json.dumps(text, ensure_ascii=False) + "\n")  # one line per text, whatever it holds
+            yield text
+        self._spool = spool
+
+    def _again(self) -> Iterator[str]:
+        self._spool.seek(0)
+        for line in self._spool:
+            yield json.loads(line)
 
 
 # The tokenizers trained for a new model, each like its family's own (`model/arch.py` says which family takes which;

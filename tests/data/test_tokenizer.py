@@ -7,14 +7,14 @@ import os
 import subprocess
 import sys
 
-from mlm_lightning.data.tokenizer import train_tokenizer
+from mlm_lightning.data.tokenizer import SampledTexts, train_tokenizer
 from tests.helpers import ROOT, sentences
 
 # sentences(600): every call of the unfixed WordPiece trainer gave another tokenizer.json on it (ties between merges
 # of equal counts were broken by ids given in a randomly seeded HashMap's order)
 TRAIN = """
 import hashlib, sys
-from mlm_lightning.data.tokenizer import train_tokenizer
+from mlm_lightning.data.tokenizer import SampledTexts, train_tokenizer
 from tests.helpers import sentences
 for kind in ("bert", "roberta"):
     out = f"{sys.argv[1]}/{kind}"
@@ -42,3 +42,20 @@ def test_the_same_texts_give_the_same_tokenizer_in_every_process_and_thread_coun
         "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert tok.tokenize("neighbour") == ["neighbour"] and tok.decode(tok("a neighbour")["input_ids"],
                                                                       skip_special_tokens=True) == "a neighbour"
+
+
+def test_training_on_a_sample_reads_the_corpus_once(tmp_path):
+    """The WordPiece trainer reads its sample twice: the second time from a temporary file, not the corpus (which
+    may be large and remote)."""
+
+    class Reader:
+        total_bytes, reads = 20_000, 0
+
+        def __iter__(self):
+            Reader.reads += 1
+            return iter(sentences(600))
+
+    texts = SampledTexts(Reader(), sample_mb=100, seed=0)
+    tok = train_tokenizer("bert", texts, str(tmp_path / "t"), 300, 64)
+    assert Reader.reads == 1 and list(texts) == sentences(600)
+    assert tok.tokenize("the neighbour") == ["the", "neighbour"]
