@@ -19,6 +19,7 @@ import shutil
 import tempfile
 
 from mlm_lightning.errors import MLMError, check, writing
+from mlm_lightning.files import share_tree
 from mlm_lightning.model.checkpoint import load_checkpoint
 
 MANIFEST = ".mlm-lightning-export"
@@ -85,9 +86,8 @@ def _write_aside(model, tokenizer, tmp: str, export_dir: str, parent: str) -> No
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump({"files": sorted(os.listdir(tmp))}, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: an export is meant to be shared
+        # mkdtemp makes 0700 and safetensors writes 0600: an export is meant to be shared (the umask's permissions)
+        share_tree(tmp)
         if os.path.isdir(export_dir) and os.listdir(export_dir):
             _replace_export(tmp, export_dir, parent)
         else:

@@ -3,6 +3,7 @@
 import csv
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 
+from mlm_lightning.data import module as data_module
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_checkpoint
 from mlm_lightning.training.checkpointing import AtomicCheckpointIO
@@ -60,6 +62,28 @@ def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted,
     assert max(losses(root)) == step - 1  # stopped right after that step
     assert run_cli(*args(corpus, root, "--ckpt_path", "last")) == 0
     assert_resumed_at(root, step)  # it continued from the checkpoint (a seeded retrain ends the same)
+    assert_same_run(uninterrupted, root)
+
+
+@pytest.mark.slow
+def test_a_resume_after_the_cache_is_lost_tokenizes_with_the_checkpoints_tokenizer(corpus, tmp_path, capsys,
+                                                                                  uninterrupted, monkeypatch):
+    """(issue 31) no tokenizer is trained: the checkpoint carries its own, and the corpus is tokenized with it."""
+    root, cache = tmp_path / "run", ["--data.cache_dir", str(tmp_path / "cache")]
+    code = run_cli(*args(corpus, root, *cache, "--trainer.callbacks+=tests.helpers.SignalAt",
+                         "--trainer.callbacks.step", "13", "--trainer.callbacks.signum", str(int(signal.SIGTERM))))
+    assert code == 143, capsys.readouterr().err
+    shutil.rmtree(tmp_path / "cache")
+
+    def trained(*a, **k):
+        raise AssertionError("a tokenizer was trained")
+
+    monkeypatch.setattr(data_module, "train_tokenizer", trained)
+    capsys.readouterr()
+    assert run_cli(*args(corpus, root, *cache, "--ckpt_path", "last")) == 0
+    assert "with the tokenizer it carries" in capsys.readouterr().err
+    assert glob.glob(f"{tmp_path}/cache/data/*/meta.json") and not glob.glob(f"{tmp_path}/cache/tokenizers/*")
+    assert_resumed_at(root, 13)
     assert_same_run(uninterrupted, root)
 
 

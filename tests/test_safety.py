@@ -282,3 +282,36 @@ def test_paths_in_a_checkpoints_callback_state_outside_the_run_are_dropped(tmp_p
                         "last_model_path": "/etc/passwd", "kth_value": torch.tensor(1.0), "monitor": "val/loss"})
     assert list(cb.best_k_models) == [f"{home}/best-step=4.ckpt"]
     assert cb.best_model_path == cb.kth_best_model_path == cb.last_model_path == ""
+
+
+# -- every file a command writes gets the umask's permissions (issue 31) ----------------------------------------
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_every_file_the_commands_write_gets_the_umasks_permissions(corpus, tmp_path, mask):
+    root, cache = tmp_path / "run", tmp_path / "cache"
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("the cat [MASK] the river .\n")
+    data = ["--data.cache_dir", str(cache)]
+    old = os.umask(mask)
+    try:  # fit: config.yaml, logs, checkpoints, export, plot.png, the cache (tokenizer, tokenized corpus)
+        assert run_cli(*fit(corpus, root, "--trainer.max_steps", "2", *data)) == 0
+        assert run_cli("predict", *fit(corpus, root, *data)[1:], "--ckpt_path", str(root / "checkpoints" /
+                       "last.ckpt"), "--data.predict_files", str(inputs), "--prediction_writer.output",
+                       str(tmp_path / "out" / "pred.jsonl")) == 0
+        assert run_cli("export", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--export_dir",
+                       str(tmp_path / "exported")) == 0
+        assert run_cli("plot", str(root), "--out", str(tmp_path / "out" / "plot.png")) == 0
+    finally:
+        os.umask(old)
+    modes = {}
+    for top in (root, cache, tmp_path / "out", tmp_path / "exported"):
+        for where, _, names in os.walk(top):
+            modes[where] = stat.S_IMODE(os.stat(where).st_mode)
+            modes.update({os.path.join(where, n): stat.S_IMODE(os.stat(os.path.join(where, n)).st_mode)
+                          for n in names})
+    named = [root / "checkpoints" / "last.ckpt", root / "export" / "model.safetensors", root / "plot.png",
+             root / "lightning_logs" / "version_0" / "config.yaml", tmp_path / "out" / "pred.jsonl",
+             tmp_path / "out" / "plot.png", tmp_path / "exported" / "model.safetensors"]
+    named += glob.glob(f"{cache}/data/*/meta.json") + glob.glob(f"{cache}/tokenizers/*/tokenizer.json")
+    assert len(named) == 9 and all(str(p) in modes for p in named), sorted(modes)
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o777 if os.path.isdir(p) else 0o666) & ~mask}
+    assert not wrong

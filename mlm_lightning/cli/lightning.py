@@ -24,14 +24,22 @@ from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data.corpus import redacted
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.export import check_export_dir, save_hf
+from mlm_lightning.files import atomic_path
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import usable_positions
-from mlm_lightning.model.checkpoint import check_checkpoint_path, check_model_dir, load_checkpoint, verified_checkpoint
+from mlm_lightning.model.checkpoint import (
+    carried_tokenizer,
+    check_checkpoint_path,
+    check_model_dir,
+    load_checkpoint,
+    verified_checkpoint,
+)
 from mlm_lightning.model.pairing import default_length, paired_options
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
 from mlm_lightning.training.checkpointing import MLMCheckpoint
 from mlm_lightning.training.plot import metrics_files, plot_runs
 from mlm_lightning.training.progress import CompactModelSummary, RunReport, duration, progress_bar
+from mlm_lightning.training.rundir import own_run_dir, release_run_dirs
 from mlm_lightning.training.setup import RunSetup
 from mlm_lightning.training.stopping import GracefulStop
 
@@ -40,7 +48,10 @@ log = logging.getLogger("mlm_lightning")
 
 class RedactedConfig(SaveConfigCallback):
     """Lightning's `config.yaml` beside the logs, with the secret-looking `--data.storage_options` values (keys,
-    secrets, tokens) masked, as in the checkpoints' hyperparameters: the run itself keeps the real ones."""
+    secrets, tokens) masked, as in the checkpoints' hyperparameters: the run itself keeps the real ones.
+
+    Written aside and renamed (`files.atomic_path`: whole or not at all, with the umask's permissions), where
+    Lightning's own `setup` writes it in place."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         real = self.config
@@ -49,7 +60,17 @@ class RedactedConfig(SaveConfigCallback):
             self.config = real.clone()
             self.config["data.storage_options"] = redacted(options)
         try:
-            super().setup(trainer, pl_module, stage)
+            if self.already_saved or not self.save_to_log_dir:
+                return super().setup(trainer, pl_module, stage)
+            log_dir = trainer.log_dir  # (this broadcasts the directory)
+            if "://" in str(log_dir):
+                return super().setup(trainer, pl_module, stage)  # a remote log dir: Lightning's fsspec write
+            if trainer.is_global_zero:
+                with atomic_path(os.path.join(log_dir, self.config_filename), suffix=".yaml") as tmp:
+                    self.parser.save(self.config, tmp, skip_none=False, overwrite=True, multifile=self.multifile)
+                self.save_config(trainer, pl_module, stage)
+                self.already_saved = True
+            self.already_saved = trainer.strategy.broadcast(self.already_saved)
         finally:
             self.config = real
 
@@ -109,9 +130,30 @@ class MLMCLI(LightningCLI):
                 " (--trainer.strategy fsdp or deepspeed), or turn it into a model with mlm-lightning export",
             )
             return
-        hparams = verified_checkpoint(ckpt, resumable=sub == "fit").get("hyper_parameters")
+        contents = verified_checkpoint(ckpt, resumable=sub == "fit")
+        hparams = contents.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams:
             self._resume_hparams(sub, ckpt, hparams)
+        cfg = self.config[sub]
+        if cfg.data.tokenizer is None and not cfg.model.model_name_or_path:
+            # the vocabulary is the checkpoint's own, not whatever a cache holds under the corpus's key (which may be
+            # gone, or trained anew): nothing is trained, and the corpus is tokenized with this one
+            self._check_tokenizer_options(cfg, ckpt, contents.get("datamodule_hyper_parameters"))
+            self.carried_tokenizer = carried_tokenizer(contents, ckpt)
+            if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+                log.info("%s %s with the tokenizer it carries", "resuming" if sub == "fit" else "running", ckpt)
+
+    def _check_tokenizer_options(self, cfg, ckpt: str, saved) -> None:
+        """The options that shape a trained vocabulary cannot change with the checkpoint's own tokenizer: one the
+        user set to another value than the checkpoint's is refused (rather than silently not applied)."""
+        if not isinstance(saved, dict):
+            return
+        given = getattr(self, "given", None)
+        for key in ("vocab_size", "tokenizer_kind", "lowercase", "tokenizer_sample_mb"):
+            if was_given(given, f"data.{key}") and key in saved and not _same(cfg.data[key], saved[key]):
+                raise MLMError(f"--data.{key} {cfg.data[key]} cannot change on resume: checkpoint {ckpt!r} was trained"
+                               f" with another tokenizer ({key} {saved[key]}), which it carries; drop the option, or"
+                               " start a new run without --ckpt_path")
 
     def _resume_hparams(self, sub: str, ckpt: str, hparams: dict) -> None:
         """The checkpoint's model options replace the configured ones (as LightningCLI does), except how-to-run
@@ -139,6 +181,12 @@ class MLMCLI(LightningCLI):
         if replaced and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
             log.info("resuming %s: the checkpoint's own %s; the resumed optimizer and schedule carry them (start a"
                      " new run to change them)", ckpt, ", ".join(replaced))
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        carried = getattr(self, "carried_tokenizer", None)
+        if carried is not None and isinstance(self.datamodule, MLMDataModule):
+            self.datamodule.tokenizer = carried  # (MLMDataModule.load_tokenizer: a tokenizer it has is used)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
@@ -191,6 +239,9 @@ class MLMCLI(LightningCLI):
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
         trainer = self.trainer
+        # first: nothing is written into the run directory before it is ours (config.yaml, logs, checkpoints,
+        # the export; the corpus is tokenized later, in trainer.fit); a fit already running there is named
+        own_run_dir(trainer.default_root_dir, trainer.global_rank)
         check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
         last = trainer.checkpoint_callback.last_path()
         check(
@@ -316,6 +367,7 @@ def run_lightning_cli(argv: list[str]) -> None:
             },
         )
     finally:
+        release_run_dirs()
         close_process_group()
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mlm_lightning.data import corpus, shards
 from mlm_lightning.errors import check
+from mlm_lightning.files import share_tree
 
 log = logging.getLogger("mlm_lightning")
 CACHE_VERSION = shards.FORMAT_VERSION
@@ -139,6 +140,7 @@ def _tokenize_into(
                 f"the corpus has {n_train + n_val} lines, too few for a {val_fraction} validation split;"
                 " add text, raise --data.val_fraction or pass --data.val_files",
             )
+        share_tree(tmp)  # (mkdtemp makes 0700: a cache is shared by jobs, maybe by users)
         try:
             os.rename(tmp, directory)
         except OSError:

@@ -30,8 +30,8 @@ from mlm_lightning.data.sampling import BatchPlan, ConcatPlan, MixturePlan, Resu
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import (
     TOKENIZER_KINDS,
+    SampledTexts,
     load_tokenizer,
-    sample_texts,
     save_tokenizer_files,
     tokenizer_files,
     tokenizer_fingerprint,
@@ -258,7 +258,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                 kind = self.hparams.get("tokenizer_kind", "bert")
                 log.info("training a %s tokenizer (vocab %d) on the corpus", kind, self.hparams.vocab_size)
                 reader = corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
-                texts = sample_texts(reader, self.hparams.tokenizer_sample_mb, self.hparams.seed)
+                texts = SampledTexts(reader, self.hparams.tokenizer_sample_mb, self.hparams.seed)
                 self.tokenizer = train_tokenizer(
                     kind, texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
                     self.hparams.lowercase,
@@ -364,8 +364,8 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
     def _setup_distributed(self, trainer, tokenize: bool = True) -> None:
         """One vocabulary for all processes, then each node's cache tokenized with it.
 
-        WordPiece training is not deterministic across processes, and Lightning prepares data once per node:
-        two nodes would train two vocabularies and every gradient all-reduce would mix them. So global rank 0
+        Lightning prepares data once per node, and nodes' caches may hold different vocabularies under one key (one
+        written by another version): two vocabularies would make every gradient all-reduce mix them. So global rank 0
         loads or trains the tokenizer and sends its files to every process, which keeps them in its node's
         cache (node-local or shared alike). Then global rank 0 tokenizes, and afterwards the first process of
         each node whose cache does not have the result yet (node-local caches)."""
@@ -374,7 +374,8 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
             files = together(trainer, lambda: tokenizer_files(self.load_tokenizer(train_if_missing=True))
                              if trainer.is_global_zero else None)
             files = strategy.broadcast(files, src=0)
-            if not trainer.is_global_zero:
+            if not trainer.is_global_zero and self.tokenizer is None:  # (one given already, a checkpoint's own on
+                # resume, is kept: the fingerprints below must agree)
                 self.tokenizer = self._received_tokenizer(files)
         prints = [None] * trainer.world_size
         dist.all_gather_object(prints, together(trainer, lambda: tokenizer_fingerprint(self.load_tokenizer())))

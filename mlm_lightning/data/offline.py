@@ -21,11 +21,11 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 
 from mlm_lightning.errors import MLMError
+from mlm_lightning.files import publish, temp_beside
 
 log = logging.getLogger("mlm_lightning")
 
@@ -119,13 +119,11 @@ def _write_all(paths_texts: dict[str, str]) -> None:
     temps = {}
     try:
         for path, text in paths_texts.items():
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".corpus-", suffix=".tmp")
-            temps[path] = tmp
-            with open(fd, "w", encoding="utf-8") as f:
+            temps[path] = tmp = temp_beside(path)
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
         for path, tmp in temps.items():
-            os.replace(tmp, path)
+            publish(tmp, path)  # (synced, with the umask's permissions)
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):

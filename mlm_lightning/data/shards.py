@@ -37,6 +37,7 @@ import numpy as np
 
 from mlm_lightning.data.seeds import val_lines
 from mlm_lightning.errors import check
+from mlm_lightning.files import share_tree
 
 FORMAT_VERSION = 2
 SHARD_CHARS = 64_000_000  # ~64 MB of text per shard: the work an interruption can lose
@@ -220,6 +221,7 @@ class _ShardWriter:
             f.close()
         with open(os.path.join(self.tmp, "shard.json"), "w") as f:
             json.dump({"input_lines": self.input_lines, "counts": self.counts, **extra}, f)
+        share_tree(self.tmp)  # (mkdtemp makes 0700)
         try:
             os.rename(self.tmp, os.path.join(self.partial, self.name))
         except OSError:  # another process wrote this shard first: theirs is as good

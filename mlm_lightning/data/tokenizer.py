@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from mlm_lightning.data.seeds import uniform
 from mlm_lightning.errors import check
+from mlm_lightning.files import share_tree
 from mlm_lightning.hub import load_pretrained
 
 log = logging.getLogger("mlm_lightning")
@@ -98,6 +99,7 @@ def save_tokenizer_files(files: dict[str, str], out_dir: str) -> str:
     for name, text in files.items():
         with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
             f.write(text)
+    share_tree(tmp)  # (mkdtemp makes 0700: the cache's files get the umask's permissions)
     try:
         os.rename(tmp, out_dir)  # fails if out_dir exists (another process of this node was first)
         return out_dir
@@ -131,6 +133,31 @@ def sample_texts(reader, sample_mb: float, seed: int) -> Iterator[str]:
             yield from chunk
 
 
+class SampledTexts:
+    """`sample_texts` as a collection that can be read more than once (training a WordPiece vocabulary reads its
+    sample twice, see `train_tokenizer`). The first complete reading keeps the sample in a temporary file, not in
+    memory, and later ones read it from there: the corpus itself (maybe large, maybe remote) is read once."""
+
+    def __init__(self, reader, sample_mb: float, seed: int):
+        self.reader, self.sample_mb, self.seed = reader, sample_mb, seed
+        self._spool = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._first() if self._spool is None else self._again()
+
+    def _first(self) -> Iterator[str]:
+        spool = tempfile.TemporaryFile("w+", encoding="utf-8")  # (removed when closed or collected)
+        for text in sample_texts(self.reader, self.sample_mb, self.seed):
+            spool.write(json.dumps(text, ensure_ascii=False) + "\n")  # one line per text, whatever it holds
+            yield text
+        self._spool = spool
+
+    def _again(self) -> Iterator[str]:
+        self._spool.seek(0)
+        for line in self._spool:
+            yield json.loads(line)
+
+
 # The tokenizers trained for a new model, each like its family's own (`model/arch.py` says which family takes which;
 # the data path gets the name as plain data): (model, {role: special token} in id order, the transformers class
 # that saves and loads it).
@@ -154,7 +181,9 @@ def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str, vocab_size: i
     """Train a tokenizer of `kind` (see `TOKENIZER_KINDS`) with the `tokenizers` library and save it as a
     transformers dir.
 
-    Written to a temporary directory and renamed, so an interrupted training never leaves a half tokenizer.
+    The same texts and settings give a byte-identical `tokenizer.json`, in any process and with any number of
+    threads (see `_continuation_pieces`). Written to a temporary directory and renamed, so an interrupted training
+    never leaves a half tokenizer.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -166,7 +195,11 @@ def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str, vocab_size: i
         tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+        if iter(texts) is texts:  # a one-shot iterator: kept, as the trainer reads the texts twice
+            texts = list(texts)
+        pieces = _continuation_pieces(tok, texts, special)
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special + pieces,
+                                            show_progress=False)
     else:
         tok = Tokenizer(models.BPE())
         if lowercase:
@@ -176,6 +209,10 @@ def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str, vocab_size: i
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    if model == "wordpiece":  # the pieces were special only to fix their ids: in the vocabulary they are plain
+        saved = json.loads(tok.to_str())
+        saved["added_tokens"] = [t for t in saved["added_tokens"] if t["content"] in special]
+        tok = Tokenizer.from_str(json.dumps(saved))
     cls, sep = role["cls"], role["sep"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
@@ -201,6 +238,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str, vocab_size: i
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}-")
     try:
         tokenizer.save_pretrained(tmp)
+        share_tree(tmp)  # (mkdtemp makes 0700: the cache's files get the umask's permissions)
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process (a DDP rank) finished first: keep theirs
@@ -209,6 +247,28 @@ def train_tokenizer(kind: str, texts: Iterable[str], out_dir: str, vocab_size: i
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(out_dir)
+
+
+def _continuation_pieces(tok, texts: Iterable[str], special: list[str]) -> list[str]:
+    """The word-continuing pieces ("##e") of the texts' characters, sorted: the WordPiece trainer is given them
+    first (as special tokens) so that their ids do not depend on the process.
+
+    Why (tokenizers 0.2x, `BpeTrainer`, which `WordPieceTrainer` wraps): the trainer counts words in a Rust
+    `HashMap`, randomly seeded in each process, and gives each "##x" piece its id in the order it meets them while
+    iterating that map (`tokenize_words`); the plain characters get sorted ids (`compute_alphabet`). Merges are
+    picked by count, and ties (common in a real corpus) by the pair's ids: so the ids, the merges and even the
+    set of tokens changed from one process to the next (three calls, three `tokenizer.json`s; 242 tokens apart on
+    one corpus), whatever RAYON_NUM_THREADS. Not the sample's order (the counts are the same) and not threads (the
+    sums commute). Byte-level BPE has no such pieces (its alphabet is all 256 bytes, sorted): it is deterministic
+    as it is. A first pass that stops before any merge (vocab_size: the special tokens) lists the pieces; given
+    as special tokens they take fixed ids before the trainer walks its map, and the same pieces are in the
+    vocabulary as without it."""
+    from tokenizers import Tokenizer, trainers
+
+    probe = Tokenizer.from_str(tok.to_str())  # (the same normalizer and pre-tokenizer)
+    probe.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=len(special), special_tokens=special,
+                                                               show_progress=False))
+    return sorted(t for t in probe.get_vocab() if t.startswith("##"))
 
 
 def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_max_length: int, lowercase: bool = True):

@@ -21,7 +21,12 @@ import zlib
 import torch
 from transformers import AutoTokenizer
 
-from mlm_lightning.data.tokenizer import TOKENIZER_FILES, drop_saved_padding, tokenizer_dir_problem
+from mlm_lightning.data.tokenizer import (
+    TOKENIZER_FILES,
+    drop_saved_padding,
+    tokenizer_dir_problem,
+    validate_tokenizer,
+)
 from mlm_lightning.errors import MLMError, check, os_error
 from mlm_lightning.hub import load_pretrained
 from mlm_lightning.model import sharded
@@ -218,6 +223,16 @@ def _tokenizer_from_files(files: object, source: str):
                                                                     trust_remote_code=False), source)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise MLMError(f"{source} has an unreadable tokenizer ({type(e).__name__})") from None
+
+
+def carried_tokenizer(checkpoint: dict, path: str):
+    """The tokenizer a checkpoint (the dict of `verified_checkpoint`) was trained with, from the files it carries:
+    a resume tokenizes with it, whatever a cache holds."""
+    source = f"checkpoint {path!r}"
+    payload = checkpoint.get(PAYLOAD)
+    tokenizer = _tokenizer_from_files(payload.get("tokenizer_files") if isinstance(payload, dict) else None, source)
+    validate_tokenizer(tokenizer, source)
+    return tokenizer
 
 
 def load_checkpoint(path: str, option: str = "--ckpt_path"):

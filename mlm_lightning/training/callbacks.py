@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import torch
@@ -17,6 +16,7 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from mlm_lightning.errors import check
+from mlm_lightning.files import atomic_file
 from mlm_lightning.model.arch import train_flops
 
 # Dense (no-sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (16-bit, tf32, fp32). Lightning's own
@@ -174,14 +174,6 @@ class JSONLPredictionWriter(BasePredictionWriter):
             records = [r for part in parts for r in part]
         if trainer.is_global_zero:
             records.sort(key=lambda r: r["index"])
-            directory = os.path.dirname(os.path.abspath(self.output))
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".predictions-", suffix=".tmp", dir=directory)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-                os.replace(tmp, self.output)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            with atomic_file(self.output) as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             print(f"mlm-lightning: wrote {len(records)} predictions to {self.output}")

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from datetime import timedelta
 from typing import Literal
@@ -27,7 +26,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from mlm_lightning.errors import writing
+from mlm_lightning.files import atomic_file
 from mlm_lightning.model.module import is_log_step
 
 
@@ -36,26 +35,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = str(path)
         if "://" in path:  # a remote store: Lightning's own fsspec write
             return super().save_checkpoint(checkpoint, path, storage_options)
-        directory, name = os.path.split(os.path.abspath(path))
-        prefix = f".{name}."
         # Written straight into our temporary file beside `path` (Lightning's fsspec transaction would first write
-        # the whole checkpoint into the system temp dir, then copy it), synced, then renamed over `path`: the
-        # previous file stays whole until then. A full disk or a read-only directory is reported on `path`.
-        with writing(path, temporary=(os.path.join(directory, prefix),)):
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)  # ours alone
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(checkpoint, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: a checkpoint gets the usual permissions
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        # the whole checkpoint into the system temp dir, then copy it), synced, given the umask's permissions and
+        # renamed over `path`: the previous file stays whole until then. A full disk or a read-only directory is
+        # reported on `path`.
+        with atomic_file(path, "wb") as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)

@@ -11,9 +11,9 @@ import csv
 import glob
 import os
 import re
-import tempfile
 
 from mlm_lightning.errors import MLMError, check
+from mlm_lightning.files import atomic_path
 
 PANELS = [  # (title, [(metric, label)], log scale)
     ("loss", [("train/loss", "train"), ("val/loss", "val")], False),
@@ -126,16 +126,11 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
     _summary_panel(axes[-1], runs, labels)
     fig.suptitle("mlm-lightning: " + ", ".join(labels))
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=os.path.dirname(os.path.abspath(out)))
-    os.close(fd)  # (a name of our own: nothing of the user's is overwritten on the way)
-    try:  # written aside and renamed: never a half-written picture
-        fig.savefig(tmp, dpi=80, metadata={"Software": MARKER})
-        os.replace(tmp, out)
+    try:  # written aside under a name of our own and renamed: never a half-written picture
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=80, metadata={"Software": MARKER})
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out
 
 
