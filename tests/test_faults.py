@@ -1,5 +1,6 @@
 """Every fault ends in one line (issue 18): damaged checkpoints, OS errors in every command, full disks that keep the
-previous checkpoint and export whole, incomplete model dirs, options a resumed checkpoint replaces.
+previous checkpoint and export whole, incomplete model dirs, options a resumed checkpoint replaces, and standard
+streams that are closed or whose reader went away (issue 31).
 
 The matrices are parametrized over the commands: a new command gets a row in `CKPT_COMMANDS`, `WRITERS` or
 `READERS` and inherits the guarantees. Faults are real where the machine allows: tmpfs mounts for a full disk and
@@ -18,6 +19,7 @@ import torch
 
 from mlm_lightning.cli.main import _describe
 from tests.helpers import (
+    ROOT,
     TINY_DATA,
     damage,
     error_lines,
@@ -345,3 +347,99 @@ def test_resume_names_the_learning_rate_it_replaces_and_takes_how_to_run_options
     assert "skip_nonfinite" not in named[0]
     hparams = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["learning_rate"] == 0.001 and hparams["skip_nonfinite"] is True  # the user's, used
+
+
+# -- 6. standard streams: closed, empty or gone away, every command ends in its result or one line -----------------
+@contextmanager
+def stream_fault(kind: str, masked: str):
+    """The process's standard streams as the shell leaves them for `0<&-`, `</dev/null`, `1>&-` and `| head -1`
+    (in this process: Python sets sys.stdin/sys.stdout to None for a closed descriptor, and ignores SIGPIPE); with
+    stdout's faults, stdin holds the sentences of `masked`."""
+    import sys
+
+    fd = 1 if kind in ("stdout-closed", "broken-pipe") else 0
+    saved_fd, saved = os.dup(fd), (sys.stdin, sys.stdout)
+    pipe = None
+    try:
+        if kind == "stdin-closed":
+            os.close(0)
+            sys.stdin = None
+        elif kind == "stdin-devnull":
+            sys.stdin = open(os.devnull)  # noqa: SIM115
+        elif kind == "stdout-closed":
+            sys.stdin = open(masked)  # noqa: SIM115
+            os.close(1)
+            sys.stdout = None
+        else:
+            sys.stdin = open(masked)  # noqa: SIM115
+            read, write = os.pipe()
+            os.close(read)  # the reader is gone: `| head -1` once it has its line
+            pipe = sys.stdout = open(write, "w", buffering=1)  # noqa: SIM115
+        yield
+    finally:
+        if sys.stdin is not None and sys.stdin is not saved[0]:
+            sys.stdin.close()
+        sys.stdin, sys.stdout = saved
+        os.dup2(saved_fd, fd)
+        os.close(saved_fd)
+        if pipe is not None:
+            pipe.close()
+
+
+STREAM_FAULTS = ["stdin-closed", "stdin-devnull", "stdout-closed", "broken-pipe"]
+# each command's arguments (r: a finished run, o: a directory for its outputs) and the file it leaves as its result
+STREAM_COMMANDS = {
+    "fit": (lambda r, c, m, o: fit_args(c, o / "run", "--trainer.max_steps", "2"), "run/export/model.safetensors"),
+    "validate": (lambda r, c, m, o: CKPT_COMMANDS["validate"](str(r / "checkpoints" / "last.ckpt"), c, m, o), None),
+    "test": (lambda r, c, m, o: CKPT_COMMANDS["test"](str(r / "checkpoints" / "last.ckpt"), c, m, o), None),
+    "predict": (lambda r, c, m, o: [*WRITERS["predict"](o, r, c, m, o)], "p.jsonl"),
+    "export": (lambda r, c, m, o: WRITERS["export"](o, r, c, m, o), "export/model.safetensors"),
+    "plot": (lambda r, c, m, o: WRITERS["plot"](o, r, c, m, o), "plot.png"),
+    "fill-mask": (lambda r, c, m, o: ["fill-mask", "--model", str(r / "export"), "a [MASK] sees the dog ."], None),
+    "fill-mask-stdin": (lambda r, c, m, o: ["fill-mask", "--model", str(r / "export")], None),
+}
+# where a command cannot give its result: the one line it ends in instead
+STREAM_REFUSALS = {
+    ("fill-mask-stdin", "stdin-closed"): "no input sentences",
+    ("fill-mask-stdin", "stdin-devnull"): "no input sentences",
+    ("fill-mask-stdin", "stdout-closed"): "standard output is closed",
+    ("fill-mask", "stdout-closed"): "standard output is closed",
+}
+
+
+@pytest.mark.parametrize("kind", STREAM_FAULTS)
+@pytest.mark.parametrize("command", STREAM_COMMANDS)
+def test_standard_streams_never_cause_a_traceback(run, corpus, masked, tmp_path, capsys, command, kind):
+    args, result = STREAM_COMMANDS[command]
+    argv = args(run, corpus, masked, tmp_path)
+    with stream_fault(kind, masked):
+        code = run_cli(*argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    refusal = STREAM_REFUSALS.get((command, kind))
+    if refusal:
+        lines = error_lines(err)
+        assert code == 2 and len(lines) == 1 and refusal in lines[0], err[-3000:]
+    else:
+        assert code == 0 and not error_lines(err), err[-3000:]
+        assert result is None or (tmp_path / result).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_fill_mask_with_stdin_closed_or_a_reader_gone_in_a_real_shell(run, tmp_path):
+    """The shell's own `0<&-` and `| head -1` (a process, not this one's streams): one line, or the first result."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    many = tmp_path / "many.txt"
+    many.write_text("a [MASK] sees the dog .\n" * 3000)
+    fill = f"{sys.executable} -m mlm_lightning.cli fill-mask --model {run / 'export'}"
+    closed = subprocess.run(["bash", "-c", f"{fill} 0<&-"], env=env, capture_output=True, text=True)
+    assert closed.returncode == 2 and "Traceback" not in closed.stderr, closed.stderr
+    assert error_lines(closed.stderr) == ["mlm-lightning: error: no input sentences; pass sentences, --file FILE,"
+                                          " or lines on stdin"]
+    piped = subprocess.run(["bash", "-c", f"set -o pipefail; {fill} --file {many} | head -1"], env=env,
+                           capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stdout.count("\n") == 1, piped.stderr
+    assert "Traceback" not in piped.stderr and not error_lines(piped.stderr), piped.stderr
