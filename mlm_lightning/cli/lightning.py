@@ -63,12 +63,20 @@ class MLMCLI(LightningCLI):
                             " (default: <trainer.default_root_dir>/export)")
 
     def parse_arguments(self, parser, args) -> None:
+        _refuse_optimizer_options(args)
         # Defaults that depend on other options (see defaults.py) are applied right after parsing.
         # `--print_config` prints inside jsonargparse's parse, before any LightningCLI hook, so it is
         # held back and asked for again with the adjusted values appended as explicit options.
         printing = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
         plain = [a for a in args if a not in printing]
-        super().parse_arguments(parser, plain)
+        try:
+            super().parse_arguments(parser, plain)
+        except ArgumentError as e:  # (the same options in a --config file)
+            name = next((n for n in FOREIGN_OPTIONS if f"option '{n}" in str(e)), None)
+            if name is None:
+                raise
+            raise MLMError(f"{name} (in a --config file) is not an option of mlm-lightning: {FOREIGN_OPTIONS[name]}"
+                           " (see mlm-lightning fit --help)") from None
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -291,6 +299,23 @@ def _default_positions(name_or_path: str) -> int:
     return min(positions, limit) if limit else positions
 
 
+# LightningCLI's own optimizer and scheduler options (not added: `auto_configure_optimizers=False`): the module
+# builds AdamW and its schedule from its own options, and Lightning's would be silently ignored or fail
+FOREIGN_OPTIONS = {
+    "optimizer": "the optimizer is AdamW, set by --model.learning_rate, --model.head_learning_rate,"
+                 " --model.weight_decay, --model.betas and --model.eps",
+    "lr_scheduler": "the schedule is set by --model.schedule (linear, cosine, wsd, constant), --model.warmup_steps,"
+                    " --model.decay_share and --model.min_lr_ratio",
+}
+
+
+def _refuse_optimizer_options(args) -> None:
+    for arg in args:
+        name = arg[2:].split("=", 1)[0].split(".", 1)[0] if isinstance(arg, str) and arg.startswith("--") else ""
+        check(name not in FOREIGN_OPTIONS, f"{arg.split('=', 1)[0]} is not an option of mlm-lightning:"
+                                           f" {FOREIGN_OPTIONS.get(name)} (see mlm-lightning fit --help)")
+
+
 def _check_accelerator(accelerator, devices) -> None:
     name = str(accelerator).lower()
     if name in ("gpu", "cuda"):
@@ -315,6 +340,7 @@ def run_lightning_cli(argv: list[str]) -> None:
             seed_everything_default=42,
             save_config_callback=RedactedConfig,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # MLMModule.configure_optimizers builds AdamW and its schedule
             parser_kwargs={"exit_on_error": False},
             trainer_defaults={
                 "default_root_dir": "runs",
