@@ -23,6 +23,7 @@ from tests.helpers import (
     TINY_DATA,
     damage,
     error_lines,
+    family_tokenizer,
     fit_args,
     mount_tmpfs,
     permissions_apply,
@@ -317,6 +318,84 @@ def test_an_incomplete_model_dir_is_refused(run, corpus, masked, tmp_path, capsy
     code = run_cli(*MODEL_COMMANDS[command](str(model), corpus, masked, tmp_path))
     one_line(capsys, code, f"{str(model)!r} is incomplete", missing)
     assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
+
+
+@pytest.fixture(scope="module")
+def misfit(tmp_path_factory) -> str:
+    """A RoBERTa dir whose 64-row embeddings cannot hold the ids of the (bigger) tokenizer beside its weights."""
+    import transformers
+
+    tmp = tmp_path_factory.mktemp("misfit")
+    tok = family_tokenizer(tmp, "roberta")
+    config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=70, pad_token_id=1)
+    out = tmp / "model"
+    transformers.RobertaForMaskedLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    assert len(tok) > 64
+    return str(out)
+
+
+MISFIT = ("the tokenizer has", "but the model's embeddings hold", "do not belong together")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_a_model_dir_whose_tokenizer_outgrows_its_embeddings_is_refused(misfit, corpus, masked, tmp_path, capsys,
+                                                                        fresh_cache, command):
+    code = run_cli(*MODEL_COMMANDS[command](misfit, corpus, masked, tmp_path))
+    one_line(capsys, code, repr(misfit), *MISFIT)
+    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())  # refused before tokenizing
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def misfit_ckpt(run, tmp_path_factory) -> str:
+    """The run's checkpoint carrying a bigger tokenizer than its embeddings hold (an edited or mixed-up file)."""
+    tmp = tmp_path_factory.mktemp("misfit-ckpt")
+    tok = family_tokenizer(tmp, "roberta")  # (its 256 bytes alone outnumber the tiny BERT's rows)
+    tok.save_pretrained(tmp / "tok")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(tok) > ckpt["state_dict"]["model.bert.embeddings.word_embeddings.weight"].shape[0]
+    files = ckpt["mlm_lightning"]["tokenizer_files"]
+    for name in files:
+        files[name] = (tmp / "tok" / name).read_text()
+    torch.save(ckpt, tmp / "misfit.ckpt")
+    return str(tmp / "misfit.ckpt")
+
+
+@pytest.mark.parametrize("command", ["export", "fill-mask", "serve"])
+def test_a_checkpoint_whose_tokenizer_outgrows_its_embeddings_is_refused(misfit_ckpt, corpus, masked, tmp_path,
+                                                                         capsys, command):
+    code = run_cli(*CKPT_COMMANDS[command](misfit_ckpt, corpus, masked, tmp_path))
+    one_line(capsys, code, repr(misfit_ckpt), *MISFIT)
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_python_loaders_make_the_same_load_check(misfit, misfit_ckpt, run):
+    import transformers
+
+    from mlm_lightning.errors import MLMError
+    from mlm_lightning.model.arch import check_fits
+    from mlm_lightning.model.checkpoint import load_checkpoint, load_model
+    from mlm_lightning.model.fill_mask import FillMasker
+
+    for load, path in [(load_model, misfit), (load_model, misfit_ckpt), (load_checkpoint, misfit_ckpt)]:
+        with pytest.raises(MLMError, match="do not belong together"):
+            load(path)
+    model = transformers.RobertaForMaskedLM.from_pretrained(misfit)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(misfit)
+    with pytest.raises(MLMError, match="but the model's embeddings hold 64"):
+        FillMasker(model, tokenizer)
+
+    class MaskBeyond:  # as small as the embeddings, but its mask token's id is beyond them
+        mask_token_id, pad_token_id, cls_token_id, sep_token_id, unk_token_id = 70, 0, 1, 2, 3
+        all_special_tokens, all_special_ids = ["[PAD]", "<mask>"], [0, 70]
+
+        def __len__(self):
+            return 60
+
+    with pytest.raises(MLMError, match="mask token has id 70, beyond the model's 64 embeddings"):
+        check_fits(transformers.BertConfig(vocab_size=64), MaskBeyond(), "x")
 
 
 def test_a_tokenizer_dir_without_tokenizer_files_is_refused(run, corpus, tmp_path, capsys):

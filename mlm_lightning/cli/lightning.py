@@ -27,7 +27,13 @@ from mlm_lightning.errors import MLMError, check
 from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import FAMILIES, usable_positions
-from mlm_lightning.model.checkpoint import check_checkpoint_path, check_model_dir, load_checkpoint, verified_checkpoint
+from mlm_lightning.model.checkpoint import (
+    check_checkpoint_path,
+    check_model_dir,
+    check_model_dir_fits,
+    load_checkpoint,
+    verified_checkpoint,
+)
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
 from mlm_lightning.training.checkpointing import MLMCheckpoint, checkpoint_io
 from mlm_lightning.training.plot import metrics_files, plot_runs
@@ -158,6 +164,8 @@ class MLMCLI(LightningCLI):
             check_model_dir(model.model_name_or_path, "--model.model_name_or_path", tokenizer=own)
         if data.tokenizer is None and model.model_name_or_path:
             data.tokenizer = model.model_name_or_path
+        if model.model_name_or_path and not cfg.get("ckpt_path"):
+            check_model_dir_fits(model.model_name_or_path, data.tokenizer)
         kind_given = was_given(self.given, "data.tokenizer_kind")
         if not model.model_name_or_path and model.architecture in FAMILIES and not kind_given:  # (else MLMModule
             # says what is wrong; a kind the user chose is theirs)

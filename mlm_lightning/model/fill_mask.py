@@ -34,6 +34,7 @@ class FillMasker:
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 64):
         check(top_k > 0, f"top_k must be positive, got {top_k}")
         check(tokenizer.mask_token is not None, "the tokenizer has no mask token; it cannot fill masks")
+        arch.check_fits(model, tokenizer, "fill-mask")
         self.model, self.tokenizer, self.top_k, self.batch_size = model, tokenizer, top_k, batch_size
         self.device = torch.device(device)
         self.truncated: list[int] = []
