@@ -208,7 +208,9 @@ READERS = {
 def test_an_os_error_while_writing_is_one_line(run, corpus, masked, tmp_path, capsys, command, kind):
     with fault(kind, tmp_path) as target:
         code = run_cli(*WRITERS[command](target, run, corpus, masked, tmp_path))
+        empty = [p for p in target.rglob("*") if p.is_file() and not p.stat().st_size] if kind == "disk-full" else []
     line = one_line(capsys, code, FAULTS[kind])
+    assert not empty, empty  # nothing left half-written (e.g. a 0-byte config.yaml)
     if kind != "too-many-open-files":  # (that one strikes wherever the next file is opened)
         assert str(target) in line
 
@@ -522,3 +524,94 @@ def test_fill_mask_with_stdin_closed_or_a_reader_gone_in_a_real_shell(run, tmp_p
                            capture_output=True, text=True)
     assert piped.returncode == 0 and piped.stdout.count("\n") == 1, piped.stderr
     assert "Traceback" not in piped.stderr and not error_lines(piped.stderr), piped.stderr
+
+
+# -- 7. runs that do nothing say so and why; odd inputs get a line that names them ----------------------------------
+def test_max_steps_0_is_refused_before_anything_is_written(corpus, tmp_path, capsys, fresh_cache):
+    code = run_cli(*fit_args(corpus, tmp_path / "r", "--trainer.max_steps", "0"))
+    one_line(capsys, code, "--trainer.max_steps 0 trains nothing", "give a positive number")
+    assert not (tmp_path / "r").exists() and not fresh_cache.exists()
+
+
+def test_a_finished_run_resumed_says_there_is_nothing_to_train(run, corpus, tmp_path, capsys):
+    root = tmp_path / "r"
+    shutil.copytree(run, root)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--ckpt_path", "last"))
+    err = capsys.readouterr().err
+    assert code == 0 and not error_lines(err), err
+    said = [line for line in err.splitlines() if "nothing to train" in line]
+    assert len(said) == 1 and "already reached --trainer.max_steps 4" in said[0], err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no empty version_N, no new export
+
+
+def test_a_vocab_size_below_what_the_corpus_needs_says_the_size_used(corpus, tmp_path, capsys, fresh_cache):
+    args = [a for a in fit_args(corpus, tmp_path / "r", "--trainer.max_steps", "1") if a != "300"]
+    args[args.index("--data.vocab_size") + 1:args.index("--data.vocab_size") + 1] = ["5"]
+    assert run_cli(*args) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "--data.vocab_size 5 is below what this corpus needs" in line]
+    assert len(said) == 1 and "the model uses them all" in said[0], err
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt", "empty"])
+def test_plot_of_a_damaged_metrics_csv_warns_naming_the_file_and_line(run, tmp_path, capsys, how):
+    root = tmp_path / "r"
+    shutil.copytree(run / "lightning_logs", root / "lightning_logs")
+    csv_path = root / "lightning_logs" / "version_0" / "metrics.csv"
+    lines = csv_path.read_text().splitlines(keepends=True)
+    damaged = {"truncated": "".join(lines)[:-40],  # (the last row cut in the middle of its fields)
+               "corrupt": "".join(lines[:2] + ["\x00\x01,zz,\n"] + lines[3:]), "empty": ""}[how]
+    csv_path.write_text(damaged)
+    assert run_cli("plot", str(root)) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if str(csv_path) in line and "line" in line]
+    where = {"truncated": f"line {len(lines)} ", "corrupt": "line 3 ", "empty": "line 1 is empty"}[how]
+    assert len(warned) == 1 and where in warned[0], err
+    assert (root / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("how", ["tab-indented", "a list"])
+def test_a_bad_config_file_is_named_with_the_shape_expected(tmp_path, capsys, how):
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n\tbatch_size: 4\n" if how == "tab-indented" else "[1, 2]\n")
+    code = run_cli("fit", "--config", str(config))
+    line = one_line(capsys, code, repr(str(config)), "a config is a mapping of options")
+    assert ("line 2, column 1" in line and "never tabs" in line) if how == "tab-indented" else "holds a list" in line
+
+
+def test_a_huge_top_k_is_a_sane_line_and_a_big_one_gives_every_token(run, capsys):
+    code = run_cli("fill-mask", "--model", str(run / "export"), "--top_k", "9" * 5000, "a [MASK] sees the dog .")
+    line = one_line(capsys, code, "--top_k: a number of 5000 digits is far too large")
+    assert "set_int_max_str_digits" not in line
+    assert run_cli("fill-mask", "--model", str(run / "export"), "--top_k", "9" * 20, "--json",
+                   "a [MASK] sees the dog .") == 0
+    import json
+
+    from transformers import AutoTokenizer
+
+    answer = json.loads(capsys.readouterr().out)["predictions"][0]
+    assert len(answer) == len(AutoTokenizer.from_pretrained(run / "export"))  # as the pipeline: at most every token
+
+
+@pytest.mark.parametrize("what", ["pdf", "random"])
+def test_a_binary_corpus_is_called_binary(tmp_path, capsys, what):
+    import random
+
+    data = random.Random(0).randbytes(4000).replace(b"\x00", b"\x01")  # (no NUL: it would say so first)
+    path = tmp_path / "book.txt"
+    path.write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n" + data if what == "pdf" else data)
+    code = run_cli(*fit_args(str(path), tmp_path / "r", "--trainer.max_steps", "1"))
+    line = one_line(capsys, code, repr(str(path))[1:-1], "not text", "extract its text first")
+    assert ("a PDF, a binary file" if what == "pdf" else "binary data") in line and "iconv" not in line
+
+
+def test_predict_says_its_truncation_notice_once(run, tmp_path, capsys):
+    long = " ".join(["the cat sees the ball ."] * 30)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text(f"{long} a [MASK] here .\na [MASK] sees the dog .\n{long} the [MASK] .\n")
+    args = WRITERS["predict"](tmp_path, run, "", str(inputs), tmp_path)
+    assert run_cli(*args, "--data.batch_size", "1") == 0
+    err = capsys.readouterr().err
+    notices = [line for line in err.splitlines() if "were truncated" in line]
+    assert len(notices) == 1 and "2 input(s)" in notices[0] and "(input 1, 3)" in notices[0], err

@@ -23,7 +23,7 @@ from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu,
 from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data.corpus import redacted
 from mlm_lightning.data.tokenizer import tokenizer_length_limit
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.errors import MLMError, NothingToDo, check
 from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import FAMILIES, usable_positions
@@ -54,8 +54,15 @@ class RedactedConfig(SaveConfigCallback):
         if options:
             self.config = real.clone()
             self.config["data.storage_options"] = redacted(options)
+        log_dir = trainer.log_dir if trainer.is_global_zero else None
+        path = os.path.join(log_dir, self.config_filename) if log_dir else None
+        existed = path is not None and os.path.exists(path)
         try:
             super().setup(trainer, pl_module, stage)
+        except Exception:
+            if path and not existed and os.path.isfile(path):  # (a full disk): no half-written config.yaml left
+                os.remove(path)
+            raise
         finally:
             self.config = real
 
@@ -70,6 +77,7 @@ class MLMCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         _refuse_optimizer_options(args)
+        _check_config_files(args)
         # Defaults that depend on other options (see defaults.py) are applied right after parsing.
         # `--print_config` prints inside jsonargparse's parse, before any LightningCLI hook, so it is
         # held back and asked for again with the adjusted values appended as explicit options.
@@ -123,7 +131,13 @@ class MLMCLI(LightningCLI):
                 " (--trainer.strategy fsdp or deepspeed), or turn it into a model with mlm-lightning export",
             )
             return
-        hparams = verified_checkpoint(ckpt, resumable=sub == "fit").get("hyper_parameters")
+        saved = verified_checkpoint(ckpt, resumable=sub == "fit")
+        steps = cfg.trainer.max_steps
+        if sub == "fit" and steps not in (None, -1) and isinstance(saved.get("global_step"), int) and \
+                saved["global_step"] >= steps:  # (Lightning would make an empty version_N and export again)
+            raise NothingToDo(f"the run already reached --trainer.max_steps {steps} ({ckpt} is at step"
+                              f" {saved['global_step']}): nothing to train; raise --trainer.max_steps to train on")
+        hparams = saved.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams:
             self._resume_hparams(sub, ckpt, hparams)
 
@@ -177,6 +191,9 @@ class MLMCLI(LightningCLI):
                 "the run has no end: --trainer.max_epochs -1 and no --trainer.max_steps or --trainer.max_time;"
                 " set one of them (e.g. --trainer.max_time 00:12:00:00 for 12 hours)",
             )
+            check(trainer.max_steps != 0 and trainer.max_epochs != 0,
+                  f"--trainer.max_{'steps' if trainer.max_steps == 0 else 'epochs'} 0 trains nothing; give a positive"
+                  " number (to measure a model without training: mlm-lightning validate)")
         positions = usable_positions(model.model_name_or_path) if model.model_name_or_path else \
             model.max_position_embeddings
         check(
@@ -322,6 +339,35 @@ def _refuse_optimizer_options(args) -> None:
         name = arg[2:].split("=", 1)[0].split(".", 1)[0] if isinstance(arg, str) and arg.startswith("--") else ""
         check(name not in FOREIGN_OPTIONS, f"{arg.split('=', 1)[0]} is not an option of mlm-lightning:"
                                            f" {FOREIGN_OPTIONS.get(name)} (see mlm-lightning fit --help)")
+
+
+def _check_config_files(args) -> None:
+    """A `--config FILE` that is not YAML, or not a mapping of options, is refused naming the file, the place and
+    the shape expected (jsonargparse's own errors name neither)."""
+    import yaml
+
+    paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    shape = "a mapping of options, e.g. `trainer:` then `  max_steps: 1000` on the next line, indented by spaces"
+    for path in paths:
+        if not os.path.isfile(path):
+            continue  # (jsonargparse says it does not exist, or takes it as inline YAML)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise MLMError(f"config file {path!r} is not UTF-8 text; a config is YAML: {shape}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            tab = " (YAML indents with spaces, never tabs)" if "\t" in text else ""
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise MLMError(f"config file {path!r} is not valid YAML{where}: {problem}{tab}; a config is {shape}") \
+                from None
+        check(loaded is None or isinstance(loaded, dict),
+              f"config file {path!r} holds a {type(loaded).__name__}, not options; a config is {shape}")
 
 
 def _check_accelerator(accelerator, devices) -> None:

@@ -18,12 +18,13 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
 import warnings
 
-from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, check, os_error
+from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, NothingToDo, check, os_error
 
 log = logging.getLogger("mlm_lightning")
 DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
@@ -291,10 +292,16 @@ def _describe(e: BaseException, command: str = "fit") -> tuple[int | None, str]:
         saved = getattr(e, "last_checkpoint", None)
         kept = f"last good checkpoint kept: {saved}" if saved else "no checkpoint had been written yet"
         return e.exit_code, f"error: {e} ({kept})"
+    if isinstance(e, NothingToDo):
+        return 0, str(e)
     if isinstance(e, MLMError):
         return e.exit_code, f"error: {e}"
     if isinstance(e, ArgumentError):
         text = " ".join(str(e).split())
+        huge = re.search(r'key "([^"]+)": Exceeds the limit .*?value has (\d+) digits', text)
+        if huge:  # (Python's own advice, sys.set_int_max_str_digits, is no way on for a user)
+            return 2, (f"error: --{huge.group(1)}: a number of {huge.group(2)} digits is far too large; give a"
+                       f" sensible value; see mlm-lightning {command} --help")
         return 2, f"error: {text[:400]}; see mlm-lightning {command} --help"
     if isinstance(e, ValueError) and e.__traceback__ is not None:
         where = traceback.extract_tb(e.__traceback__)[-1].filename
