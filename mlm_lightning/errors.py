@@ -24,6 +24,10 @@ class NonFiniteLossError(MLMError):
     exit_code = 3
 
 
+class NothingToDo(Exception):
+    """The command has nothing to do (e.g. a finished run resumed): the message says why; the exit code is 0."""
+
+
 def check(condition: bool, message: str) -> None:
     """Raise `MLMError(message)` unless `condition` holds."""
     if not condition:

@@ -1,5 +1,6 @@
 """Every fault ends in one line (issue 18): damaged checkpoints, OS errors in every command, full disks that keep the
-previous checkpoint and export whole, incomplete model dirs, options a resumed checkpoint replaces.
+previous checkpoint and export whole, incomplete model dirs, options a resumed checkpoint replaces, and standard
+streams that are closed or whose reader went away (issue 31).
 
 The matrices are parametrized over the commands: a new command gets a row in `CKPT_COMMANDS`, `WRITERS` or
 `READERS` and inherits the guarantees. Faults are real where the machine allows: tmpfs mounts for a full disk and
@@ -18,9 +19,11 @@ import torch
 
 from mlm_lightning.cli.main import _describe
 from tests.helpers import (
+    ROOT,
     TINY_DATA,
     damage,
     error_lines,
+    family_tokenizer,
     fit_args,
     mount_tmpfs,
     permissions_apply,
@@ -205,7 +208,9 @@ READERS = {
 def test_an_os_error_while_writing_is_one_line(run, corpus, masked, tmp_path, capsys, command, kind):
     with fault(kind, tmp_path) as target:
         code = run_cli(*WRITERS[command](target, run, corpus, masked, tmp_path))
+        empty = [p for p in target.rglob("*") if p.is_file() and not p.stat().st_size] if kind == "disk-full" else []
     line = one_line(capsys, code, FAULTS[kind])
+    assert not empty, empty  # nothing left half-written (e.g. a 0-byte config.yaml)
     if kind != "too-many-open-files":  # (that one strikes wherever the next file is opened)
         assert str(target) in line
 
@@ -317,6 +322,84 @@ def test_an_incomplete_model_dir_is_refused(run, corpus, masked, tmp_path, capsy
     assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
 
 
+@pytest.fixture(scope="module")
+def misfit(tmp_path_factory) -> str:
+    """A RoBERTa dir whose 64-row embeddings cannot hold the ids of the (bigger) tokenizer beside its weights."""
+    import transformers
+
+    tmp = tmp_path_factory.mktemp("misfit")
+    tok = family_tokenizer(tmp, "roberta")
+    config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=70, pad_token_id=1)
+    out = tmp / "model"
+    transformers.RobertaForMaskedLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    assert len(tok) > 64
+    return str(out)
+
+
+MISFIT = ("the tokenizer has", "but the model's embeddings hold", "do not belong together")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_a_model_dir_whose_tokenizer_outgrows_its_embeddings_is_refused(misfit, corpus, masked, tmp_path, capsys,
+                                                                        fresh_cache, command):
+    code = run_cli(*MODEL_COMMANDS[command](misfit, corpus, masked, tmp_path))
+    one_line(capsys, code, repr(misfit), *MISFIT)
+    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())  # refused before tokenizing
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def misfit_ckpt(run, tmp_path_factory) -> str:
+    """The run's checkpoint carrying a bigger tokenizer than its embeddings hold (an edited or mixed-up file)."""
+    tmp = tmp_path_factory.mktemp("misfit-ckpt")
+    tok = family_tokenizer(tmp, "roberta")  # (its 256 bytes alone outnumber the tiny BERT's rows)
+    tok.save_pretrained(tmp / "tok")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(tok) > ckpt["state_dict"]["model.bert.embeddings.word_embeddings.weight"].shape[0]
+    files = ckpt["mlm_lightning"]["tokenizer_files"]
+    for name in files:
+        files[name] = (tmp / "tok" / name).read_text()
+    torch.save(ckpt, tmp / "misfit.ckpt")
+    return str(tmp / "misfit.ckpt")
+
+
+@pytest.mark.parametrize("command", ["export", "fill-mask", "serve"])
+def test_a_checkpoint_whose_tokenizer_outgrows_its_embeddings_is_refused(misfit_ckpt, corpus, masked, tmp_path,
+                                                                         capsys, command):
+    code = run_cli(*CKPT_COMMANDS[command](misfit_ckpt, corpus, masked, tmp_path))
+    one_line(capsys, code, repr(misfit_ckpt), *MISFIT)
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_python_loaders_make_the_same_load_check(misfit, misfit_ckpt, run):
+    import transformers
+
+    from mlm_lightning.errors import MLMError
+    from mlm_lightning.model.arch import check_fits
+    from mlm_lightning.model.checkpoint import load_checkpoint, load_model
+    from mlm_lightning.model.fill_mask import FillMasker
+
+    for load, path in [(load_model, misfit), (load_model, misfit_ckpt), (load_checkpoint, misfit_ckpt)]:
+        with pytest.raises(MLMError, match="do not belong together"):
+            load(path)
+    model = transformers.RobertaForMaskedLM.from_pretrained(misfit)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(misfit)
+    with pytest.raises(MLMError, match="but the model's embeddings hold 64"):
+        FillMasker(model, tokenizer)
+
+    class MaskBeyond:  # as small as the embeddings, but its mask token's id is beyond them
+        mask_token_id, pad_token_id, cls_token_id, sep_token_id, unk_token_id = 70, 0, 1, 2, 3
+        all_special_tokens, all_special_ids = ["[PAD]", "<mask>"], [0, 70]
+
+        def __len__(self):
+            return 60
+
+    with pytest.raises(MLMError, match="mask token has id 70, beyond the model's 64 embeddings"):
+        check_fits(transformers.BertConfig(vocab_size=64), MaskBeyond(), "x")
+
+
 def test_a_tokenizer_dir_without_tokenizer_files_is_refused(run, corpus, tmp_path, capsys):
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -345,3 +428,190 @@ def test_resume_names_the_learning_rate_it_replaces_and_takes_how_to_run_options
     assert "skip_nonfinite" not in named[0]
     hparams = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["learning_rate"] == 0.001 and hparams["skip_nonfinite"] is True  # the user's, used
+
+
+# -- 6. standard streams: closed, empty or gone away, every command ends in its result or one line -----------------
+@contextmanager
+def stream_fault(kind: str, masked: str):
+    """The process's standard streams as the shell leaves them for `0<&-`, `</dev/null`, `1>&-` and `| head -1`
+    (in this process: Python sets sys.stdin/sys.stdout to None for a closed descriptor, and ignores SIGPIPE); with
+    stdout's faults, stdin holds the sentences of `masked`."""
+    import sys
+
+    fd = 1 if kind in ("stdout-closed", "broken-pipe") else 0
+    saved_fd, saved = os.dup(fd), (sys.stdin, sys.stdout)
+    pipe = None
+    try:
+        if kind == "stdin-closed":
+            os.close(0)
+            sys.stdin = None
+        elif kind == "stdin-devnull":
+            sys.stdin = open(os.devnull)  # noqa: SIM115
+        elif kind == "stdout-closed":
+            sys.stdin = open(masked)  # noqa: SIM115
+            os.close(1)
+            sys.stdout = None
+        else:
+            sys.stdin = open(masked)  # noqa: SIM115
+            read, write = os.pipe()
+            os.close(read)  # the reader is gone: `| head -1` once it has its line
+            pipe = sys.stdout = open(write, "w", buffering=1)  # noqa: SIM115
+        yield
+    finally:
+        if sys.stdin is not None and sys.stdin is not saved[0]:
+            sys.stdin.close()
+        sys.stdin, sys.stdout = saved
+        os.dup2(saved_fd, fd)
+        os.close(saved_fd)
+        if pipe is not None:
+            pipe.close()
+
+
+STREAM_FAULTS = ["stdin-closed", "stdin-devnull", "stdout-closed", "broken-pipe"]
+# each command's arguments (r: a finished run, o: a directory for its outputs) and the file it leaves as its result
+STREAM_COMMANDS = {
+    "fit": (lambda r, c, m, o: fit_args(c, o / "run", "--trainer.max_steps", "2"), "run/export/model.safetensors"),
+    "validate": (lambda r, c, m, o: CKPT_COMMANDS["validate"](str(r / "checkpoints" / "last.ckpt"), c, m, o), None),
+    "test": (lambda r, c, m, o: CKPT_COMMANDS["test"](str(r / "checkpoints" / "last.ckpt"), c, m, o), None),
+    "predict": (lambda r, c, m, o: [*WRITERS["predict"](o, r, c, m, o)], "p.jsonl"),
+    "export": (lambda r, c, m, o: WRITERS["export"](o, r, c, m, o), "export/model.safetensors"),
+    "plot": (lambda r, c, m, o: WRITERS["plot"](o, r, c, m, o), "plot.png"),
+    "fill-mask": (lambda r, c, m, o: ["fill-mask", "--model", str(r / "export"), "a [MASK] sees the dog ."], None),
+    "fill-mask-stdin": (lambda r, c, m, o: ["fill-mask", "--model", str(r / "export")], None),
+}
+# where a command cannot give its result: the one line it ends in instead
+STREAM_REFUSALS = {
+    ("fill-mask-stdin", "stdin-closed"): "no input sentences",
+    ("fill-mask-stdin", "stdin-devnull"): "no input sentences",
+    ("fill-mask-stdin", "stdout-closed"): "standard output is closed",
+    ("fill-mask", "stdout-closed"): "standard output is closed",
+}
+
+
+@pytest.mark.parametrize("kind", STREAM_FAULTS)
+@pytest.mark.parametrize("command", STREAM_COMMANDS)
+def test_standard_streams_never_cause_a_traceback(run, corpus, masked, tmp_path, capsys, command, kind):
+    args, result = STREAM_COMMANDS[command]
+    argv = args(run, corpus, masked, tmp_path)
+    with stream_fault(kind, masked):
+        code = run_cli(*argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    refusal = STREAM_REFUSALS.get((command, kind))
+    if refusal:
+        lines = error_lines(err)
+        assert code == 2 and len(lines) == 1 and refusal in lines[0], err[-3000:]
+    else:
+        assert code == 0 and not error_lines(err), err[-3000:]
+        assert result is None or (tmp_path / result).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_fill_mask_with_stdin_closed_or_a_reader_gone_in_a_real_shell(run, tmp_path):
+    """The shell's own `0<&-` and `| head -1` (a process, not this one's streams): one line, or the first result."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    many = tmp_path / "many.txt"
+    many.write_text("a [MASK] sees the dog .\n" * 3000)
+    fill = f"{sys.executable} -m mlm_lightning.cli fill-mask --model {run / 'export'}"
+    closed = subprocess.run(["bash", "-c", f"{fill} 0<&-"], env=env, capture_output=True, text=True)
+    assert closed.returncode == 2 and "Traceback" not in closed.stderr, closed.stderr
+    assert error_lines(closed.stderr) == ["mlm-lightning: error: no input sentences; pass sentences, --file FILE,"
+                                          " or lines on stdin"]
+    piped = subprocess.run(["bash", "-c", f"set -o pipefail; {fill} --file {many} | head -1"], env=env,
+                           capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stdout.count("\n") == 1, piped.stderr
+    assert "Traceback" not in piped.stderr and not error_lines(piped.stderr), piped.stderr
+
+
+# -- 7. runs that do nothing say so and why; odd inputs get a line that names them ----------------------------------
+def test_max_steps_0_is_refused_before_anything_is_written(corpus, tmp_path, capsys, fresh_cache):
+    code = run_cli(*fit_args(corpus, tmp_path / "r", "--trainer.max_steps", "0"))
+    one_line(capsys, code, "--trainer.max_steps 0 trains nothing", "give a positive number")
+    assert not (tmp_path / "r").exists() and not fresh_cache.exists()
+
+
+def test_a_finished_run_resumed_says_there_is_nothing_to_train(run, corpus, tmp_path, capsys):
+    root = tmp_path / "r"
+    shutil.copytree(run, root)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--ckpt_path", "last"))
+    err = capsys.readouterr().err
+    assert code == 0 and not error_lines(err), err
+    said = [line for line in err.splitlines() if "nothing to train" in line]
+    assert len(said) == 1 and "already reached --trainer.max_steps 4" in said[0], err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no empty version_N, no new export
+
+
+def test_a_vocab_size_below_what_the_corpus_needs_says_the_size_used(corpus, tmp_path, capsys, fresh_cache):
+    args = [a for a in fit_args(corpus, tmp_path / "r", "--trainer.max_steps", "1") if a != "300"]
+    args[args.index("--data.vocab_size") + 1:args.index("--data.vocab_size") + 1] = ["5"]
+    assert run_cli(*args) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "--data.vocab_size 5 is below what this corpus needs" in line]
+    assert len(said) == 1 and "the model uses them all" in said[0], err
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt", "empty"])
+def test_plot_of_a_damaged_metrics_csv_warns_naming_the_file_and_line(run, tmp_path, capsys, how):
+    root = tmp_path / "r"
+    shutil.copytree(run / "lightning_logs", root / "lightning_logs")
+    csv_path = root / "lightning_logs" / "version_0" / "metrics.csv"
+    lines = csv_path.read_text().splitlines(keepends=True)
+    damaged = {"truncated": "".join(lines)[:-40],  # (the last row cut in the middle of its fields)
+               "corrupt": "".join(lines[:2] + ["\x00\x01,zz,\n"] + lines[3:]), "empty": ""}[how]
+    csv_path.write_text(damaged)
+    assert run_cli("plot", str(root)) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if str(csv_path) in line and "line" in line]
+    where = {"truncated": f"line {len(lines)} ", "corrupt": "line 3 ", "empty": "line 1 is empty"}[how]
+    assert len(warned) == 1 and where in warned[0], err
+    assert (root / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("how", ["tab-indented", "a list"])
+def test_a_bad_config_file_is_named_with_the_shape_expected(tmp_path, capsys, how):
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n\tbatch_size: 4\n" if how == "tab-indented" else "[1, 2]\n")
+    code = run_cli("fit", "--config", str(config))
+    line = one_line(capsys, code, repr(str(config)), "a config is a mapping of options")
+    assert ("line 2, column 1" in line and "never tabs" in line) if how == "tab-indented" else "holds a list" in line
+
+
+def test_a_huge_top_k_is_a_sane_line_and_a_big_one_gives_every_token(run, capsys):
+    code = run_cli("fill-mask", "--model", str(run / "export"), "--top_k", "9" * 5000, "a [MASK] sees the dog .")
+    line = one_line(capsys, code, "--top_k: a number of 5000 digits is far too large")
+    assert "set_int_max_str_digits" not in line
+    assert run_cli("fill-mask", "--model", str(run / "export"), "--top_k", "9" * 20, "--json",
+                   "a [MASK] sees the dog .") == 0
+    import json
+
+    from transformers import AutoTokenizer
+
+    answer = json.loads(capsys.readouterr().out)["predictions"][0]
+    assert len(answer) == len(AutoTokenizer.from_pretrained(run / "export"))  # as the pipeline: at most every token
+
+
+@pytest.mark.parametrize("what", ["pdf", "random"])
+def test_a_binary_corpus_is_called_binary(tmp_path, capsys, what):
+    import random
+
+    data = random.Random(0).randbytes(4000).replace(b"\x00", b"\x01")  # (no NUL: it would say so first)
+    path = tmp_path / "book.txt"
+    path.write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n" + data if what == "pdf" else data)
+    code = run_cli(*fit_args(str(path), tmp_path / "r", "--trainer.max_steps", "1"))
+    line = one_line(capsys, code, repr(str(path))[1:-1], "not text", "extract its text first")
+    assert ("a PDF, a binary file" if what == "pdf" else "binary data") in line and "iconv" not in line
+
+
+def test_predict_says_its_truncation_notice_once(run, tmp_path, capsys):
+    long = " ".join(["the cat sees the ball ."] * 30)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text(f"{long} a [MASK] here .\na [MASK] sees the dog .\n{long} the [MASK] .\n")
+    args = WRITERS["predict"](tmp_path, run, "", str(inputs), tmp_path)
+    assert run_cli(*args, "--data.batch_size", "1") == 0
+    err = capsys.readouterr().err
+    notices = [line for line in err.splitlines() if "were truncated" in line]
+    assert len(notices) == 1 and "2 input(s)" in notices[0] and "(input 1, 3)" in notices[0], err

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, was_given
 from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data.corpus import redacted
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.errors import MLMError, NothingToDo, check
 from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.files import atomic_path
 from mlm_lightning.model import MLMModule
@@ -31,6 +31,7 @@ from mlm_lightning.model.checkpoint import (
     carried_tokenizer,
     check_checkpoint_path,
     check_model_dir,
+    check_model_dir_fits,
     load_checkpoint,
     verified_checkpoint,
 )
@@ -84,12 +85,21 @@ class MLMCLI(LightningCLI):
                             " (default: <trainer.default_root_dir>/export)")
 
     def parse_arguments(self, parser, args) -> None:
+        _refuse_optimizer_options(args)
+        _check_config_files(args)
         # Defaults that depend on other options (see defaults.py) are applied right after parsing.
         # `--print_config` prints inside jsonargparse's parse, before any LightningCLI hook, so it is
         # held back and asked for again with the adjusted values appended as explicit options.
         printing = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
         plain = [a for a in args if a not in printing]
-        super().parse_arguments(parser, plain)
+        try:
+            super().parse_arguments(parser, plain)
+        except ArgumentError as e:  # (the same options in a --config file)
+            name = next((n for n in FOREIGN_OPTIONS if f"option '{n}" in str(e)), None)
+            if name is None:
+                raise
+            raise MLMError(f"{name} (in a --config file) is not an option of mlm-lightning: {FOREIGN_OPTIONS[name]}"
+                           " (see mlm-lightning fit --help)") from None
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -131,6 +141,11 @@ class MLMCLI(LightningCLI):
             )
             return
         contents = verified_checkpoint(ckpt, resumable=sub == "fit")
+        steps = cfg.trainer.max_steps
+        if sub == "fit" and steps not in (None, -1) and isinstance(contents.get("global_step"), int) and \
+                contents["global_step"] >= steps:  # (Lightning would make an empty version_N and export again)
+            raise NothingToDo(f"the run already reached --trainer.max_steps {steps} ({ckpt} is at step"
+                              f" {contents['global_step']}): nothing to train; raise --trainer.max_steps to train on")
         hparams = contents.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams:
             self._resume_hparams(sub, ckpt, hparams)
@@ -202,6 +217,8 @@ class MLMCLI(LightningCLI):
         for key in ("data.tokenizer", "data.tokenizer_kind"):
             if key in paired and (key != "data.tokenizer" or data.tokenizer is None):
                 data[key.split(".")[1]] = paired[key][0]
+        if model.model_name_or_path and not cfg.get("ckpt_path"):
+            check_model_dir_fits(model.model_name_or_path, data.tokenizer)
         _check_accelerator(trainer.accelerator, trainer.devices)
         if self.subcommand == "fit":  # (Lightning would train forever, and the LR schedule would have no end)
             check(
@@ -209,6 +226,9 @@ class MLMCLI(LightningCLI):
                 "the run has no end: --trainer.max_epochs -1 and no --trainer.max_steps or --trainer.max_time;"
                 " set one of them (e.g. --trainer.max_time 00:12:00:00 for 12 hours)",
             )
+            check(trainer.max_steps != 0 and trainer.max_epochs != 0,
+                  f"--trainer.max_{'steps' if trainer.max_steps == 0 else 'epochs'} 0 trains nothing; give a positive"
+                  " number (to measure a model without training: mlm-lightning validate)")
         positions = usable_positions(model.model_name_or_path) if model.model_name_or_path else \
             model.max_position_embeddings
         check(
@@ -333,6 +353,52 @@ def last_checkpoint(dirpath: str) -> str | None:
     return max(paths, key=os.path.getmtime) if paths else None
 
 
+# LightningCLI's own optimizer and scheduler options (not added: `auto_configure_optimizers=False`): the module
+# builds AdamW and its schedule from its own options, and Lightning's would be silently ignored or fail
+FOREIGN_OPTIONS = {
+    "optimizer": "the optimizer is AdamW, set by --model.learning_rate, --model.head_learning_rate,"
+                 " --model.weight_decay, --model.betas and --model.eps",
+    "lr_scheduler": "the schedule is set by --model.schedule (linear, cosine, wsd, constant), --model.warmup_steps,"
+                    " --model.decay_share and --model.min_lr_ratio",
+}
+
+
+def _refuse_optimizer_options(args) -> None:
+    for arg in args:
+        name = arg[2:].split("=", 1)[0].split(".", 1)[0] if isinstance(arg, str) and arg.startswith("--") else ""
+        check(name not in FOREIGN_OPTIONS, f"{arg.split('=', 1)[0]} is not an option of mlm-lightning:"
+                                           f" {FOREIGN_OPTIONS.get(name)} (see mlm-lightning fit --help)")
+
+
+def _check_config_files(args) -> None:
+    """A `--config FILE` that is not YAML, or not a mapping of options, is refused naming the file, the place and
+    the shape expected (jsonargparse's own errors name neither)."""
+    import yaml
+
+    paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    shape = "a mapping of options, e.g. `trainer:` then `  max_steps: 1000` on the next line, indented by spaces"
+    for path in paths:
+        if not os.path.isfile(path):
+            continue  # (jsonargparse says it does not exist, or takes it as inline YAML)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise MLMError(f"config file {path!r} is not UTF-8 text; a config is YAML: {shape}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            tab = " (YAML indents with spaces, never tabs)" if "\t" in text else ""
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise MLMError(f"config file {path!r} is not valid YAML{where}: {problem}{tab}; a config is {shape}") \
+                from None
+        check(loaded is None or isinstance(loaded, dict),
+              f"config file {path!r} holds a {type(loaded).__name__}, not options; a config is {shape}")
+
+
 def _check_accelerator(accelerator, devices) -> None:
     name = str(accelerator).lower()
     if name in ("gpu", "cuda"):
@@ -357,6 +423,7 @@ def run_lightning_cli(argv: list[str]) -> None:
             seed_everything_default=42,
             save_config_callback=RedactedConfig,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # MLMModule.configure_optimizers builds AdamW and its schedule
             parser_kwargs={"exit_on_error": False},
             trainer_defaults={
                 "default_root_dir": "runs",

@@ -18,13 +18,14 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
 import warnings
 
 from mlm_lightning.arguments import use_cli_terms
-from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, check, os_error
+from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, NothingToDo, check, os_error
 
 log = logging.getLogger("mlm_lightning")
 DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
@@ -132,14 +133,100 @@ def _param_help(doc: str, name: str) -> str:
             return line.split(":", 1)[1].strip()
     return ""
 
+# -- standard streams: a closed one or a reader that went away never ends a command in a traceback ----------------
+# the commands whose result is what they print (the others' results are files, named on stderr too)
+PRINTS_ITS_RESULT = {"fill-mask"}
+
+
+class _GuardedStdout:
+    """sys.stdout for a command: writes to the real one until the reader goes away (a broken pipe, `| head -1`),
+    then to nothing: a fit whose progress is piped into `head` trains on and saves what it would have saved."""
+
+    def __init__(self, real):
+        self.real = real
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.real.write(text)
+            except (BrokenPipeError, ValueError):  # (ValueError: a stream closed under us)
+                self._break()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.real.flush()
+            except (BrokenPipeError, ValueError):
+                self._break()
+
+    def _break(self) -> None:
+        self.broken = True
+        # what the interpreter flushes at exit goes to /dev/null, not to a pipe that raises again
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self.real.fileno())
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(null)
+
+    def isatty(self) -> bool:
+        return not self.broken and self.real.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _closed_fds() -> list[int]:
+    """Standard descriptors 0-2 that are closed, each reopened on /dev/null: else the next file opened (a
+    checkpoint, a shard) would take its number, and a library's write to "stdout" would land in it."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:
+        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+    return closed
+
+
+def _guard_streams(command: str | None):
+    """Standard streams that are closed or go away become /dev/null: stdin closed reads as empty input, stdout
+    closed or a broken pipe discards the printed lines, and a command whose result is what it prints is refused
+    at once when stdout is closed. Returns the streams to restore."""
+    saved = (sys.stdin, sys.stdout, sys.stderr)
+    closed = _closed_fds()
+    if sys.stdin is None or 0 in closed:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - the process's stdin, left open
+    if sys.stderr is None or 2 in closed:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    stdout_closed = sys.stdout is None or 1 in closed
+    if stdout_closed:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    if not isinstance(sys.stdout, _GuardedStdout):
+        sys.stdout = _GuardedStdout(sys.stdout)
+    if stdout_closed and command in PRINTS_ITS_RESULT:
+        raise MLMError(f"standard output is closed: {command}'s results would be lost; give them a place (e.g."
+                       " > results.txt)")
+    return saved
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    _quiet_logging()
+    saved = (sys.stdin, sys.stdout, sys.stderr)
     use_cli_terms(True)
     previous = {s: signal.signal(s, _early_signal_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        saved = _guard_streams(argv[0] if argv else None)
+        _quiet_logging()
         if not argv or argv[0] in ("-h", "--help"):
             return print_help()
         from mlm_lightning.hub import quiet_transformers  # (transformers: ~0.7 s, not for the help above)
@@ -165,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
     finally:
         use_cli_terms(False)
+        if isinstance(sys.stdout, _GuardedStdout):
+            sys.stdout.flush()
+        sys.stdin, sys.stdout, sys.stderr = saved
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -205,10 +295,16 @@ def _describe(e: BaseException, command: str = "fit") -> tuple[int | None, str]:
         saved = getattr(e, "last_checkpoint", None)
         kept = f"last good checkpoint kept: {saved}" if saved else "no checkpoint had been written yet"
         return e.exit_code, f"error: {e} ({kept})"
+    if isinstance(e, NothingToDo):
+        return 0, str(e)
     if isinstance(e, MLMError):
         return e.exit_code, f"error: {e}"
     if isinstance(e, ArgumentError):
         text = " ".join(str(e).split())
+        huge = re.search(r'key "([^"]+)": Exceeds the limit .*?value has (\d+) digits', text)
+        if huge:  # (Python's own advice, sys.set_int_max_str_digits, is no way on for a user)
+            return 2, (f"error: --{huge.group(1)}: a number of {huge.group(2)} digits is far too large; give a"
+                       f" sensible value; see mlm-lightning {command} --help")
         return 2, f"error: {text[:400]}; see mlm-lightning {command} --help"
     if isinstance(e, ValueError) and e.__traceback__ is not None:
         where = traceback.extract_tb(e.__traceback__)[-1].filename

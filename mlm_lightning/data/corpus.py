@@ -560,19 +560,42 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+# the first bytes of binary formats that get renamed .txt
+_MAGIC = {b"%PDF": "a PDF", b"PK\x03\x04": "a zip archive (docx, xlsx, odt, epub ...)", b"\x89PNG": "a PNG image",
+          b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"\x7fELF": "a program",
+          b"\xd0\xcf\x11\xe0": "an old Office document (doc, xls)", b"\x1f\x8b": "gzip data (name it .gz)"}
+_CONTROL = bytes(b for b in range(32) if b not in b"\t\n\r\x0c\x1b")
+
+
+def _binary_kind(first: bytes, line: bytes) -> str | None:
+    """What a file that is not UTF-8 is, if it is binary rather than text in another encoding: a known format by
+    its first bytes, or a line with control bytes (latin-1 or cp1252 text has none)."""
+    kind = next((k for magic, k in _MAGIC.items() if first.startswith(magic)), None)
+    if kind is None and sum(line.count(b) for b in _CONTROL) > max(1, len(line) // 100):
+        kind = "binary data"
+    elif kind is not None:
+        kind = f"{kind}, a binary file"
+    return kind
+
+
 def _decoded_lines(path: str, f: BinaryIO) -> Iterator[tuple[int, str]]:
     """Yield (line number, text) from a UTF-8 stream, refusing binary or other encodings with the position."""
-    offset, lineno = 0, 0
+    offset, lineno, first = 0, 0, b""
     try:
         for lineno, raw in enumerate(f, start=1):  # noqa: B007 - lineno is used in the except clause
+            first = raw if lineno == 1 else first
             if b"\x00" in raw:
+                kind = _binary_kind(first, b"")
                 raise MLMError(
-                    f"{path} is not a text file (NUL byte on line {lineno}, byte {offset + raw.index(0)});"
-                    " pass UTF-8 text files only"
+                    f"{path} is not a text file ({kind + ': ' if kind else ''}NUL byte on line {lineno}, byte"
+                    f" {offset + raw.index(0)}); pass UTF-8 text files only"
                 )
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                kind = _binary_kind(first, raw)
+                check(kind is None, f"{path} is {kind}, not text (line {lineno}, byte {offset + e.start}); extract"
+                                    " its text first (e.g. pdftotext for a PDF) and pass that")
                 raise MLMError(
                     f"{path} is not UTF-8 (line {lineno}, byte {offset + e.start}: {raw[e.start:e.start + 4]!r});"
                     " convert it, e.g. iconv -f latin1 -t utf-8"

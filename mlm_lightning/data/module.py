@@ -263,6 +263,11 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                     kind, texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
                     self.hparams.lowercase,
                 )
+                if len(self.tokenizer) > self.hparams.vocab_size:  # (the trainer goes over a size too small)
+                    log.warning("--data.vocab_size %d is below what this corpus needs: the tokenizer has %d tokens"
+                                " (each special token and each character of the corpus needs one); the model uses"
+                                " them all",
+                                self.hparams.vocab_size, len(self.tokenizer))
         return self.tokenizer
 
     def _parts(self) -> list[tuple[list[str], list[str] | None]]:

@@ -291,6 +291,24 @@ def new_model(architecture: str, tokenizer, attn_implementation: str = "sdpa", h
     return model
 
 
+def check_fits(model, tokenizer, source: str, fix: str = "use the tokenizer saved with the model") -> None:
+    """The one load check of a (model, tokenizer) pair, for every command and loader: every id the tokenizer can
+    produce (its vocabulary, its mask and other special tokens) must have a row in the model's embeddings; an id
+    beyond them would fail deep inside the forward pass (IndexError), or train rows that do not exist. `model`: a
+    model, or its config (every family's embeddings have `config.vocab_size` rows), to check before loading."""
+    rows = model.vocab_size if isinstance(model, transformers.PretrainedConfig) else \
+        model.get_input_embeddings().num_embeddings
+    vocab = len(tokenizer)
+    check(vocab <= rows, f"{source}: the tokenizer has {vocab} tokens but the model's embeddings hold {rows};"
+                         f" the two do not belong together: {fix}")
+    specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("mask", "pad", "cls", "sep", "unk")}
+    specials.update({repr(t): i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=True)})
+    for name, token_id in specials.items():
+        check(token_id is None or 0 <= token_id < rows,
+              f"{source}: the tokenizer's {name} token has id {token_id}, beyond the model's {rows} embeddings;"
+              f" the two do not belong together: {fix}")
+
+
 SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
          "dropout")
 
@@ -302,12 +320,8 @@ def build(hparams, tokenizer, half_on_cuda: bool = False):
     if hparams.model_name_or_path:
         model, new = load_pretrained_mlm(hparams.model_name_or_path, attn_implementation=attention,
                                          half_on_cuda=half_on_cuda)
-        vocab = len(tokenizer)
-        check(
-            vocab <= model.config.vocab_size,
-            f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}; use the model's"
-            " own tokenizer (leave --data.tokenizer unset)",
-        )
+        check_fits(model, tokenizer, f"--model.model_name_or_path {hparams.model_name_or_path!r}",
+                   "use the model's own tokenizer (leave --data.tokenizer unset)")
         return model, new
     model = new_model(hparams.get("architecture", "bert"), tokenizer, attention, half_on_cuda,
                       **{k: hparams[k] for k in SIZES})

@@ -30,7 +30,7 @@ from mlm_lightning.data.tokenizer import (
 from mlm_lightning.errors import MLMError, check, os_error
 from mlm_lightning.hub import load_pretrained
 from mlm_lightning.model import sharded
-from mlm_lightning.model.arch import from_config, load_pretrained_mlm, pretrained_config
+from mlm_lightning.model.arch import check_fits, from_config, load_pretrained_mlm, pretrained_config
 
 PAYLOAD = "mlm_lightning"
 CONFIG = "bert_config"  # (the key's name is kept: checkpoints written before other families came read the same)
@@ -180,6 +180,19 @@ def check_model_dir(path: str, what: str = "--model", tokenizer: bool = True) ->
                        " directory (mlm-lightning export writes one from a checkpoint)")
 
 
+def check_model_dir_fits(path: str, tokenizer_path: str, what: str = "--model.model_name_or_path") -> None:
+    """Before anything is tokenized: the model directory's embeddings hold every id of the tokenizer that will be
+    used with it (`check_fits` on its config; the load checks the model itself again)."""
+    from mlm_lightning.data.tokenizer import load_tokenizer
+
+    if not (os.path.isdir(path) and os.path.isdir(tokenizer_path)):
+        return  # a hub id: checked when it is loaded
+    own = os.path.abspath(tokenizer_path) == os.path.abspath(path)
+    check_fits(pretrained_config(path, what), load_tokenizer(tokenizer_path), f"{what} {path!r}",
+               "put the model's own tokenizer files beside its weights" if own else
+               f"use the model's own tokenizer (leave --data.tokenizer unset, not {tokenizer_path!r})")
+
+
 def _index_shards(index: str) -> set[str] | None:
     try:
         with open(index, encoding="utf-8") as f:
@@ -254,7 +267,9 @@ def load_checkpoint(path: str, option: str = "--ckpt_path"):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise MLMError(f"{source}: its weights do not fit its model config ({str(e).splitlines()[0]})") from None
-    return model.eval(), _tokenizer_from_files(meta.get("tokenizer_files"), source)
+    tokenizer = _tokenizer_from_files(meta.get("tokenizer_files"), source)
+    check_fits(model, tokenizer, source, "the checkpoint is damaged or was edited; use another checkpoint")
+    return model.eval(), tokenizer
 
 
 def load_model(path: str, option: str = "--model"):
@@ -264,4 +279,6 @@ def load_model(path: str, option: str = "--model"):
         return load_checkpoint(path, option)
     check_model_dir(path, option)
     model, _ = load_pretrained_mlm(path, "model")
-    return model.eval(), drop_saved_padding(load_pretrained(AutoTokenizer, path, "tokenizer"), repr(path))
+    tokenizer = drop_saved_padding(load_pretrained(AutoTokenizer, path, "tokenizer"), repr(path))
+    check_fits(model, tokenizer, f"{option} {path!r}", "put the model's own tokenizer files beside its weights")
+    return model.eval(), tokenizer

@@ -26,17 +26,28 @@ class Encoded:
     masks: list[int]  # positions of the mask tokens in `ids`
 
 
+def truncation_notice(truncated: list[int], max_length: int) -> None:
+    shown = ", ".join(map(str, truncated[:5])) + (", ..." if len(truncated) > 5 else "")
+    log.warning("%d input(s) longer than the model's %d tokens were truncated to a window around their masks"
+                " (input %s)", len(truncated), max_length, shown)
+
+
 class FillMasker:
     # True: a sentence with several masks gets the pipeline's exact `sequence` text, [CLS]/[SEP] included
     # (the server promises pipeline output); False: without them, easier to read in the terminal.
     pipeline_sequences = False
 
-    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 64):
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", top_k: int = 5, batch_size: int = 64,
+                 notice: bool = True):
+        """`notice`: warn of truncated inputs after each call (False: a caller that fills in batches, like predict,
+        reads `truncated` and says it once)."""
         check(top_k > 0, f"top_k must be positive, got {top_k}")
         check(tokenizer.mask_token is not None, "the tokenizer has no mask token; it cannot fill masks")
+        arch.check_fits(model, tokenizer, "fill-mask")
         self.model, self.tokenizer, self.top_k, self.batch_size = model, tokenizer, top_k, batch_size
         self.device = torch.device(device)
         self.truncated: list[int] = []
+        self.notice = notice
         self.max_length = min(tokenizer.model_max_length, arch.position_limit(model.config))
 
     def target_ids(self, targets: str | list[str] | None, where: str = "targets") -> torch.Tensor | None:
@@ -129,7 +140,8 @@ class FillMasker:
         hidden = arch.encode(self.model, input_ids.to(self.device), attention.to(self.device))
         logits = arch.head(self.model, hidden[rows.to(self.device), cols.to(self.device)]).float()
         all_probs = logits.softmax(-1)
-        probs, tokens = all_probs.topk(k or self.top_k, dim=-1)
+        # at most every token (as the pipeline); not the padding rows beyond the tokenizer's vocabulary
+        probs, tokens = all_probs.topk(min(k or self.top_k, len(self.tokenizer), all_probs.shape[-1]), dim=-1)
         probs, tokens = list(probs.cpu()), list(tokens.cpu())
         row = 0
         for e, ids in zip(batch, targets or [None] * len(batch), strict=True):
@@ -176,12 +188,8 @@ class FillMasker:
         for e in encoded:
             if isinstance(e, MLMError):
                 raise e
-        if self.truncated:
-            shown = ", ".join(map(str, self.truncated[:5])) + (", ..." if len(self.truncated) > 5 else "")
-            log.warning(
-                "%d input(s) longer than the model's %d tokens were truncated to a window around their masks"
-                " (input %s)", len(self.truncated), self.max_length, shown,
-            )
+        if self.truncated and self.notice:
+            truncation_notice(self.truncated, self.max_length)
         for position, e in enumerate(encoded):  # from here on, index is the slot of the result
             e.index = position
         results: list[dict | None] = [None] * len(encoded)

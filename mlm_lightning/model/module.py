@@ -27,7 +27,7 @@ from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, opti
 from mlm_lightning.data.tokenizer import tokenizer_files
 from mlm_lightning.errors import NonFiniteLossError, check
 from mlm_lightning.model import arch, checkpoint, pairing
-from mlm_lightning.model.fill_mask import FillMasker
+from mlm_lightning.model.fill_mask import FillMasker, truncation_notice
 from mlm_lightning.training.schedules import check_schedule, run_schedule
 
 log = logging.getLogger("mlm_lightning")
@@ -462,11 +462,19 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int):
         return self._shared_step(batch, "test")
 
+    def on_predict_epoch_start(self) -> None:
+        self._truncated: list[int] = []
+
     def predict_step(self, batch: list[tuple[int, str]], batch_idx: int) -> list[dict]:
         indices, texts = zip(*batch, strict=True)
-        masker = FillMasker(self.model, self.tokenizer, self.device, self.top_k, len(texts))
+        masker = FillMasker(self.model, self.tokenizer, self.device, self.top_k, len(texts), notice=False)
         results = masker(list(texts), joint=self.joint, indices=list(indices), targets=self.targets)
+        self._truncated += masker.truncated
         return [{"index": i, **r} for i, r in zip(indices, results, strict=True)]
+
+    def on_predict_epoch_end(self) -> None:
+        if self._truncated:  # once for the run, not once per batch
+            truncation_notice(sorted(self._truncated), FillMasker(self.model, self.tokenizer).max_length)
 
     # -- optimization -----------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 import os
 import re
 
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.files import atomic_path
+
+log = logging.getLogger("mlm_lightning")
 
 PANELS = [  # (title, [(metric, label)], log scale)
     ("loss", [("train/loss", "train"), ("val/loss", "val")], False),
@@ -40,8 +43,7 @@ def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     for path in files:
         try:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.DictReader(f) if (r.get("step") or "").strip().isdigit()]
+            rows = _metric_rows(path)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise MLMError(f"{path!r} cannot be read as a metrics CSV ({type(e).__name__})") from None
         if not rows:
@@ -57,6 +59,41 @@ def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
                 except ValueError:
                     continue  # a non-numeric cell: skip it, the rest of the run still draws
     return {k: sorted(v) for k, v in series.items() if v}
+
+
+def _metric_rows(path: str) -> list[dict]:
+    """The rows of a metrics.csv with a step; an empty file, a cut-short row or a cell that is not a number is
+    named in a warning (file and line) and left out: the rest of the run still draws."""
+    bad: list[tuple[int, str]] = []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for r in reader:
+            step = (r.get("step") or "").strip()
+            if None in r or any(v is None for v in r.values()):
+                bad.append((reader.line_num, "has the wrong number of fields (cut short or damaged)"))
+            elif not step.isdigit():
+                bad.append((reader.line_num, f"has no step number ({step[:20]!r})"))
+            elif not all(_number(v) for k, v in r.items() if k not in ("step", "epoch") and v):
+                bad.append((reader.line_num, "has a cell that is not a number"))
+            else:
+                rows.append(r)
+        if reader.fieldnames is None:
+            bad.append((1, "is empty (no header line)"))
+        elif not rows and not bad:
+            bad.append((1, "has a header and no rows"))
+    if bad:
+        log.warning("plot: %s line %d %s%s; drawn without %s", path, bad[0][0], bad[0][1],
+                    f" (and {len(bad) - 1} more line(s))" if len(bad) > 1 else "", "them" if len(bad) > 1 else "it")
+    return rows
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _smooth(values: list[float], weight: float) -> list[float]:

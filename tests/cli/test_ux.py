@@ -131,6 +131,19 @@ def test_extra_command_bad_option_is_one_line(capsys):
     assert "export_dir" in line and "see mlm-lightning export --help" in line
 
 
+def test_lightnings_optimizer_options_are_not_offered_and_are_refused_in_one_line(tmp_path, capsys):
+    assert run_cli("fit", "--help") == 0
+    out = capsys.readouterr().out
+    assert "--optimizer" not in out and "--lr_scheduler" not in out and "--model.learning_rate" in out
+    config = tmp_path / "sgd.yaml"
+    config.write_text("optimizer:\n  class_path: torch.optim.SGD\n")
+    for args, points_to in [(["--optimizer", "SGD", "--optimizer.lr", "0.1"], "--model.learning_rate"),
+                            (["--lr_scheduler=StepLR"], "--model.schedule"), (["--config", str(config)], "AdamW")]:
+        assert run_cli("fit", *args) == 2
+        line = error_line(capsys.readouterr().err)
+        assert "is not an option of mlm-lightning" in line and points_to in line, line
+
+
 # -- a fit, resumed: progress, resume line, end summary, plot -----------------------------------------------
 @pytest.fixture(scope="module")
 def resumed(corpus, tmp_path_factory):
