@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import os
 import types
 import typing
 from datetime import timedelta
@@ -54,9 +55,25 @@ class RecordsGivenArguments:
 def given_arguments(cls, args: tuple, kwargs: dict) -> frozenset[str]:
     """The names of the arguments a constructor call passed (positional or by keyword), its defaults left out."""
     try:
-        return frozenset(inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs).arguments) - {"self"}
+        signature = inspect.signature(cls.__init__)
+        bound = signature.bind_partial(None, *args, **kwargs).arguments
     except TypeError:  # (the constructor itself reports the bad call)
         return frozenset()
+    names = set()
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        # a subclass's `**kwargs` passed on to ours: the names inside it
+        names |= set(value) if kind is inspect.Parameter.VAR_KEYWORD else {name}
+    return frozenset(names - {"self"})
+
+
+def fspaths(value):
+    """A path argument as a str (and each item of a list of them): `pathlib.Path` works wherever a path does."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [fspaths(v) for v in value]
+    return value
 
 
 def _flag_value(value) -> str:
@@ -92,7 +109,7 @@ def fits(value, hint) -> bool:
     if hint is float:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is str:
-        return isinstance(value, str)
+        return isinstance(value, (str, os.PathLike))
     if hint is timedelta:
         return isinstance(value, timedelta)
     if origin in (list, tuple) or hint in (list, tuple):

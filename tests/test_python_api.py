@@ -171,3 +171,19 @@ def test_a_refusal_names_options_in_the_callers_terms(corpus, capsys):
     assert "set --data.val_fraction above 0" in capsys.readouterr().err
     with pytest.raises(MLMError, match=r"MLMDataModule\(val_fraction"):  # (back to Python terms after the CLI)
         MLMDataModule(train_files=corpus, val_fraction=0.0)
+
+
+def test_paths_and_a_subclasss_keyword_arguments(corpus, pretrained, tmp_path):
+    from pathlib import Path
+
+    data = MLMDataModule(train_files=Path(corpus), cache_dir=tmp_path / "cache")
+    assert data.hparams.train_files == corpus and isinstance(data.hparams.cache_dir, str)
+
+    class Mine(MLMModule):
+        def __init__(self, extra: int = 1, **kwargs):
+            super().__init__(**kwargs)
+
+    model = Mine(model_name_or_path=Path(pretrained), learning_rate=1e-4)
+    assert {"model_name_or_path", "learning_rate"} <= model.given_arguments  # (what the subclass passed on)
+    trainer(tmp_path, max_steps=1).fit(model, datamodule=data)
+    assert model.hparams.learning_rate == 1e-4  # given through **kwargs: it wins over the fine-tuning rate

@@ -427,8 +427,8 @@ def run_lightning_cli(argv: list[str]) -> None:
             parser_kwargs={"exit_on_error": False},
             trainer_defaults={
                 "default_root_dir": "runs",
-                "max_epochs": CORPUS_EPOCHS,  # the offline demo gets its 60 from defaults.py (or its config)
-                "log_every_n_steps": 1,  # short runs log too; the loss is synced every step anyway (NaN check)
+                "max_epochs": CORPUS_EPOCHS,  # the offline demo gets DEMO_EPOCHS from defaults.py (or its config)
+                "log_every_n_steps": 1,  # short CPU runs log every step (a GPU logs every 50: defaults.py)
                 "gradient_clip_val": 1.0,
                 "use_distributed_sampler": False,  # our BatchPlan shards batches across processes itself
             },

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, option
+from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, fspaths, option
 from mlm_lightning.data import corpus, mixture
 from mlm_lightning.data.cache import CACHE_VERSION, TokenStream, build_cache, default_cache_dir
 from mlm_lightning.data.distributed import together
@@ -182,6 +182,8 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         """
         super().__init__()
         check_arguments("MLMDataModule", MLMDataModule.__init__, locals())
+        train_files, val_files, predict_files = fspaths(train_files), fspaths(val_files), fspaths(predict_files)
+        tokenizer, cache_dir = fspaths(tokenizer), fspaths(cache_dir)  # (pathlib.Paths, saved as strs)
         self.save_hyperparameters(ignore=["storage_options"])
         self.hparams["storage_options"] = corpus.redacted(storage_options)  # (hparams go into every checkpoint)
         check(

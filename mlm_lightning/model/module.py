@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import warnings
 from typing import Literal
 
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, option
+from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, fspaths, option
 from mlm_lightning.data.tokenizer import tokenizer_files
 from mlm_lightning.errors import NonFiniteLossError, check
 from mlm_lightning.model import arch, checkpoint, pairing
@@ -136,6 +137,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         # prediction options are not saved: LightningCLI re-applies a checkpoint's hyperparameters over the
         # command line, which would make `predict --ckpt_path X --model.top_k 2` ignore the 2
         check_arguments("MLMModule", MLMModule.__init__, locals())
+        model_name_or_path = fspaths(model_name_or_path)  # (a pathlib.Path, saved as a str)
         self.save_hyperparameters(ignore=["top_k", "joint", "targets", "callbacks"])
         self.top_k, self.joint, self.targets, self.brings_callbacks = top_k, joint, targets, callbacks
         check(learning_rate > 0, f"learning_rate must be positive, got {learning_rate}")
@@ -158,6 +160,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         self._window_tokens = 0  # masked tokens of this optimizer step's micro-batches so far (a Python int)
         self._window_loss: torch.Tensor | None = None  # their summed loss, on the device
         self._unit: float | None = None  # see _loss_unit
+        self._truncated: list[int] = []  # predict: inputs truncated so far (one notice for the run)
         self.fused = False  # what configure_optimizers chose (the start line names it)
 
     # -- building ---------------------------------------------------------------------------------------
@@ -204,18 +207,27 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         """Apply what this model brings to `data`, an `MLMDataModule` (`model/pairing.py`: a pretrained model's own
         tokenizer, length and fine-tuning learning rate; a new model's tokenizer kind) to the options neither
         constructor call was given. `MLMDataModule` asks for it before it trains or loads a tokenizer."""
-        if getattr(data, "_paired", False) or not hasattr(data, "given_arguments"):
+        if getattr(data, "_paired_with", None) is self or not hasattr(data, "given_arguments"):
             return
-        data._paired = True
+        data._paired_with = self
 
         def given(key: str) -> bool:
             group, _, name = key.partition(".")
             return name in (self.given_arguments if group == "model" else data.given_arguments)
 
+        if self.model is not None and self.tokenizer is not None and not given("data.tokenizer"):
+            # a trained model (MLMModule.load) brings the tokenizer it was trained with, whatever it was
+            data.tokenizer, data._data_dirs_list = self.tokenizer, None
         changes = pairing.paired_options(dict(self.hparams), dict(data.hparams), given, pairing.default_length)
         for key, (value, _) in changes.items():
             group, _, name = key.partition(".")
-            (self.hparams if group == "model" else data.hparams)[name] = value
+            owner = self if group == "model" else data
+            owner.hparams[name] = value
+            initial = getattr(owner, "_hparams_initial", None)  # (what loggers record as the run's options)
+            if initial is not None and name in initial:
+                initial[name] = value
+        if any(k.startswith("data.") for k in changes) and self.model is None:
+            data.tokenizer, data._data_dirs_list = None, None  # (one loaded before the pairing is not the model's)
         if changes and (self._trainer is None or self.trainer.is_global_zero):
             log.info("from the model: %s; pass them to change them", ", ".join(
                 f"{option(k, v)} ({why})" for k, (v, why) in changes.items()))
@@ -326,7 +338,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
             return
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
-            pair = torch.stack([loss_sum.new_tensor(float(tokens)), loss_sum])
+            pair = torch.stack([loss_sum.new_full((), float(tokens)), loss_sum])  # (filled on the device: no copy)
             count, loss_sum = self.trainer.strategy.reduce(pair, reduce_op="sum")
             count = count.clamp(min=1.0)
         else:
@@ -400,11 +412,18 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         if self._window_bad is None:
             return
         flag, self._window_bad = self._window_bad, None  # 1.0 if a loss of this step was NaN/inf on any process
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and not getattr(
-                self.trainer.precision_plugin, "scaler", None):
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if fused and scaler is None:
             # fused AdamW (on GPUs) skips its whole update on the device when found_inf is set (no host sync;
             # its step count is rolled back too): what GradScaler does for fp16
             optimizer.found_inf = flag
+        elif fused:
+            # 16-mixed: the scaler finds inf/NaN in the gradients when it unscales them (in the clip or in its
+            # step, both after this hook) and skips the step; NaN gradients where the flag is set, on the device
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, torch.where(flag > 0, float("nan"), 1.0).to(grads[0].dtype))
         elif flag.item():  # other optimizers decide on the host (a sync each step: CPUs, non-fused optimizers)
             self.print(f"mlm-lightning: skipping step {self.global_step + 1}: the loss is not finite")
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
@@ -419,7 +438,11 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
             return  # DeepSpeed clips by norm itself (Lightning puts gradient_clip_val in its config)
         by_norm = gradient_clip_algorithm in (None, "norm")  # (Lightning's enum is a str)
         if gradient_clip_val and by_norm and isinstance(strategy, FSDPStrategy):
-            # the norm over all shards: only the FSDP root can compute it (Lightning's FSDP precision refuses it)
+            # the norm over all shards: only the FSDP root can compute it (Lightning's FSDP precision refuses it);
+            # an optimizer that unscales in its step still holds scaled gradients here (16-mixed): unscale first
+            scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
+            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+                scaler.unscale_(optimizer)
             strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -449,6 +472,10 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         out["attention_mask"] = torch.cat([mask, mask.new_zeros((extra, length))])
         out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((extra, length), -100)])
         return out  # (the masked positions index the flattened rows: appended rows leave them as they are)
+
+    def on_train_start(self) -> None:
+        # a fit stopped inside an accumulation window (max_time, early stopping) leaves no counts to the next fit
+        self._window_tokens, self._window_loss, self._window_bad = 0, None, None
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -501,10 +528,6 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         end lines, throughput logging, and the setup many processes need. Only what the Trainer lacks is added: a
         checkpoint callback of the user's own is kept (Lightning's default one is replaced), and so is every
         callback the CLI configured. Off: `MLMModule(..., callbacks=False)`."""
-        import os
-
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         from mlm_lightning.training.callbacks import ThroughputLogger
         from mlm_lightning.training.checkpointing import MLMCheckpoint
         from mlm_lightning.training.progress import RunReport
@@ -516,11 +539,9 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         show_info_lines()
         present = self.trainer.callbacks
         wanted = [RunSetup(), ThroughputLogger(), RunReport(log_summary=True)]
-        checkpoint_cb = self.trainer.checkpoint_callback
-        if checkpoint_cb is not None and type(checkpoint_cb) is ModelCheckpoint and checkpoint_cb.dirpath is None \
-                and checkpoint_cb.monitor is None:  # Lightning's default: replaced (MLMCheckpoint is a subclass)
+        if _lightnings_default_checkpoint(self.trainer.checkpoint_callback):  # replaced (MLMCheckpoint subclasses it)
             wanted.append(MLMCheckpoint(dirpath=os.path.join(self.trainer.default_root_dir, "checkpoints")))
-        wanted.append(GracefulStop(stop_quietly=True))  # (after the checkpoint callback: it asks it to save)
+        wanted.append(GracefulStop(stop_quietly=True))
         return [c for c in wanted if not any(isinstance(p, type(c)) for p in present)]
 
     # -- using a trained model ------------------------------------------------------------------------------------
@@ -529,8 +550,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         """A trained model from a `.ckpt` written by a fit (`MLMModule.load_from_checkpoint`), a sharded checkpoint
         directory, an export or any Hugging Face model dir or hub id: ready to `fill_mask`, `export`, validate, or
         train on (a checkpoint keeps its options; `kwargs` replace them)."""
-        import os
-
+        path = os.fspath(path)
         if os.path.isfile(path):
             return cls.load_from_checkpoint(path, **kwargs)
         net, tokenizer = checkpoint.load_model(path, "MLMModule.load(path)")
@@ -543,8 +563,11 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
         """The module of a `.ckpt` written by a fit, with its tokenizer (the checkpoint carries it) and its options
         (`kwargs` replace them). Read as data (`weights_only=True`), checked as the command line checks it."""
-        path = str(checkpoint_path)
+        kwargs.pop("weights_only", None)  # (always: a checkpoint is data)
+        path = os.fspath(checkpoint_path)
         net, tokenizer = checkpoint.load_checkpoint(path, "checkpoint_path")
+        if map_location is not None:
+            net = net.to(map_location)
         saved = checkpoint.verified_checkpoint(path, "checkpoint_path").get("hyper_parameters") or {}
         known = set(inspect.signature(cls.__init__).parameters) - {"self"}
         module = cls(**{**{k: v for k, v in saved.items() if k in known}, **kwargs})
@@ -643,6 +666,16 @@ def clip_unscaling_optimizer(optimizer, precision_plugin, clip_val: float, by_no
         torch.nn.utils.clip_grad_value_(params, clip_val)
 
 
+def _lightnings_default_checkpoint(callback) -> bool:
+    """Is this the `ModelCheckpoint()` Lightning adds when none is given (not one the user configured)?"""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return (type(callback) is ModelCheckpoint and callback.dirpath is None and callback.monitor is None
+            and callback.save_top_k == 1 and callback.save_last is None and callback.filename is None
+            and not callback._every_n_train_steps and callback._train_time_interval is None
+            and callback._every_n_epochs == 1)
+
+
 def show_info_lines() -> None:
     """The project's info lines (the start and end lines, where checkpoints went) reach a Python user who configured
     no logging: a stderr handler on the project's own logger, only when neither it nor the root logger has one
@@ -652,6 +685,7 @@ def show_info_lines() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("mlm-lightning: %(message)s"))
     log.addHandler(handler)
+    log.propagate = False  # (a root logger configured later would print each line twice)
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 

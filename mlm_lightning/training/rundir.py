@@ -64,8 +64,12 @@ def own_run_dir(root: str, global_rank: int = 0) -> None:
             raise MLMError(f"{root} is in use by another fit ({_holder(_read(fd)) or 'a process that did not say'});"
                            " wait for it to end, or pick another --trainer.default_root_dir")
         _check_ours(fd, path)  # (the fd closes below, which releases the lock)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode() + b"\n", 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode() + b"\n", 0)
+        except OSError:  # (a full disk): no empty lock file left behind; it is ours, and we hold its lock
+            os.unlink(path)
+            raise
     except BaseException:
         os.close(fd)
         raise

@@ -44,6 +44,7 @@ class GracefulStop(Callback):
         if self._previous or trainer.state.fn != "fit" or not enabled:
             return
         GracefulStop.running, GracefulStop.last_signum = True, None
+        self.signum, self._notified, self._agreed = None, False, False  # (a fit after a stopped one starts afresh)
         self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def on_signal(signum, frame):
@@ -100,7 +101,8 @@ class GracefulStop(Callback):
         self._notified = True
         if self.stop_quietly:
             trainer.should_stop = True
-            trainer.fit_loop.epoch_loop._skip_next_val = True  # (Lightning validates before an early stop)
+            if not trainer.validating:  # (Lightning validates before an early stop: not after a save mid-training)
+                trainer.fit_loop.epoch_loop._skip_next_val = True
             saved = getattr(trainer.checkpoint_callback, "last_model_path", "") or "nothing (no step trained)"
             if trainer.is_global_zero:
                 log.info("interrupted by %s: saved %s; resume with trainer.fit(model, datamodule=data,"
@@ -119,8 +121,8 @@ class GracefulStop(Callback):
         self._notify_lightning(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.sanity_checking:
-            return
+        if trainer.sanity_checking or self.stop_quietly:
+            return  # (quietly: Lightning cuts a validation short only on its SIGTERM; saved at its end instead)
         plan = getattr(trainer.val_dataloaders, "batch_sampler", None)
         if trainer.world_size > 1 and not getattr(plan, "lockstep", False):
             return  # processes with different numbers of validation batches: agree at the validation end only

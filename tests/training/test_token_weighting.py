@@ -78,3 +78,18 @@ def test_clipping_a_fused_optimizer_steps_as_the_unfused_one(tok, precision):
     assert_same(fused, plain, tol=1e-4)
     before, _, _ = one_step(batches, tok, max_epochs=0)  # (no step at all: the parameters as initialized)
     assert max((plain[k] - before[k]).abs().max().item() for k in before) > 1e-3  # the step was taken
+
+
+def test_a_skipped_nonfinite_step_with_a_fused_optimizer_under_fp16_leaves_the_weights(tok):
+    """16-mixed + fused AdamW + skip_nonfinite: the step with a NaN loss is skipped through the GradScaler (its
+    gradients made NaN on the device), not by dropping the gradients, which the scaler's inf check needs."""
+    from tests.helpers import NanAt
+
+    batches = [[batch(ROWS_A + ROWS_B, tok.mask_token_id)]]
+    before, _, _ = one_step(batches, tok, max_epochs=0)
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=256.0))
+    after, _, _ = one_step(batches, tok, fused=True, module_kw={"skip_nonfinite": True}, plugins=[plugin],
+                           gradient_clip_val=1.0, callbacks=[NanAt(1)])
+    poisoned = [k for k in after if not torch.isfinite(after[k]).all()]  # (NanAt's head layer)
+    assert len(poisoned) == 1
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in poisoned)  # the step was skipped

@@ -59,10 +59,10 @@ class Module(MLMModule):
 
 
 def one_step(micro_batches: list[list[dict]], tok, devices: int = 1, accumulate: int = 1, fused: bool = False,
-             **trainer_kw) -> tuple:
+             module_kw: dict | None = None, **trainer_kw) -> tuple:
     """(parameters after one optimizer step, the logged train/loss, this process's rank)."""
     torch.manual_seed(0)
-    model = Module(**{**TINY, **STEP}, fused_optimizer=fused)
+    model = Module(**{**TINY, **STEP, **(module_kw or {})}, fused_optimizer=fused)
     model.micro_batches = micro_batches
     model.tokenizer = tok
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
