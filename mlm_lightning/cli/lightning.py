@@ -54,8 +54,8 @@ class RedactedConfig(SaveConfigCallback):
         if options:
             self.config = real.clone()
             self.config["data.storage_options"] = redacted(options)
-        log_dir = trainer.log_dir if trainer.is_global_zero else None
-        path = os.path.join(log_dir, self.config_filename) if log_dir else None
+        log_dir = trainer.log_dir  # (a collective: every process asks, the first one writes)
+        path = os.path.join(log_dir, self.config_filename) if log_dir and trainer.is_global_zero else None
         existed = path is not None and os.path.exists(path)
         try:
             super().setup(trainer, pl_module, stage)
