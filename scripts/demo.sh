@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-# a second run resumes (or, when finished, re-exports) the first instead of being refused for overwriting its
-# checkpoints; a first run starts fresh (no --ckpt_path: Lightning would warn that there is nothing to resume)
+# a second run resumes the first (or, when it is finished, says there is nothing to train) instead of being
+# refused for overwriting its checkpoints; a first run starts fresh (no --ckpt_path: Lightning would warn that
+# there is nothing to resume)
 RESUME=()
 [ -e runs/demo/checkpoints/last.ckpt ] && RESUME=(--ckpt_path last)
 mlm-lightning fit --config configs/default.yaml --trainer.default_root_dir runs/demo "${RESUME[@]}" "$@" || {

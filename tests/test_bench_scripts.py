@@ -1,4 +1,5 @@
-"""The measurement scripts: a user's non-empty output dir is refused and kept; the sweep scores on a clean split."""
+"""The measurement scripts: a user's non-empty output dir is refused and kept; the sweep scores on a clean split; the
+thread benchmark prints each variant's share."""
 
 import os
 import subprocess
@@ -43,3 +44,16 @@ def test_the_sweeps_old_corpus_holds_no_line_of_the_split_it_is_scored_on(tmp_pa
     assert not old & split and len(old) > 1000
     score = sweep.scoring_file(held_out, str(tmp_path / "score.txt"))
     assert open(score).read() == open(held_out).read() * sweep.DRAWS
+
+
+@pytest.mark.slow
+def test_the_thread_benchmark_prints_each_variants_share():
+    done = subprocess.run([sys.executable, "scripts/bench_threads.py", "--seconds", "0.5", "--repeats", "1",
+                           "--variants", "default,chosen"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("default ", "chosen "))]
+    assert [r[0] for r in rows] == ["default", "chosen"], done.stdout
+    for row in rows:
+        alone, busy, share = map(float, row[-3:])
+        assert alone > 0 and busy > 0 and abs(share - busy / alone) < 0.02, row

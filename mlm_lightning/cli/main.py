@@ -133,6 +133,20 @@ def _param_help(doc: str, name: str) -> str:
             return line.split(":", 1)[1].strip()
     return ""
 
+# OpenMP's wait policy: set before torch (and its libgomp) is first imported, which reads it once. libgomp's
+# waiting threads otherwise spin for a while at every parallel region's end; with torch's one intra-op thread per
+# core and a core taken by another job, the thread sharing that core is preempted and the others spin waiting for
+# it: a fit beside one busy process kept 0.06 of its lone rate (scripts/bench_threads.py measures each setting).
+# Passive waiting keeps the thread count, so results do not depend on the machine's load. The user's own
+# OMP_WAIT_POLICY wins.
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def openmp_defaults() -> None:
+    for key, value in OPENMP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 # -- standard streams: a closed one or a reader that went away never ends a command in a traceback ----------------
 # the commands whose result is what they print (the others' results are files, named on stderr too)
 PRINTS_ITS_RESULT = {"fill-mask"}
@@ -218,6 +232,7 @@ def _guard_streams(command: str | None):
 
 
 def main(argv: list[str] | None = None) -> None:
+    openmp_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

@@ -54,6 +54,8 @@ def test_print_config_shows_the_budget_for_the_demo_and_for_a_user_corpus(corpus
     assert demo["model"]["architecture"] == "modernbert"
     with open(ROOT / "configs" / "default.yaml") as f:
         shipped = yaml.safe_load(f)
+    # bounded by steps, not wall time: a busy machine trains the same model, only later
+    assert shipped["trainer"]["max_steps"] > 0 and "max_time" not in shipped["trainer"]
     for key in (*DEMO_RECIPE, "model.learning_rate", "data.max_length"):
         group, name = key.split(".")
         assert shipped[group][name] == demo[group][name], key  # a bare `fit` runs the shipped recipe
@@ -112,6 +114,15 @@ def test_help_lists_every_command_with_one_line(capsys):
     for name in ("fit", "validate", "test", "predict", "fill-mask", "export", "plot", "serve"):
         assert re.search(rf"^  {re.escape(name)} +\S.+$", out, re.M), (name, out)
     assert run_cli() == 0 and "fill-mask" in capsys.readouterr().out
+
+
+def test_every_command_waits_passively_in_openmp_unless_the_user_chose(monkeypatch, capsys):
+    """Set before torch loads OpenMP (a new process's `mlm-lightning`): spinning waiters collapse a fit's throughput
+    beside another busy job (scripts/bench_threads.py)."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert run_cli("--help") == 0 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert run_cli("--help") == 0 and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_unknown_command_is_one_line(capsys):
