@@ -65,6 +65,7 @@ def one_step(micro_batches: list[list[dict]], tok, devices: int = 1, accumulate:
     model = Module(**{**TINY, **STEP, **(module_kw or {})}, fused_optimizer=fused)
     model.micro_batches = micro_batches
     model.tokenizer = tok
+    model.configure_model()  # (built here, seeded: a DDP process reseeds from PL_GLOBAL_SEED before it would)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
                         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
