@@ -615,3 +615,32 @@ def test_predict_says_its_truncation_notice_once(run, tmp_path, capsys):
     err = capsys.readouterr().err
     notices = [line for line in err.splitlines() if "were truncated" in line]
     assert len(notices) == 1 and "2 input(s)" in notices[0] and "(input 1, 3)" in notices[0], err
+
+
+@pytest.mark.slow
+def test_serve_with_stdin_and_stdout_closed_answers_and_stops_cleanly(run):
+    """The server in a real shell with `0<&- 1>&-`: it serves, answers, and a SIGTERM stops it without a traceback."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import post
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = f"exec {sys.executable} -m mlm_lightning.cli serve --model {run / 'export'} --port 0 0<&- 1>&-"
+    proc = subprocess.Popen(["bash", "-c", command], env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                break
+        url = re.search(r"http://[^ ]+", lines[-1]).group(0)
+        status, answer = post(url, {"inputs": "a [MASK] sees the dog ."})
+        assert status == 200 and answer, answer
+        proc.send_signal(signal.SIGTERM)
+        err = "".join(lines) + proc.stderr.read()
+        assert proc.wait(30) == 143 and "Traceback" not in err, err
+    finally:
+        proc.kill()
