@@ -533,15 +533,20 @@ def test_max_steps_0_is_refused_before_anything_is_written(corpus, tmp_path, cap
     assert not (tmp_path / "r").exists() and not fresh_cache.exists()
 
 
-def test_a_finished_run_resumed_says_there_is_nothing_to_train(run, corpus, tmp_path, capsys):
+@pytest.mark.parametrize("budget", [("--trainer.max_steps", "4"), ("--trainer.max_epochs", "1")])
+def test_a_finished_run_resumed_says_there_is_nothing_to_train(run, corpus, tmp_path, capsys, budget):
     root = tmp_path / "r"
-    shutil.copytree(run, root)
+    if budget[0] == "--trainer.max_steps":
+        shutil.copytree(run, root)
+    else:
+        assert run_cli(*fit_args(corpus, root, *budget)) == 0
+    capsys.readouterr()
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
-    code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--ckpt_path", "last"))
+    code = run_cli(*fit_args(corpus, root, *budget, "--ckpt_path", "last"))
     err = capsys.readouterr().err
     assert code == 0 and not error_lines(err), err
     said = [line for line in err.splitlines() if "nothing to train" in line]
-    assert len(said) == 1 and "already reached --trainer.max_steps 4" in said[0], err
+    assert len(said) == 1 and f"already reached {' '.join(budget)}" in said[0], err
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no empty version_N, no new export
 
 
