@@ -533,15 +533,20 @@ def test_max_steps_0_is_refused_before_anything_is_written(corpus, tmp_path, cap
     assert not (tmp_path / "r").exists() and not fresh_cache.exists()
 
 
-def test_a_finished_run_resumed_says_there_is_nothing_to_train(run, corpus, tmp_path, capsys):
+@pytest.mark.parametrize("budget", [("--trainer.max_steps", "4"), ("--trainer.max_epochs", "1")])
+def test_a_finished_run_resumed_says_there_is_nothing_to_train(run, corpus, tmp_path, capsys, budget):
     root = tmp_path / "r"
-    shutil.copytree(run, root)
+    if budget[0] == "--trainer.max_steps":
+        shutil.copytree(run, root)
+    else:
+        assert run_cli(*fit_args(corpus, root, *budget)) == 0
+    capsys.readouterr()
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
-    code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--ckpt_path", "last"))
+    code = run_cli(*fit_args(corpus, root, *budget, "--ckpt_path", "last"))
     err = capsys.readouterr().err
     assert code == 0 and not error_lines(err), err
     said = [line for line in err.splitlines() if "nothing to train" in line]
-    assert len(said) == 1 and "already reached --trainer.max_steps 4" in said[0], err
+    assert len(said) == 1 and f"already reached {' '.join(budget)}" in said[0], err
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no empty version_N, no new export
 
 
@@ -615,3 +620,32 @@ def test_predict_says_its_truncation_notice_once(run, tmp_path, capsys):
     err = capsys.readouterr().err
     notices = [line for line in err.splitlines() if "were truncated" in line]
     assert len(notices) == 1 and "2 input(s)" in notices[0] and "(input 1, 3)" in notices[0], err
+
+
+@pytest.mark.slow
+def test_serve_with_stdin_and_stdout_closed_answers_and_stops_cleanly(run):
+    """The server in a real shell with `0<&- 1>&-`: it serves, answers, and a SIGTERM stops it without a traceback."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import post
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = f"exec {sys.executable} -m mlm_lightning.cli serve --model {run / 'export'} --port 0 0<&- 1>&-"
+    proc = subprocess.Popen(["bash", "-c", command], env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                break
+        url = re.search(r"http://[^ ]+", lines[-1]).group(0)
+        status, answer = post(url, {"inputs": "a [MASK] sees the dog ."})
+        assert status == 200 and answer, answer
+        proc.send_signal(signal.SIGTERM)
+        err = "".join(lines) + proc.stderr.read()
+        assert proc.wait(30) == 143 and "Traceback" not in err, err
+    finally:
+        proc.kill()

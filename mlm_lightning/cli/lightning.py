@@ -141,11 +141,8 @@ class MLMCLI(LightningCLI):
             )
             return
         contents = verified_checkpoint(ckpt, resumable=sub == "fit")
-        steps = cfg.trainer.max_steps
-        if sub == "fit" and steps not in (None, -1) and isinstance(contents.get("global_step"), int) and \
-                contents["global_step"] >= steps:  # (Lightning would make an empty version_N and export again)
-            raise NothingToDo(f"the run already reached --trainer.max_steps {steps} ({ckpt} is at step"
-                              f" {contents['global_step']}): nothing to train; raise --trainer.max_steps to train on")
+        if sub == "fit":
+            _check_something_to_train(contents, ckpt, cfg.trainer)
         hparams = contents.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams:
             self._resume_hparams(sub, ckpt, hparams)
@@ -351,6 +348,20 @@ def last_checkpoint(dirpath: str) -> str | None:
         return None
     paths = [os.path.join(dirpath, n) for n in names]
     return max(paths, key=os.path.getmtime) if paths else None
+
+
+def _check_something_to_train(saved: dict, ckpt: str, trainer) -> None:
+    """A finished run resumed is said to be finished (Lightning would make an empty version_N and export again)."""
+    step = saved.get("global_step")
+    try:
+        epochs = int(saved["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        epochs = None
+    for option, limit, done, unit in (("max_steps", trainer.max_steps, step, "step"),
+                                      ("max_epochs", trainer.max_epochs, epochs, "epochs done")):
+        if limit not in (None, -1) and isinstance(done, int) and done >= limit:
+            raise NothingToDo(f"the run already reached --trainer.{option} {limit} ({ckpt}: {unit} {done}): nothing"
+                              f" to train; raise --trainer.{option} to train on")
 
 
 # LightningCLI's own optimizer and scheduler options (not added: `auto_configure_optimizers=False`): the module

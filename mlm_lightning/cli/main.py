@@ -168,6 +168,10 @@ class _GuardedStdout:
                 self._break()
         return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:
         if not self.broken:
             try:
