@@ -188,8 +188,9 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         self.model = model.train()
         if self.new_parameters:
             shown = ", ".join(self.new_parameters[:8]) + (", ..." if len(self.new_parameters) > 8 else "")
-            log.info("%d new parameters (not in %s) train at --model.head_learning_rate %g: %s",
-                     len(self.new_parameters), self.hparams.model_name_or_path, self.hparams.head_learning_rate, shown)
+            rate = option("model.head_learning_rate", self.hparams.head_learning_rate)
+            log.info("%d new parameters (not in %s) train at %s: %s", len(self.new_parameters),
+                     self.hparams.model_name_or_path, rate, shown)
         if not self.hparams.model_name_or_path and self._trainer is not None and self.trainer.datamodule is not None:
             # a new model only ever saw max_length positions: exported tokenizers truncate there
             self.tokenizer.model_max_length = self.trainer.datamodule.hparams.max_length
