@@ -52,6 +52,12 @@ def test_a_tokenizer_with_another_vocabulary_than_the_pretrained_models_is_refus
         trainer(tmp_path, max_steps=1).fit(MLMModule(model_name_or_path=pretrained), datamodule=data)
 
 
+def test_a_vocabulary_trained_on_the_corpus_for_a_pretrained_model_is_refused(corpus, pretrained, tmp_path):
+    data = MLMDataModule(train_files=corpus, tokenizer=None, cache_dir=str(tmp_path / "cache"))  # (given: trained)
+    with pytest.raises(MLMError, match=r"tokenizer \(trained on the corpus\) has another vocabulary"):
+        trainer(tmp_path, max_steps=1).fit(MLMModule(model_name_or_path=pretrained), datamodule=data)
+
+
 def test_a_new_roberta_gets_a_byte_level_bpe_tokenizer(corpus, tmp_path):
     data = MLMDataModule(train_files=corpus, **DATA, cache_dir=str(tmp_path / "cache"))
     model = MLMModule(architecture="roberta", **{**TINY, "max_position_embeddings": 32})

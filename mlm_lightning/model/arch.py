@@ -28,6 +28,7 @@ import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from mlm_lightning.arguments import option
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.hub import load_pretrained
 
@@ -320,8 +321,8 @@ def build(hparams, tokenizer, half_on_cuda: bool = False):
     if hparams.model_name_or_path:
         model, new = load_pretrained_mlm(hparams.model_name_or_path, attn_implementation=attention,
                                          half_on_cuda=half_on_cuda)
-        check_fits(model, tokenizer, f"--model.model_name_or_path {hparams.model_name_or_path!r}",
-                   "use the model's own tokenizer (leave --data.tokenizer unset)")
+        check_fits(model, tokenizer, option("model.model_name_or_path", hparams.model_name_or_path),
+                   f"use the model's own tokenizer (leave {option('data.tokenizer')} unset)")
         return model, new
     model = new_model(hparams.get("architecture", "bert"), tokenizer, attention, half_on_cuda,
                       **{k: hparams[k] for k in SIZES})

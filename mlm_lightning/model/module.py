@@ -184,7 +184,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         model, self.new_parameters = arch.build(self.hparams, self.tokenizer, self._half_on_cuda())
         if self.hparams.model_name_or_path:
             source = getattr(getattr(data, "hparams", None), "get", lambda *_: None)("tokenizer")
-            pairing.check_tokenizer_fits(self.tokenizer, model.config, self.hparams.model_name_or_path, source)
+            pairing.check_tokenizer_fits(self.tokenizer, self.hparams.model_name_or_path, source)
         self.model = model.train()
         if self.new_parameters:
             shown = ", ".join(self.new_parameters[:8]) + (", ..." if len(self.new_parameters) > 8 else "")

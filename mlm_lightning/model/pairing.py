@@ -66,20 +66,19 @@ def _current(model: dict, data: dict, key: str):
     return (model if group == "model" else data).get(name)
 
 
-def check_tokenizer_fits(tokenizer, config, model_name_or_path: str, tokenizer_source: str | None) -> None:
-    """Refuse a tokenizer the pretrained model was not trained with: larger than its embeddings, or (where the
-    model has a tokenizer of its own to compare with) another vocabulary. The model's own tokenizer may be smaller
-    than its embeddings (vocabularies padded to a multiple of 64, ModernBERT's)."""
-    vocab = len(tokenizer)
-    fix = (f"use the model's own: leave {option('data.tokenizer')} unset (or set it to {model_name_or_path!r})")
-    check(vocab <= config.vocab_size,
-          f"the tokenizer has {vocab} tokens but the model {model_name_or_path!r} only {config.vocab_size}; {fix}")
-    if not tokenizer_source or tokenizer_source == model_name_or_path:
+def check_tokenizer_fits(tokenizer, model_name_or_path: str, tokenizer_source: str | None) -> None:
+    """Refuse a tokenizer the pretrained model was not trained with: where the model has a tokenizer of its own to
+    compare with, another vocabulary (one trained on the corpus, or another dir). (A tokenizer larger than the
+    embeddings is refused earlier, by `arch.check_fits`; the model's own may be smaller than its embeddings:
+    vocabularies padded to a multiple of 64, ModernBERT's.)"""
+    if tokenizer_source == model_name_or_path:
         return
     own = _own_vocab(model_name_or_path)
+    shown = repr(tokenizer_source) if tokenizer_source else "trained on the corpus"
     check(own is None or own == tokenizer.get_vocab(),
-          f"the tokenizer {tokenizer_source!r} has another vocabulary than the model {model_name_or_path!r} was"
-          f" trained with (its ids would index the wrong embeddings); {fix}")
+          f"the tokenizer ({shown}) has another vocabulary than the model {model_name_or_path!r} was trained with"
+          f" (its ids would index the wrong embeddings); use the model's own: leave {option('data.tokenizer')}"
+          f" unset (or set it to {model_name_or_path!r})")
 
 
 def _own_vocab(name_or_path: str) -> dict | None:
