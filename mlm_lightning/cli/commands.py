@@ -46,17 +46,7 @@ def fill_mask(
     from mlm_lightning.model.checkpoint import load_model
     from mlm_lightning.model.fill_mask import FillMasker, format_text, pick_device
 
-    texts = list(sentences)
-    if file:
-        check(os.path.isfile(file), f"--file {file!r} does not exist; check the path")
-        try:
-            with open(file, encoding="utf-8") as f:
-                texts += [line.rstrip("\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise MLMError(f"--file {file!r} cannot be read as UTF-8 text ({type(e).__name__})") from None
-    if not sentences and not file:
-        check(not sys.stdin.isatty(), "no input: pass sentences with [MASK], --file FILE, or pipe lines on stdin")
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = _input_lines(sentences, file, "sentences with [MASK]")
     device = pick_device(device)
     net, tokenizer = load_model(model)
     masker = FillMasker(net.to(device), tokenizer, device, top_k, batch_size)
@@ -71,6 +61,61 @@ def fill_mask(
         print(json_module.dumps(r, ensure_ascii=False) if json else format_text(r))
     if len(texts) > 1:
         log.info("filled %d lines in %.2f s (%.0f lines/s on %s)", len(texts), elapsed, len(texts) / elapsed, device)
+
+
+def _input_lines(sentences: tuple[str, ...], file: str | None, what: str) -> list[str]:
+    """The input sentences of a command: its arguments, then --file's lines; neither: the lines on stdin. Blank
+    lines of a file or stdin are skipped."""
+    texts = list(sentences)
+    if file:
+        check(os.path.isfile(file), f"--file {file!r} does not exist; check the path")
+        try:
+            with open(file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise MLMError(f"--file {file!r} cannot be read as UTF-8 text ({type(e).__name__})") from None
+    if not sentences and not file:
+        check(not sys.stdin.isatty(), f"no input: pass {what}, --file FILE, or pipe lines on stdin")
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    return texts
+
+
+def score(
+    *sentences: str,
+    model: str,
+    file: str | None = None,
+    variant: str = "original",
+    device: str = "auto",
+    batch_size: int = 256,
+) -> None:
+    """Score sentences by their pseudo-log-likelihood (arguments, --file, or lines on stdin), as JSON lines.
+
+    Args:
+        sentences: Sentences to score. None: read --file or stdin.
+        model: An exported (Hugging Face) model directory, a hub id, or a .ckpt written by fit.
+        file: A text file with one sentence per line.
+        variant: original (mask each token in turn) or word_l2r (also mask the rest of its word to the right).
+        device: cpu, cuda or auto.
+        batch_size: Masked copies of the sentences per forward pass.
+    """
+    from mlm_lightning.model.checkpoint import load_model
+    from mlm_lightning.model.fill_mask import pick_device
+    from mlm_lightning.model.score import Scorer, check_variant
+
+    check_variant(variant)
+    texts = _input_lines(sentences, file, "sentences")
+    device = pick_device(device)
+    net, tokenizer = load_model(model)
+    scorer = Scorer(net.to(device), tokenizer, device, batch_size)
+    start = time.perf_counter()
+    results = scorer(texts, variant)
+    elapsed = time.perf_counter() - start
+    import json
+
+    for r in results:
+        print(json.dumps(r, ensure_ascii=False))
+    if len(texts) > 1:
+        log.info("scored %d lines in %.2f s (%.0f lines/s on %s)", len(texts), elapsed, len(texts) / elapsed, device)
 
 
 def export(ckpt_path: str, export_dir: str) -> None:

@@ -64,6 +64,7 @@ LIGHTNING_COMMANDS = {
 # The other commands: name -> "module:function" (a typed function; its docstring's first line is its help)
 COMMANDS = {
     "fill-mask": "mlm_lightning.cli.commands:fill_mask",
+    "score": "mlm_lightning.cli.commands:score",
     "export": "mlm_lightning.cli.commands:export",
     "plot": "mlm_lightning.cli.commands:plot",
     "serve": "mlm_lightning.serve.app:serve",

@@ -32,6 +32,11 @@ def truncation_notice(truncated: list[int], max_length: int) -> None:
                 " (input %s)", len(truncated), max_length, shown)
 
 
+def max_tokens(model, tokenizer) -> int:
+    """The most tokens (special ones included) one input may have: the tokenizer's and the model's limit."""
+    return min(tokenizer.model_max_length, arch.position_limit(model.config))
+
+
 class FillMasker:
     # True: a sentence with several masks gets the pipeline's exact `sequence` text, [CLS]/[SEP] included
     # (the server promises pipeline output); False: without them, easier to read in the terminal.
@@ -48,7 +53,7 @@ class FillMasker:
         self.device = torch.device(device)
         self.truncated: list[int] = []
         self.notice = notice
-        self.max_length = min(tokenizer.model_max_length, arch.position_limit(model.config))
+        self.max_length = max_tokens(model, tokenizer)
 
     def target_ids(self, targets: str | list[str] | None, where: str = "targets") -> torch.Tensor | None:
         """The token ids of `targets`, as transformers' fill-mask pipeline finds them (`get_target_ids`): a

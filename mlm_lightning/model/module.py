@@ -594,6 +594,24 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         answers = [r["predictions"][0] if len(r["predictions"]) == 1 else r["predictions"] for r in results]
         return answers[0] if single else answers
 
+    def score(self, texts: str | list[str], variant: str = "original", batch_size: int = 256):
+        """The pseudo-log-likelihood of one sentence or a list, as `mlm-lightning score` prints it: per sentence,
+        `pll`, `n_tokens`, `pppl` and each token's `log_prob` (`model/score.py`). `variant`: original or word_l2r
+        (also mask the rest of the scored token's word to its right); `batch_size`: masked copies per forward."""
+        from mlm_lightning.model.score import Scorer
+
+        check(self.model is not None and self.tokenizer is not None,
+              "score needs a trained model: train it first, or MLMModule.load(path)")
+        single = isinstance(texts, str)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            results = Scorer(self.model, self.tokenizer, self.device, batch_size)([texts] if single else list(texts),
+                                                                                   variant)
+        finally:
+            self.model.train(was_training)
+        return results[0] if single else results
+
     def export(self, export_dir: str) -> str:
         """Write the model and its tokenizer as a Hugging Face directory (what `transformers.pipeline` and
         `MLMModule.load` read); an earlier export there is replaced, anything else in the way refused."""
