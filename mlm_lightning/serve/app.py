@@ -1,13 +1,15 @@
 """`mlm-lightning serve`: fill-mask over HTTP (FastAPI + uvicorn) and a web page to try a model in a browser.
 
 `POST /api/fill-mask` answers exactly what `transformers.pipeline("fill-mask")` returns; `POST /api/fill` answers
-what `mlm-lightning fill-mask --json` prints (the page uses it: it also has the filled sentence). Concurrent
+what `mlm-lightning fill-mask --json` prints (the page uses it: it also has the filled sentence); `POST /api/score`
+answers what `mlm-lightning score` prints (the pseudo-log-likelihood of each sentence, `model/score.py`). Concurrent
 requests share forward passes (`batcher.Batcher`); the model runs in one worker thread, never on the event loop.
 Every bad request is a 4xx with `{"error": "<the problem and the fix>"}`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ from starlette.exceptions import HTTPException
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker, pick_device
+from mlm_lightning.model.score import VARIANTS, Scorer
 from mlm_lightning.serve.batcher import Batcher
 
 log = logging.getLogger("mlm_lightning")
@@ -46,37 +49,48 @@ class BadRequest(Exception):
         self.status = status
 
 
-def parse_request(body: bytes, max_inputs: int, max_top_k: int) -> tuple[list[str], bool, int, list[str] | None]:
-    """(texts, whether `inputs` was a single string, top_k, targets) from a request body, or `BadRequest`."""
+def parse_inputs(body: bytes, max_inputs: int, supported: tuple[str, ...], example: str = "a [MASK] sentence",
+                 sentence: str = "a sentence with [MASK] where a word should go", like: str = '{"top_k": 5}'
+                 ) -> tuple[list[str], bool, dict]:
+    """(texts, whether `inputs` was a single string, parameters) of a request body `{"inputs": ...,
+    "parameters": {...}}` for any endpoint, or `BadRequest`. `supported`: the parameter names it takes; `example`,
+    `sentence` and `like` (a parameters object) show the way in the endpoint's own terms."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the body is not valid JSON ({e}); send {{\"inputs\": \"a [MASK] sentence\"}}") from None
+        raise BadRequest(400, f"the body is not valid JSON ({e}); send {{\"inputs\": \"{example}\"}}") from None
     if not isinstance(data, dict):
         raise BadRequest(400, f"the body must be a JSON object with \"inputs\", got {type(data).__name__}")
     unknown = sorted(set(data) - {"inputs", "parameters"})
     if unknown:
         raise BadRequest(400, f"unknown field(s) {', '.join(map(repr, unknown))}; expected \"inputs\", \"parameters\"")
     if "inputs" not in data:
-        raise BadRequest(400, "\"inputs\" is missing; send {\"inputs\": \"a [MASK] sentence\"} or a list of them")
+        raise BadRequest(400, f"\"inputs\" is missing; send {{\"inputs\": \"{example}\"}} or a list of them")
     inputs, single = data["inputs"], isinstance(data["inputs"], str)
     texts = [inputs] if single else inputs
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         got = type(inputs).__name__ if not isinstance(inputs, list) else "a list with non-strings"
         raise BadRequest(400, f"\"inputs\" must be a string or a list of strings, got {got}")
     if not texts:
-        raise BadRequest(400, "\"inputs\" is an empty list; give at least one sentence with [MASK]")
+        raise BadRequest(400, f"\"inputs\" is an empty list; send {{\"inputs\": [\"{example}\"]}}")
     if len(texts) > max_inputs:
         raise BadRequest(413, f"{len(texts)} inputs in one request; at most {max_inputs} (split the list)")
     for i, t in enumerate(texts, start=1):
         if not t.strip():
-            raise BadRequest(400, f"input {i} is empty; give a sentence with [MASK] where a word should go")
+            raise BadRequest(400, f"input {i} is empty; give {sentence}")
     params = data.get("parameters", {})
     if not isinstance(params, dict):
-        raise BadRequest(400, f"\"parameters\" must be an object like {{\"top_k\": 5}}, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(PARAMETERS))
+        raise BadRequest(400, f"\"parameters\" must be an object like {like}, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(supported))
     if unknown:
-        raise BadRequest(400, f"unsupported parameter(s) {', '.join(map(repr, unknown))}; supported: top_k, targets")
+        raise BadRequest(400, f"unsupported parameter(s) {', '.join(map(repr, unknown))}; supported:"
+                              f" {', '.join(supported)}")
+    return texts, single, params
+
+
+def parse_request(body: bytes, max_inputs: int, max_top_k: int) -> tuple[list[str], bool, int, list[str] | None]:
+    """(texts, whether `inputs` was a single string, top_k, targets) from a request body, or `BadRequest`."""
+    texts, single, params = parse_inputs(body, max_inputs, PARAMETERS)
     top_k = params.get("top_k", 5)
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise BadRequest(400, f"\"top_k\" must be an integer, got {json.dumps(top_k)}")
@@ -88,6 +102,43 @@ def parse_request(body: bytes, max_inputs: int, max_top_k: int) -> tuple[list[st
                                 or not all(isinstance(t, str) for t in targets) or len(targets) > max_top_k * 10):
         raise BadRequest(400, f"\"targets\" must be a word or a non-empty list of words (at most {max_top_k * 10})")
     return texts, single, top_k, targets
+
+
+TOO_BIG = f"the body is over {MAX_BODY_BYTES} bytes; send shorter texts or fewer per request"
+
+
+async def read_body(request: Request) -> bytes | None:
+    """The request's body; None: over `MAX_BODY_BYTES` (counted as it comes: a chunked body has no Content-Length).
+    A body somewhat over the limit is read to its end first, so that the client, still sending, reads the 413
+    instead of a reset connection; a huge one is cut off."""
+    body, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY_BYTES:
+            body += chunk
+        elif size > 16 * MAX_BODY_BYTES:
+            break
+    return bytes(body) if size <= MAX_BODY_BYTES else None
+
+
+def parse_score_request(body: bytes, max_inputs: int) -> tuple[list[str], bool, str]:
+    """(texts, whether `inputs` was a single string, variant) of a `/api/score` body, or `BadRequest`."""
+    texts, single, params = parse_inputs(body, max_inputs, ("variant",), "a sentence", "a sentence to score",
+                                         '{"variant": "word_l2r"}')
+    variant = params.get("variant", "original")
+    if variant not in VARIANTS:
+        raise BadRequest(400, f"\"variant\" must be one of {', '.join(VARIANTS)}, got {json.dumps(variant)}")
+    return texts, single, variant
+
+
+def score_work(scorer, texts: list[str], single: bool, variant: str) -> bytes:
+    """Score one request's sentences (in the model's thread): JSON bytes, or `BadRequest` for a bad sentence."""
+    encoded = scorer.encode_many(texts, list(range(len(texts))))
+    bad = next((e for e in encoded if isinstance(e, MLMError)), None)
+    if bad is not None:
+        raise BadRequest(400, str(bad))
+    results = scorer.score(encoded, variant)
+    return json.dumps(results[0] if single else results, ensure_ascii=False).encode()
 
 
 def make_work(masker):
@@ -163,19 +214,11 @@ def create_app(masker, *, model_name: str, max_batch_size: int = 32, max_wait_ms
         return error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
     async def answer(request: Request, pipeline_format: bool) -> Response:
-        body, size = bytearray(), 0
-        async for chunk in request.stream():  # counted as it comes (a chunked body has no Content-Length)
-            size += len(chunk)
-            if size <= MAX_BODY_BYTES:
-                body += chunk
-            elif size > 16 * MAX_BODY_BYTES:
-                break
-        # a body somewhat over the limit is read to its end first, so that the client, still sending, reads our
-        # 413 instead of a reset connection; a huge one is cut off
-        if size > MAX_BODY_BYTES:
-            return error(413, f"the body is over {MAX_BODY_BYTES} bytes; send shorter texts or fewer per request")
+        body = await read_body(request)
+        if body is None:
+            return error(413, TOO_BIG)
         try:
-            texts, single, top_k, targets = parse_request(bytes(body), max_inputs, max_top_k)
+            texts, single, top_k, targets = parse_request(body, max_inputs, max_top_k)
             out = await batcher.submit((texts, single, top_k, pipeline_format, targets), len(texts))
         except BadRequest as e:
             return error(e.status, str(e))
@@ -188,6 +231,22 @@ def create_app(masker, *, model_name: str, max_batch_size: int = 32, max_wait_ms
     @app.post("/api/fill")
     async def fill(request: Request) -> Response:
         return await answer(request, pipeline_format=False)
+
+    scorer = Scorer(masker.model, masker.tokenizer, masker.device, notice=False)
+
+    @app.post("/api/score")  # what `mlm-lightning score` prints: one object per sentence (a list for a list)
+    async def score(request: Request) -> Response:
+        body = await read_body(request)
+        if body is None:
+            return error(413, TOO_BIG)
+        try:
+            texts, single, variant = parse_score_request(body, max_inputs)
+            # in the model's one thread (queued behind fill-mask batches), never on the event loop
+            out = await asyncio.get_running_loop().run_in_executor(batcher.executor, score_work, scorer, texts,
+                                                                   single, variant)
+        except BadRequest as e:
+            return error(e.status, str(e))
+        return Response(out, media_type="application/json")
 
     @app.get("/health")
     async def health() -> dict:
