@@ -76,6 +76,7 @@ CKPT_COMMANDS = {
                                    "--trainer.default_root_dir", str(o / "p")],
     "export": lambda k, c, m, o: ["export", "--ckpt_path", k, "--export_dir", str(o / "e")],
     "fill-mask": lambda k, c, m, o: ["fill-mask", "--model", k, "a [MASK] sees the dog ."],
+    "score": lambda k, c, m, o: ["score", "--model", k, "a cat sees the dog ."],
     "serve": lambda k, c, m, o: ["serve", "--model", k, "--port", "0"],
 }
 DAMAGES = {"truncated": "is cut short", "empty": "is empty", "random": "is not a checkpoint",
@@ -199,6 +200,7 @@ WRITERS = {
 # commands that only read a model from D/model
 READERS = {
     "fill-mask": lambda D: ["fill-mask", "--model", str(D / "model"), "a [MASK] sees the dog ."],
+    "score": lambda D: ["score", "--model", str(D / "model"), "a cat sees the dog ."],
     "serve": lambda D: ["serve", "--model", str(D / "model"), "--port", "0"],
 }
 
@@ -307,6 +309,7 @@ MODEL_COMMANDS = {
     "predict": lambda M, c, m, o: ["predict", "--model.model_name_or_path", M, "--data.predict_files", m, *QUIET,
                                    "--trainer.default_root_dir", str(o / "p")],
     "fill-mask": lambda M, c, m, o: ["fill-mask", "--model", M, "a [MASK] sees the dog ."],
+    "score": lambda M, c, m, o: ["score", "--model", M, "a cat sees the dog ."],
     "serve": lambda M, c, m, o: ["serve", "--model", M, "--port", "0"],
 }
 
