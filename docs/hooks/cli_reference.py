@@ -102,6 +102,8 @@ def _type(action) -> str:
 
 def _default(action) -> str:
     value = action.default
+    if getattr(action, "required", False):
+        return "required"
     if value is None:
         return "`null`"
     if isinstance(value, str):
@@ -140,5 +142,7 @@ def _text(text: str) -> str:
 
 
 def _cell(text: str) -> str:
-    """Text for a table cell: markup-safe, and a `|` (also inside code) never ends the cell."""
-    return _text(text).replace("|", "\\|")
+    """Text for a table cell: markup-safe, and a `|` outside code never ends the cell (inside a code span,
+    Python-Markdown's tables keep it, and an escape would show)."""
+    parts = _text(text).split("`")
+    return "`".join(p.replace("|", "\\|") if i % 2 == 0 else p for i, p in enumerate(parts))
