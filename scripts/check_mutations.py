@@ -53,7 +53,8 @@ def main() -> int:
             continue
         with tempfile.TemporaryDirectory(prefix="mlm-mutation-") as tmp:
             copy = Path(tmp)
-            for part in ("mlm_lightning", "tests", "configs", "scripts", "pyproject.toml"):
+            for part in ("mlm_lightning", "tests", "configs", "scripts", "pyproject.toml", "README.md", "docs",
+                         "mkdocs.yml", "examples"):
                 src = ROOT / part
                 (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / part)
             target = copy / path

@@ -425,25 +425,53 @@ def _check_accelerator(accelerator, devices) -> None:
         check(torch.backends.mps.is_available(), "--trainer.accelerator mps asked for but MPS is not available")
 
 
+def _cli_kwargs() -> dict:
+    """How `mlm-lightning` builds its LightningCLI: the one place, for a run and for `parser`."""
+    return dict(
+        model_class=MLMModule,
+        datamodule_class=MLMDataModule,
+        seed_everything_default=42,
+        save_config_callback=RedactedConfig,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # MLMModule.configure_optimizers builds AdamW and its schedule
+        parser_kwargs={"exit_on_error": False},
+        trainer_defaults={
+            "default_root_dir": "runs",
+            "max_epochs": CORPUS_EPOCHS,  # the offline demo gets its recipe's budget from defaults.py
+            "log_every_n_steps": 1,  # short CPU runs log every step (a GPU logs every 50: defaults.py)
+            "gradient_clip_val": 1.0,
+            "use_distributed_sampler": False,  # our BatchPlan shards batches across processes itself
+        },
+    )
+
+
+class _Built(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+class _ParserOnly(MLMCLI):
+    """LightningCLI up to its parser: `LightningCLI.__init__` builds the parser and parses at once, with no hook
+    in between, so the parse is where it stops."""
+
+    def parse_arguments(self, parser, args) -> None:
+        raise _Built(self._subcommand_parsers)
+
+
+def parser(command: str):
+    """The full jsonargparse parser of a Lightning subcommand (fit, validate, test, predict), every option."""
+    try:
+        _ParserOnly(**_cli_kwargs(), args=[])
+    except _Built as built:
+        sub = built.parser[command]
+        sub.prog = f"mlm-lightning {command}"
+        return sub
+    raise AssertionError("LightningCLI parsed without calling parse_arguments")
+
+
 def run_lightning_cli(argv: list[str]) -> None:
     try:
-        MLMCLI(
-            MLMModule,
-            MLMDataModule,
-            args=argv,
-            seed_everything_default=42,
-            save_config_callback=RedactedConfig,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # MLMModule.configure_optimizers builds AdamW and its schedule
-            parser_kwargs={"exit_on_error": False},
-            trainer_defaults={
-                "default_root_dir": "runs",
-                "max_epochs": CORPUS_EPOCHS,  # the offline demo gets DEMO_EPOCHS from defaults.py (or its config)
-                "log_every_n_steps": 1,  # short CPU runs log every step (a GPU logs every 50: defaults.py)
-                "gradient_clip_val": 1.0,
-                "use_distributed_sampler": False,  # our BatchPlan shards batches across processes itself
-            },
-        )
+        MLMCLI(**_cli_kwargs(), args=argv)
     finally:
         release_run_dirs()
         close_process_group()

@@ -108,20 +108,40 @@ def print_help() -> None:
     print("\n`mlm-lightning COMMAND --help` lists a command's options. `--debug` shows tracebacks.")
 
 
-def run_command(name: str, argv: list[str]):
-    """Parse `argv` for the function registered as `name` and call it."""
+def build_parser(command: str):
+    """The full jsonargparse parser of `command` (any of `mlm-lightning`'s, every option): what the command parses,
+    what its `--help all` prints and what the CLI reference is generated from."""
+    if command in LIGHTNING_COMMANDS:
+        from mlm_lightning.cli.lightning import parser
+
+        return parser(command)
+    check(command in COMMANDS, f"unknown command {command!r}; the commands are"
+                               f" {', '.join([*LIGHTNING_COMMANDS, *COMMANDS])}")
     from jsonargparse import ArgumentParser
 
-    fn = _load_command(name)
+    fn = _load_command(command)
     doc = inspect.getdoc(fn) or ""
-    parser = ArgumentParser(prog=f"mlm-lightning {name}", description=doc.split("\n\n")[0], exit_on_error=False)
+    parser = ArgumentParser(prog=f"mlm-lightning {command}", description=doc.split("\n\n")[0], exit_on_error=False)
     parser.add_function_arguments(fn)
-    params = inspect.signature(fn).parameters.values()
-    star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    star = _star(fn)
     if star:
         parser.add_argument(star, nargs="*", default=[], help=_param_help(doc, star))
+    return parser
+
+
+def _star(fn) -> str | None:
+    """The name of `fn`'s `*name` parameter (the command's positional arguments), if it has one."""
+    params = inspect.signature(fn).parameters.values()
+    return next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+
+
+def run_command(name: str, argv: list[str]):
+    """Parse `argv` for the function registered as `name` and call it."""
+    fn = _load_command(name)
+    parser = build_parser(name)
+    star = _star(fn)
     # a bare boolean option means true (`--json`), even before a positional argument (`--json "a [MASK]"`)
-    flags = {f"--{p.name}" for p in params if p.annotation in (bool, "bool")}
+    flags = {f"--{p.name}" for p in inspect.signature(fn).parameters.values() if p.annotation in (bool, "bool")}
     argv = [x for i, a in enumerate(argv) for x in ([a, "true"] if a in flags and (
         i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS) else [a])]
     cfg = parser.parse_args(argv).as_dict()
