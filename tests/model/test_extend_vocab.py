@@ -1,0 +1,189 @@
+"""`--data.extend_vocab N`: domain words added to a pretrained model's vocabulary (WordPiece and byte-level BPE),
+their rows started at the mean of their pieces' and trained at the head's rate, the export filling them as one
+token in transformers' fill-mask pipeline, an exact resume, and the refusal from scratch."""
+
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlm_lightning.data import MLMDataModule
+from mlm_lightning.data.tokenizer import load_tokenizer, train_tokenizer
+from mlm_lightning.export import save_hf
+from mlm_lightning.model import MLMModule, arch
+from tests.helpers import TINY, assert_resumed_at, error_line, run_cli, sentences, tiny_model
+
+# made of the letters of `sentences`, so every family's small vocabulary cuts them into pieces (no [UNK])
+WORDS = ["floribund", "sedimentology"]
+
+
+def domain_lines(n: int = 400) -> list[str]:
+    """Sentences where the domain words dominate one context: "the floribund sees the ball ." and the like."""
+    out = []
+    for i, line in enumerate(sentences(n, seed=1)):
+        word = WORDS[i % 2]
+        out.append(f"the {word} {line.split(' ', 2)[2]}" if i % 3 else f"{word} and {line}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("domain") / "train.txt"
+    path.write_text("\n".join(domain_lines()) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> str:
+    return tiny_model(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def roberta_dir(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("roberta")
+    tok = train_tokenizer("roberta", sentences(300), str(tmp / "tok"), 300, 64, lowercase=False)
+    torch.manual_seed(0)
+    model = arch.new_model("roberta", tok, **{**TINY, "max_position_embeddings": 64})
+    return save_hf(model.eval(), tok, str(tmp / "export"))
+
+
+def extended(model_dir: str, corpus: str, cache, n: int = 2) -> MLMDataModule:
+    data = MLMDataModule(train_files=corpus, tokenizer=model_dir, extend_vocab=n, max_length=24,
+                         cache_dir=str(cache))
+    data.load_tokenizer()
+    return data
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_each_word_is_one_token_anywhere_and_rows_start_at_their_pieces_mean(family, bert_dir, roberta_dir, domain,
+                                                                             tmp_path):
+    model_dir = bert_dir if family == "bert" else roberta_dir
+    base = load_tokenizer(model_dir)
+    data = extended(model_dir, domain, tmp_path)
+    tok = data.tokenizer
+    for word in WORDS:  # the original tokenizer cut them
+        assert len(base(f"a {word}", add_special_tokens=False)["input_ids"]) > 2
+    mask = tok.mask_token
+    for word in WORDS:
+        for text in (f"the {word} sees a tree .", f"{word} sees a tree .", f"a tree ,{word} .", f"( {word} )",
+                     f"a tree.{word}"):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert sum(tok.decode([i]).strip() == word for i in ids) == 1, (text, tok.convert_ids_to_tokens(ids))
+            assert tok.decode(ids) == text or family == "bert", text  # (BERT's decoder spaces punctuation)
+        # longer words keep their own segmentation around it
+        assert tok.decode(tok(f"the {word}s {mask} .")["input_ids"], skip_special_tokens=True).startswith(
+            f"the {word}s")
+    assert len(data.vocab_extension) == (2 if family == "bert" else 4)  # byte-level BPE: "Ġword" and "word"
+    # the model: resized, each new row (input embedding, tied decoder, bias) the mean of its pieces' rows
+    module = MLMModule(model_name_or_path=model_dir)
+    original, _ = arch.load_pretrained_mlm(model_dir)
+    model, _ = arch.build(module.hparams, tok, extension=data.vocab_extension)
+    assert model.get_input_embeddings().num_embeddings >= len(tok) > len(base)
+    arch.check_fits(model, tok, "extended")
+    old_rows = original.get_input_embeddings().num_embeddings
+    for old, new in zip(arch.new_row_parameters(original), arch.new_row_parameters(model), strict=True):
+        assert torch.equal(new[:len(base)], old[:len(base)])
+        for token_id, pieces in data.vocab_extension:
+            assert len(pieces) >= 2 and max(pieces) < len(base)
+            assert torch.allclose(new[token_id], old[pieces].mean(0)), token_id
+    bias = model.get_parameter(arch.FAMILIES[family].output_bias)
+    assert (bias[max(old_rows, len(tok)):] == arch.NEVER).all()
+
+
+def test_the_extended_tokenizer_is_cached_and_keys_the_token_cache(bert_dir, domain, tmp_path, monkeypatch):
+    from mlm_lightning.data import module as data_module
+
+    first = extended(bert_dir, domain, tmp_path)
+    plain = MLMDataModule(train_files=domain, tokenizer=bert_dir, max_length=24, cache_dir=str(tmp_path))
+    assert first._data_dir() != plain._data_dir()  # the token cache is keyed by the extended tokenizer
+
+    def counted(*a, **k):
+        raise AssertionError("the corpus was counted again")
+
+    monkeypatch.setattr(data_module, "domain_words", counted)
+    again = extended(bert_dir, domain, tmp_path)
+    assert again._data_dir() == first._data_dir() and again.vocab_extension == first.vocab_extension
+
+
+def fit(model_dir, corpus, root, *extra):
+    return ["fit", "--data.train_files", corpus, "--model.model_name_or_path", model_dir, "--data.extend_vocab", "2",
+            "--data.batch_size", "8", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(root),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.log_every_n_steps", "1", "--model.warmup_steps", "0", *extra]
+
+
+def test_new_rows_train_at_the_head_rate_and_the_rest_at_the_encoders(bert_dir, domain, tmp_path):
+    root = tmp_path / "run"
+    assert run_cli(*fit(bert_dir, domain, root, "--trainer.max_steps", "1", "--model.learning_rate", "1e-9",
+                        "--model.head_learning_rate", "0.1", "--model.schedule", "constant")) == 0
+    state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    after = state["state_dict"]["model.bert.embeddings.word_embeddings.weight"]
+    bias = state["state_dict"]["model.cls.predictions.bias"]
+    before = load_file(f"{bert_dir}/model.safetensors")["bert.embeddings.word_embeddings.weight"]
+    n = before.shape[0]
+    tok = load_tokenizer(str(root / "export"))
+    new = [tok.convert_tokens_to_ids(w) for w in WORDS]
+    assert min(new) >= n and state["mlm_lightning"]["bert_config"]["vocab_size"] % arch.VOCAB_MULTIPLE == 0
+    assert (after[:n] - before).abs().max() < 1e-6  # 1e-9 per step
+    assert (after[new] - after[new].new_tensor(0)).ne(0).all()
+    moved = [(after[i] - start).abs().mean().item() for i, start in zip(new, _starts(bert_dir, root, new),
+                                                                          strict=True)]
+    assert min(moved) > 0.02, moved  # AdamW's first step moves each element by about the rate (0.1)
+    assert bias[new].abs().min() > 0  # (the bias entries move too)
+
+
+def _starts(model_dir, root, new):
+    """The new rows at step 0: the mean of their pieces' rows in the original model."""
+    base = load_tokenizer(model_dir)
+    weights = load_file(f"{model_dir}/model.safetensors")["bert.embeddings.word_embeddings.weight"]
+    tok = load_tokenizer(str(root / "export"))
+    return [weights[base(tok.convert_ids_to_tokens(i), add_special_tokens=False)["input_ids"]].mean(0) for i in new]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_the_export_fills_a_masked_domain_word_as_one_token_in_a_pipeline(family, bert_dir, roberta_dir, domain,
+                                                                         tmp_path):
+    from transformers import pipeline
+
+    model_dir = bert_dir if family == "bert" else roberta_dir
+    root = tmp_path / "run"
+    assert run_cli(*fit(model_dir, domain, root, "--trainer.max_steps", "60", "--model.learning_rate", "1e-3",
+                        "--model.head_learning_rate", "1e-2")) == 0
+    fill = pipeline("fill-mask", model=str(root / "export"), tokenizer=str(root / "export"), device="cpu")
+    mask = fill.tokenizer.mask_token
+    for word in WORDS:
+        other = [w for w in WORDS if w != word][0]
+        context = "sees the ball ." if word == WORDS[0] else "sees the ball ."
+        answers = fill(f"the {mask} {context}", top_k=5)
+        got = [a["token_str"].strip() for a in answers]
+        assert word in got or other in got, (word, answers)  # a domain word, whole, among the top 5
+        best = next(a for a in answers if a["token_str"].strip() in WORDS)
+        assert best["sequence"].strip() == f"the {best['token_str'].strip()} {context}".replace(" .", " .")
+
+
+@pytest.mark.slow
+def test_interrupt_then_resume_with_an_extended_vocabulary_is_exact(bert_dir, domain, tmp_path):
+    steps = ["--trainer.max_steps", "8", "--model.learning_rate", "1e-3", "--model.head_learning_rate", "1e-2"]
+    straight, root = tmp_path / "straight", tmp_path / "run"
+    assert run_cli(*fit(bert_dir, domain, straight, *steps)) == 0
+    code = run_cli(*fit(bert_dir, domain, root, *steps, "--trainer.callbacks+=tests.helpers.SignalAt",
+                        "--trainer.callbacks.step", "4", "--trainer.callbacks.signum", str(int(signal.SIGTERM))))
+    assert code == 143
+    assert run_cli(*fit(bert_dir, domain, root, *steps, "--ckpt_path", "last")) == 0
+    assert_resumed_at(root, 4)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_extend_vocab_is_refused_from_scratch(domain, tmp_path, capsys):
+    code = run_cli("fit", "--data.train_files", domain, "--data.extend_vocab", "5", "--trainer.max_steps", "1",
+                   "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu")
+    assert code != 0
+    line = error_line(capsys.readouterr().err)
+    assert "--data.extend_vocab" in line and "--model.model_name_or_path" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
