@@ -121,12 +121,11 @@ def test_new_rows_train_at_the_head_rate_and_the_rest_at_the_encoders(bert_dir, 
     after = state["state_dict"]["model.bert.embeddings.word_embeddings.weight"]
     bias = state["state_dict"]["model.cls.predictions.bias"]
     before = load_file(f"{bert_dir}/model.safetensors")["bert.embeddings.word_embeddings.weight"]
-    n = before.shape[0]
+    n = len(load_tokenizer(bert_dir))  # (its embeddings have rows beyond its tokens: the new ids take those)
     tok = load_tokenizer(str(root / "export"))
     new = [tok.convert_tokens_to_ids(w) for w in WORDS]
-    assert min(new) >= n and state["mlm_lightning"]["bert_config"]["vocab_size"] % arch.VOCAB_MULTIPLE == 0
-    assert (after[:n] - before).abs().max() < 1e-6  # 1e-9 per step
-    assert (after[new] - after[new].new_tensor(0)).ne(0).all()
+    assert min(new) >= n and after.shape[0] >= len(tok)
+    assert (after[:n] - before[:n]).abs().max() < 1e-6  # 1e-9 per step
     moved = [(after[i] - start).abs().mean().item() for i, start in zip(new, _starts(bert_dir, root, new),
                                                                           strict=True)]
     assert min(moved) > 0.02, moved  # AdamW's first step moves each element by about the rate (0.1)
