@@ -142,24 +142,26 @@ def _starts(model_dir, root, new):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "roberta"])
-def test_the_export_fills_a_masked_domain_word_as_one_token_in_a_pipeline(family, bert_dir, roberta_dir, domain,
-                                                                         tmp_path):
+def test_the_export_fills_a_masked_domain_word_as_one_token_in_a_pipeline(family, bert_dir, roberta_dir, tmp_path):
+    """A corpus where one domain word dominates: after a short training the export's pipeline fills a mask with
+    it, as one whole (added) token, its sequence written as text. Without the extension the answer could at best
+    be one of its pieces."""
     from transformers import pipeline
 
+    word = WORDS[0]
+    corpus = tmp_path / "dominated.txt"
+    corpus.write_text(f"{word} {word} sees {word} .\n" * 300 + f"a {WORDS[1]} helps {word} .\n" * 100,
+                      encoding="utf-8")
     model_dir = bert_dir if family == "bert" else roberta_dir
     root = tmp_path / "run"
-    assert run_cli(*fit(model_dir, domain, root, "--trainer.max_steps", "60", "--model.learning_rate", "1e-3",
-                        "--model.head_learning_rate", "1e-2")) == 0
-    fill = pipeline("fill-mask", model=str(root / "export"), tokenizer=str(root / "export"), device="cpu")
-    mask = fill.tokenizer.mask_token
-    for word in WORDS:
-        other = [w for w in WORDS if w != word][0]
-        context = "sees the ball ." if word == WORDS[0] else "sees the ball ."
-        answers = fill(f"the {mask} {context}", top_k=5)
-        got = [a["token_str"].strip() for a in answers]
-        assert word in got or other in got, (word, answers)  # a domain word, whole, among the top 5
-        best = next(a for a in answers if a["token_str"].strip() in WORDS)
-        assert best["sequence"].strip() == f"the {best['token_str'].strip()} {context}".replace(" .", " .")
+    assert run_cli(*fit(model_dir, str(corpus), root, "--trainer.max_steps", "40", "--model.learning_rate", "3e-3",
+                        "--model.head_learning_rate", "3e-2", "--data.mlm_probability", "0.3",
+                        "--trainer.limit_val_batches", "0")) == 0
+    fill = pipeline("fill-mask", model=str(root / "export"), device="cpu")
+    best = fill(f"the {fill.tokenizer.mask_token} sees {word} .", top_k=3)[0]
+    assert best["token_str"].strip() == word, best
+    assert best["token"] >= len(load_tokenizer(model_dir))  # an added token, not a piece of the word
+    assert best["sequence"].startswith(f"the {word} sees {word}"), best
 
 
 @pytest.mark.slow
