@@ -181,10 +181,34 @@ def test_interrupt_then_resume_with_an_extended_vocabulary_is_exact(bert_dir, do
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_extend_vocab_is_refused_from_scratch(domain, tmp_path, capsys):
+@pytest.mark.parametrize("given", [[], ["--data.tokenizer", "TOKENIZER"]])
+def test_extend_vocab_is_refused_from_scratch(given, bert_dir, domain, tmp_path, capsys):
+    """With a vocabulary trained on the corpus, or another tokenizer given to a new model."""
+    given = [bert_dir if a == "TOKENIZER" else a for a in given]
     code = run_cli("fit", "--data.train_files", domain, "--data.extend_vocab", "5", "--trainer.max_steps", "1",
-                   "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu")
+                   "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu", *given)
     assert code != 0
     line = error_line(capsys.readouterr().err)
     assert "--data.extend_vocab" in line and "--model.model_name_or_path" in line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_data_module_alone_refuses_to_extend_a_vocabulary_it_would_train(domain, tmp_path):
+    from mlm_lightning.errors import MLMError
+
+    data = MLMDataModule(train_files=domain, extend_vocab=3, cache_dir=str(tmp_path))
+    with pytest.raises(MLMError, match="extend_vocab"):
+        data.load_tokenizer(train_if_missing=True)
+    assert not (tmp_path / "tokenizers").exists()
+
+
+def test_the_words_chosen_most_frequent_first_ties_by_the_word_split_ones_only(bert_dir):
+    from mlm_lightning.data.tokenizer import domain_words
+
+    tok = load_tokenizer(bert_dir)
+    texts = ["the the the floribund sedimentology", "Sedimentology , floribund ballcar 1234 1234",
+             "floribund sedimentology ballcar once the"]
+    # "the": one token already; "once", seen once; "1234": no letter; BERT lowercases
+    assert domain_words(tok, texts, 3) == ["floribund", "sedimentology", "ballcar"]
+    assert domain_words(tok, texts, 1) == ["floribund"]
+    assert domain_words(tok, texts * 2, 5) == ["floribund", "sedimentology", "ballcar", "once"]
