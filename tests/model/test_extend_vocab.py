@@ -106,8 +106,8 @@ def test_the_extended_tokenizer_is_cached_and_keys_the_token_cache(bert_dir, dom
     assert again._data_dir() == first._data_dir() and again.vocab_extension == first.vocab_extension
 
 
-def fit(model_dir, corpus, root, *extra):
-    return ["fit", "--data.train_files", corpus, "--model.model_name_or_path", model_dir, "--data.extend_vocab", "2",
+def fit(model_dir, corpus, root, *extra, n: int = 2):
+    return ["fit", "--data.train_files", corpus, "--model.model_name_or_path", model_dir, "--data.extend_vocab", str(n),
             "--data.batch_size", "8", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(root),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.log_every_n_steps", "1", "--model.warmup_steps", "0", *extra]
@@ -165,7 +165,7 @@ def test_the_export_fills_a_masked_domain_word_as_one_token_in_a_pipeline(family
 
 
 @pytest.mark.slow
-def test_interrupt_then_resume_with_an_extended_vocabulary_is_exact(bert_dir, domain, tmp_path):
+def test_interrupt_then_resume_with_an_extended_vocabulary_is_exact(bert_dir, domain, tmp_path, capsys):
     steps = ["--trainer.max_steps", "8", "--model.learning_rate", "1e-3", "--model.head_learning_rate", "1e-2"]
     straight, root = tmp_path / "straight", tmp_path / "run"
     assert run_cli(*fit(bert_dir, domain, straight, *steps)) == 0
@@ -173,12 +173,16 @@ def test_interrupt_then_resume_with_an_extended_vocabulary_is_exact(bert_dir, do
                         "--trainer.callbacks.step", "4", "--trainer.callbacks.signum", str(int(signal.SIGTERM))))
     assert code == 143
     assert run_cli(*fit(bert_dir, domain, root, *steps, "--ckpt_path", "last")) == 0
+    capsys.readouterr()
     assert_resumed_at(root, 4)
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # another count is another vocabulary: refused before any weight is loaded
+    code = run_cli(*fit(bert_dir, domain, root, *steps, "--trainer.max_steps", "10", "--ckpt_path", "last", n=1))
+    assert code != 0 and "another tokenizer" in error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("given", [[], ["--data.tokenizer", "TOKENIZER"]])
