@@ -290,6 +290,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         corpus, the base tokenizer's content and the count: a resume or a second run reuses it (and the tokenized
         corpus, whose key hashes the extended tokenizer); `vocab_extension` tells the model the new rows."""
         h = self.hparams
+        self.vocab_extension = []
         if not h.get("extend_vocab"):
             return base
         size = sum(corpus.file_size(f, self.storage_options) for f in self._train_paths())

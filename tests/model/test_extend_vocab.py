@@ -216,3 +216,24 @@ def test_the_words_chosen_most_frequent_first_ties_by_the_word_split_ones_only(b
     assert domain_words(tok, texts, 3) == ["floribund", "sedimentology", "ballcar"]
     assert domain_words(tok, texts, 1) == ["floribund"]
     assert domain_words(tok, texts * 2, 5) == ["floribund", "sedimentology", "ballcar", "once"]
+
+
+@pytest.mark.parametrize("family", arch.SCRATCH)
+def test_every_family_resizes_its_tied_decoder_and_bias_and_starts_new_rows_at_the_pieces_mean(family, tokenizer):
+    """`extend_embeddings` on each family's masked LM (its decoder tied or not, its bias where the family keeps
+    it): room for every new id, the new rows the mean of their pieces', and the logits of every id."""
+    torch.manual_seed(0)
+    model = arch.new_model(family, tokenizer, **{**TINY, "max_position_embeddings": 64})
+    before = [p.detach().clone() for p in arch.new_row_parameters(model)]
+    rows = model.get_input_embeddings().num_embeddings
+    extension = [(rows + 3, [5, 6, 7]), (len(tokenizer), [8, 9])]  # one beyond the rows, one in their padding
+    arch.extend_embeddings(model, rows + 4, extension)
+    assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == rows + arch.VOCAB_MULTIPLE
+    params = arch.new_row_parameters(model)
+    assert len(params) == len(before)  # (tied stays tied: the decoder is the embedding matrix)
+    for old, new in zip(before, params, strict=True):
+        assert new.shape[0] == rows + arch.VOCAB_MULTIPLE and torch.equal(new[:len(tokenizer)], old[:len(tokenizer)])
+        for token_id, pieces in extension:
+            assert torch.allclose(new[token_id], old[pieces].mean(0))
+    logits = arch.head(model, torch.randn(2, TINY["hidden_size"]))
+    assert logits.shape == (2, rows + arch.VOCAB_MULTIPLE)
