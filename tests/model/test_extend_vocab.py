@@ -235,5 +235,7 @@ def test_every_family_resizes_its_tied_decoder_and_bias_and_starts_new_rows_at_t
         assert new.shape[0] == rows + arch.VOCAB_MULTIPLE and torch.equal(new[:len(tokenizer)], old[:len(tokenizer)])
         for token_id, pieces in extension:
             assert torch.allclose(new[token_id], old[pieces].mean(0))
+    bias = model.get_parameter(arch.FAMILIES[family].output_bias)
+    assert (bias[rows + 4:] == arch.NEVER).all()  # the padding ids are never predicted
     logits = arch.head(model, torch.randn(2, TINY["hidden_size"]))
     assert logits.shape == (2, rows + arch.VOCAB_MULTIPLE)
