@@ -530,7 +530,9 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         check(not isinstance(self.trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)),
               f"{option('data.extend_vocab')} trains on one device or with DDP, not with a sharded strategy")
-        rows = torch.tensor(self.new_rows, device=self.device)
+        rows = getattr(self, "_rows", None)
+        if rows is None or rows.device != self.device:  # (made once: no copy to the device every step)
+            rows = self._rows = torch.tensor(self.new_rows, device=self.device)
         params = arch.new_row_parameters(self.model)
         before = [p.detach().index_select(0, rows) for p in params]
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
