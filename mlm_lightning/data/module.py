@@ -31,11 +31,14 @@ from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import (
     TOKENIZER_KINDS,
     SampledTexts,
+    domain_words,
+    extend_vocabulary,
     load_tokenizer,
     save_tokenizer_files,
     tokenizer_files,
     tokenizer_fingerprint,
     train_tokenizer,
+    vocab_extension,
 )
 from mlm_lightning.errors import check
 
@@ -118,6 +121,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         tokenizer: str | None = None,
         tokenizer_kind: str = "bert",
         vocab_size: int = 8192,
+        extend_vocab: int = 0,
         lowercase: bool = True,
         tokenizer_sample_mb: float = 100.0,
         cache_dir: str | None = None,
@@ -165,6 +169,10 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                 <s> </s> <mask>) or modernbert (byte-level BPE with [CLS] [SEP] [MASK]). fit sets it from
                 --model.architecture.
             vocab_size: Size of the vocabulary trained when no tokenizer is given.
+            extend_vocab: Continuing a pretrained model: add this many domain words to its vocabulary, the most
+                frequent words of the corpus (its `tokenizer_sample_mb` sample) that its tokenizer cuts into
+                pieces; each new embedding row starts at the mean of its pieces' rows and trains at
+                `--model.head_learning_rate` (docs/vocabulary.md). 0: off.
             lowercase: Lowercase text in the trained tokenizer.
             tokenizer_sample_mb: The WordPiece vocabulary is trained on a seeded sample of about this many MB of
                 the corpus (all of it when smaller): the same corpus and seed give the same sample.
@@ -208,6 +216,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
               f"tokenizer_kind must be one of {', '.join(TOKENIZER_KINDS)}, got {tokenizer_kind!r}")
         check(tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {tokenizer_sample_mb}")
         check(epoch_tokens is None or epoch_tokens > 0, f"epoch_tokens must be positive, got {epoch_tokens}")
+        check(extend_vocab >= 0, f"extend_vocab must be 0 (off) or a number of words, got {extend_vocab}")
         self.cache_dir = cache_dir or default_cache_dir()
         self.storage_options = storage_options
         self.sources = mixture.parse_sources(train_files, storage_options) if mixture.is_mixture(train_files) else None
@@ -225,6 +234,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         self.predict_paths = corpus.resolve_files(predict_files, "predict_files", storage_options) \
             if predict_files else None
         self.tokenizer = None
+        self.vocab_extension: list[tuple[int, list[int]]] = []  # (new id, its pieces' ids): see `_extended`
         self.datasets: dict[str, MLMDataset] = {}
         self._train_loader: ResumableDataLoader | None = None
         self._resume_state: dict | None = None
@@ -252,11 +262,14 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
     def load_tokenizer(self, train_if_missing: bool = False):
         if self.tokenizer is None:
             if self.hparams.tokenizer:
-                self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+                self.tokenizer = self._extended(load_tokenizer(self.hparams.tokenizer))
             elif os.path.isdir(self._tokenizer_dir()):
                 self.tokenizer = load_tokenizer(self._tokenizer_dir())
             else:
                 check(train_if_missing, "the corpus tokenizer is missing; call prepare_data() first")
+                check(not self.hparams.get("extend_vocab"), f"{option('data.extend_vocab')} extends a pretrained"
+                      f" model's vocabulary: it needs {option('model.model_name_or_path')} (or"
+                      f" {option('data.tokenizer')}); a vocabulary trained on the corpus fits it already")
                 kind = self.hparams.get("tokenizer_kind", "bert")
                 log.info("training a %s tokenizer (vocab %d) on the corpus", kind, self.hparams.vocab_size)
                 reader = corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
@@ -271,6 +284,32 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                                 " them all",
                                 self.hparams.vocab_size, len(self.tokenizer))
         return self.tokenizer
+
+    def _extended(self, base):
+        """`base` with `extend_vocab` domain words of the corpus added (`tokenizer.domain_words`), cached under the
+        corpus, the base tokenizer's content and the count: a resume or a second run reuses it (and the tokenized
+        corpus, whose key hashes the extended tokenizer); `vocab_extension` tells the model the new rows."""
+        h = self.hparams
+        self.vocab_extension = []
+        if not h.get("extend_vocab"):
+            return base
+        size = sum(corpus.file_size(f, self.storage_options) for f in self._train_paths())
+        sampled = size > h.tokenizer_sample_mb * 2**20
+        key = corpus.fingerprint(self._train_paths(), h.text_column, tokenizer_fingerprint(base), h.extend_vocab,
+                                 (h.tokenizer_sample_mb, h.seed) if sampled else None,
+                                 storage_options=self.storage_options)
+        target = os.path.join(self.cache_dir, "tokenizers", f"extended-{key}")
+        if not os.path.isdir(target):
+            log.info("counting the corpus's words for %d domain words (--data.extend_vocab)", h.extend_vocab)
+            reader = corpus.CorpusReader(self._train_paths(), h.text_column, self.storage_options)
+            words = domain_words(base, SampledTexts(reader, h.tokenizer_sample_mb, h.seed), h.extend_vocab)
+            where = save_tokenizer_files(tokenizer_files(extend_vocabulary(base, words)), target)
+            if where != target:  # another process wrote it first: theirs (the same words) is kept
+                shutil.rmtree(where, ignore_errors=True)
+        extended = load_tokenizer(target)
+        self.vocab_extension = vocab_extension(base, extended)
+        log.info("vocabulary extended by %d entries (%s)", len(self.vocab_extension), target)
+        return extended
 
     def _parts(self) -> list[tuple[list[str], list[str] | None]]:
         """(train files, val files) of each tokenized cache: one, or one per source of a mixture."""

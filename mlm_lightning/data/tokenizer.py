@@ -285,3 +285,104 @@ def tokenizer_length_limit(name_or_path: str) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1e6 else None
+
+
+# -- domain words added to a pretrained vocabulary (`--data.extend_vocab N`) --------------------------------------
+EXTEND_MAX_DISTINCT = 500_000  # distinct words counted at most: beyond, the rarer half is dropped (bounded memory)
+EXTEND_MIN_COUNT = 2  # a word seen once is no domain word
+BYTE_SPACE = "Ġ"  # how byte-level BPE writes the space a word follows (its pre-tokenizer's words carry it)
+
+
+def vocabulary_kind(tokenizer) -> str | None:
+    """"wordpiece", "bpe" (byte-level BPE) or None (another model, e.g. a sentencepiece Unigram): the tokenizers
+    whose vocabulary `extend_vocabulary` knows how to extend."""
+    saved = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = saved.get("model", {}).get("type")
+    if model == "WordPiece":
+        return "wordpiece"
+    if model == "BPE" and '"ByteLevel"' in json.dumps(saved.get("pre_tokenizer")):
+        return "bpe"
+    return None
+
+
+def domain_words(tokenizer, texts: Iterable[str], n: int) -> list[str]:
+    """The vocabulary entries to add for the `n` most frequent words of `texts` that `tokenizer` splits into at
+    least 2 pieces, in that order (ties: by the word).
+
+    A word is a word of the tokenizer's own pre-tokenizer, after its normalizer (BERT's: lowercased, split at
+    spaces and punctuation), holding at least one letter and seen at least `EXTEND_MIN_COUNT` times. Byte-level
+    BPE tells a word after a space ("Ġword", in the middle of a sentence) from the same word without one (at the
+    start of a line, after a bracket), as its pretrained vocabulary does ("Ġthe", "the"): a word is counted in
+    both forms together, qualifies when its spaced form splits, and each of its forms that splits is added (up to
+    2 entries per word). Counting keeps at most `EXTEND_MAX_DISTINCT` distinct words: when more come, the rarer
+    half is dropped (a word that is frequent overall stays; one seen only early and rarely may be lost)."""
+    from collections import Counter
+
+    backend, kind = tokenizer.backend_tokenizer, vocabulary_kind(tokenizer)
+    check(kind is not None, "extend_vocab adds words to a WordPiece or byte-level BPE vocabulary; this tokenizer"
+                            " is neither (a sentencepiece model?): leave --data.extend_vocab at 0")
+    normalizer, pre = backend.normalizer, backend.pre_tokenizer
+    counts: Counter[str] = Counter()
+    for text in texts:
+        text = normalizer.normalize_str(text) if normalizer is not None else text
+        words = (w for w, _ in pre.pre_tokenize_str(text))
+        counts.update(w.removeprefix(BYTE_SPACE) if kind == "bpe" else w for w in words)
+        if len(counts) > EXTEND_MAX_DISTINCT:
+            counts = Counter(dict(counts.most_common(EXTEND_MAX_DISTINCT // 2)))
+    model = backend.model
+    chosen: list[str] = []
+    ranked = sorted((w for w, c in counts.items() if c >= EXTEND_MIN_COUNT and any(ch.isalpha() for ch in w)),
+                    key=lambda w: (-counts[w], w))
+    words = 0
+    for word in ranked:
+        if words == n:
+            break
+        forms = [BYTE_SPACE + word, word] if kind == "bpe" else [word]
+        if len(model.tokenize(forms[0])) < 2:
+            continue
+        chosen += [f for f in forms if len(model.tokenize(f)) >= 2]
+        words += 1
+    if words < n:
+        log.warning("--data.extend_vocab %d: only %d words of the corpus qualify (seen at least %d times and split"
+                    " into pieces by the tokenizer); adding those", n, words, EXTEND_MIN_COUNT)
+    return chosen
+
+
+def extend_vocabulary(tokenizer, entries: list[str]):
+    """`tokenizer` with `entries` (from `domain_words`) in its vocabulary, with ids after all of its own.
+
+    They go into the model's vocabulary itself, not in as added tokens: the pre-tokenizer's word boundaries then
+    hold exactly (an added token is matched in the raw text, so a byte-level "Ġword" one would also cut "Ġwords"
+    into "Ġword" + "s", and `single_word` refuses it after any letter since the match starts at the space), and
+    "Ġword" decodes with its space, as every other word of a byte-level vocabulary. WordPiece takes the longest
+    vocabulary entry at a word's start, so the whole word wins (and "words" becomes "word" + "##s", as it
+    would had the word been in the vocabulary all along). BPE builds words by merges, so it is told to take a word
+    that is in its vocabulary as it is (`ignore_merges`, as Llama 3's tokenizer does). The result is the generic
+    transformers class over this tokenizer.json: a family's own class (RobertaTokenizer) rebuilds its BPE from
+    vocab and merges and drops `ignore_merges`."""
+    from tokenizers import Tokenizer
+    from transformers import TokenizersBackend
+
+    saved = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = saved["model"]
+    vocab = model["vocab"]
+    next_id = max([*vocab.values(), *(t["id"] for t in saved.get("added_tokens", []))], default=-1) + 1
+    for entry in entries:
+        if entry not in vocab:
+            vocab[entry], next_id = next_id, next_id + 1
+    if model["type"] == "BPE":
+        model["ignore_merges"] = True
+    special = {f"{r}_token": getattr(tokenizer, f"{r}_token") for r in ("bos", "eos", "unk", "sep", "pad", "cls",
+                                                                       "mask")}
+    return TokenizersBackend(tokenizer_object=Tokenizer.from_str(json.dumps(saved)),
+                             model_max_length=tokenizer.model_max_length,
+                             model_input_names=list(tokenizer.model_input_names),
+                             **{k: v for k, v in special.items() if v is not None})
+
+
+def vocab_extension(base, extended) -> list[tuple[int, list[int]]]:
+    """(id, ids of its pieces in `base`) of each entry `extended` has beyond `base`'s vocabulary: what the model
+    starts the new rows from (the pieces the original tokenizer cut that very word into)."""
+    own, model = base.get_vocab(), base.backend_tokenizer.model
+    new = sorted((i, t) for t, i in extended.get_vocab().items() if t not in own)
+    return [(i, [p.id for p in model.tokenize(t)]) for i, t in new]

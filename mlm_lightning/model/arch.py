@@ -314,19 +314,50 @@ SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediat
          "dropout")
 
 
-def build(hparams, tokenizer, half_on_cuda: bool = False):
+def build(hparams, tokenizer, half_on_cuda: bool = False, extension=()):
     """(model, names of its new parameters): `model_name_or_path` (any supported family), or a new
-    `architecture` with the sizes in `hparams` (all its parameters are new, but none is "new" next to others)."""
+    `architecture` with the sizes in `hparams` (all its parameters are new, but none is "new" next to others).
+    `extension`: (id, piece ids) of the words `--data.extend_vocab` added to the pretrained model's tokenizer
+    (`extend_embeddings`)."""
     attention = hparams.get("attn_implementation", "auto")
     if hparams.model_name_or_path:
         model, new = load_pretrained_mlm(hparams.model_name_or_path, attn_implementation=attention,
                                          half_on_cuda=half_on_cuda)
+        if extension:
+            extend_embeddings(model, len(tokenizer), extension)
         check_fits(model, tokenizer, option("model.model_name_or_path", hparams.model_name_or_path),
                    f"use the model's own tokenizer (leave {option('data.tokenizer')} unset)")
         return model, new
     model = new_model(hparams.get("architecture", "bert"), tokenizer, attention, half_on_cuda,
                       **{k: hparams[k] for k in SIZES})
     return model, []
+
+
+def extend_embeddings(model, vocab: int, extension) -> None:
+    """Room for a tokenizer of `vocab` ids (`resize_token_embeddings`, padded to `VOCAB_MULTIPLE`: every family's
+    input embeddings, its decoder, tied or not, and the decoder's bias), and each added word's rows started at
+    the mean of its pieces' rows (`extension`: (id, piece ids)): the input embedding row, the decoder row where
+    it is not tied to it, and the bias entry. A new word then starts as the model's blend of what it read for
+    the word so far, not as noise (transformers #33325 discusses the choices)."""
+    fam, rows = family(model), model.get_input_embeddings().num_embeddings
+    if vocab > rows:
+        model.resize_token_embeddings(-(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE, mean_resizing=False)
+    bias = model.get_parameter(fam.output_bias)
+    with torch.no_grad():
+        bias[max(rows, vocab):] = NEVER  # the padding ids are no tokens (as in `new_model`)
+        for param in new_row_parameters(model):
+            for token_id, pieces in extension:
+                param[token_id] = param[pieces].mean(0)
+
+
+def new_row_parameters(model) -> list[nn.Parameter]:
+    """The parameters with one row (or entry) per vocabulary id: the input embeddings, the decoder where it is
+    not tied to them, and the decoder's bias."""
+    out = [model.get_input_embeddings().weight, model.get_parameter(family(model).output_bias)]
+    decoder = model.get_output_embeddings()
+    if decoder is not None and all(decoder.weight is not p for p in out):
+        out.insert(1, decoder.weight)
+    return out
 
 
 def usable_positions(name_or_path: str) -> int:

@@ -151,6 +151,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         check_schedule(schedule, decay_share, min_lr_ratio)
         self.model = None
         self.new_parameters: list[str] = []  # pretrained weights that were missing: they train at head_learning_rate
+        self.new_rows: list[int] = []  # vocabulary ids added by --data.extend_vocab: train at head_learning_rate
         self.tokenizer = None
         self._tokenizer_files: dict[str, str] | None = None
         self.val_ppl_history: list[tuple[int, float]] = []  # (step, ppl) of each validation in this process
@@ -181,10 +182,13 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         check(self.tokenizer is not None, "MLMModule needs a tokenizer: use it with MLMDataModule, set .tokenizer,"
               " or load a checkpoint or model dir with MLMModule.load(path)")
         # from_pretrained() returns eval mode and Lightning keeps module modes: train (dropout on) explicitly
-        model, self.new_parameters = arch.build(self.hparams, self.tokenizer, self._half_on_cuda())
+        extension = getattr(data, "vocab_extension", None) or []  # (id, piece ids) of added domain words
+        model, self.new_parameters = arch.build(self.hparams, self.tokenizer, self._half_on_cuda(), extension)
+        self.new_rows = [i for i, _ in extension]
         if self.hparams.model_name_or_path:
             source = getattr(getattr(data, "hparams", None), "get", lambda *_: None)("tokenizer")
-            pairing.check_tokenizer_fits(self.tokenizer, self.hparams.model_name_or_path, source)
+            pairing.check_tokenizer_fits(self.tokenizer, self.hparams.model_name_or_path, source,
+                                         frozenset(self.new_rows))
         self.model = model.train()
         if self.new_parameters:
             shown = ", ".join(self.new_parameters[:8]) + (", ..." if len(self.new_parameters) > 8 else "")
@@ -514,6 +518,29 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
                                       fused=self.fused or None)
         scheduler = run_schedule(optimizer, self.trainer, h.schedule, h.warmup_steps, h.decay_share, h.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # The rows of added words (`new_rows`) train at head_learning_rate, the rest of their matrices at the
+        # encoder's rate. They are rows of one Parameter (the embeddings, tied to the decoder: the weights stay a
+        # plain transformers model), and a Parameter is in one optimizer group only; scaling their gradient would
+        # change nothing, as AdamW's step is invariant to a gradient's scale. But AdamW's whole update, the decay
+        # term and the Adam term alike, is proportional to the rate and its moments do not depend on it: so the
+        # update the step gave those rows, times head_lr / lr, is exactly the update at head_lr.
+        if not self.new_rows:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        check(not isinstance(self.trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)),
+              f"{option('data.extend_vocab')} trains on one device or with DDP, not with a sharded strategy")
+        rows = getattr(self, "_rows", None)
+        if rows is None or rows.device != self.device:  # (made once: no copy to the device every step)
+            rows = self._rows = torch.tensor(self.new_rows, device=self.device)
+        params = arch.new_row_parameters(self.model)
+        before = [p.detach().index_select(0, rows) for p in params]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        rates = {id(p): g.get("initial_lr", g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):
+                ratio = self.hparams.head_learning_rate / rates[id(p)]
+                p.index_copy_(0, rows, old + (p.index_select(0, rows) - old) * ratio)
 
     def setup(self, stage: str) -> None:
         # every process draws its own dropout masks (seed_everything gives all the same seed); rank 0 keeps the

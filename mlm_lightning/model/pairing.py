@@ -34,6 +34,10 @@ def paired_options(model: dict, data: dict, given: Callable[[str], bool],
 
     changes: dict[str, tuple[object, str]] = {}
     pretrained = model.get("model_name_or_path")
+    check(pretrained or not data.get("extend_vocab"),
+          f"{option('data.extend_vocab')} adds domain words to a pretrained model's vocabulary: it needs"
+          f" {option('model.model_name_or_path')}; a model trained from scratch gets a vocabulary trained on its"
+          " corpus, which fits it already")
     if pretrained:
         if not given("data.tokenizer"):
             changes["data.tokenizer"] = (pretrained, "the model's own tokenizer")
@@ -66,16 +70,19 @@ def _current(model: dict, data: dict, key: str):
     return (model if group == "model" else data).get(name)
 
 
-def check_tokenizer_fits(tokenizer, model_name_or_path: str, tokenizer_source: str | None) -> None:
+def check_tokenizer_fits(tokenizer, model_name_or_path: str, tokenizer_source: str | None,
+                         added: frozenset[int] = frozenset()) -> None:
     """Refuse a tokenizer the pretrained model was not trained with: where the model has a tokenizer of its own to
-    compare with, another vocabulary (one trained on the corpus, or another dir). (A tokenizer larger than the
+    compare with, another vocabulary (one trained on the corpus, or another dir). `added`: the ids of domain words
+    `--data.extend_vocab` added to the model's own (the rest must be the model's own). (A tokenizer larger than the
     embeddings is refused earlier, by `arch.check_fits`; the model's own may be smaller than its embeddings:
     vocabularies padded to a multiple of 64, ModernBERT's.)"""
-    if tokenizer_source == model_name_or_path:
+    if tokenizer_source == model_name_or_path and not added:
         return
     own = _own_vocab(model_name_or_path)
     shown = repr(tokenizer_source) if tokenizer_source else "trained on the corpus"
-    check(own is None or own == tokenizer.get_vocab(),
+    vocab = {t: i for t, i in tokenizer.get_vocab().items() if i not in added}
+    check(own is None or own == vocab,
           f"the tokenizer ({shown}) has another vocabulary than the model {model_name_or_path!r} was trained with"
           f" (its ids would index the wrong embeddings); use the model's own: leave {option('data.tokenizer')}"
           f" unset (or set it to {model_name_or_path!r})")
