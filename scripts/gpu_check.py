@@ -515,7 +515,8 @@ def record_syncs(recorder) -> None:
 
 def corpus(tmp: str, tokens: float) -> str:
     """The shared corpus (or the offline one) repeated to about `tokens` tokens: one epoch holds the run."""
-    from mlm_lightning.data.corpus import default_corpus, iter_texts
+    from mlm_lightning.data.corpus import iter_texts
+    from mlm_lightning.data.offline import default_corpus
 
     source = str(SHARED_CORPUS) if SHARED_CORPUS.exists() else default_corpus(os.path.join(tmp, "cache"))
     lines = list(iter_texts([source]))

@@ -30,7 +30,6 @@ from typing import BinaryIO
 
 import fsspec
 
-from mlm_lightning.data.offline import default_corpus_files
 from mlm_lightning.errors import MLMError, check
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw"}
@@ -669,8 +668,3 @@ def _split_long(text: str) -> Iterator[str]:
 def iter_texts(files: Sequence[str], text_column: str = "text", storage_options: dict | None = None) -> Iterator[str]:
     """Yield non-blank examples from every file, failing with file/line context on bad input."""
     return iter(CorpusReader(files, text_column, storage_options))
-
-
-def default_corpus(cache_dir: str) -> str:
-    """The offline default's training file (see `offline.py`); `default_corpus_files` gives its validation file too."""
-    return default_corpus_files(cache_dir)[0]

@@ -26,6 +26,7 @@ from mlm_lightning.data import corpus, mixture
 from mlm_lightning.data.cache import CACHE_VERSION, TokenStream, build_cache, default_cache_dir
 from mlm_lightning.data.distributed import together
 from mlm_lightning.data.masking import MaskingCollator, check_masking
+from mlm_lightning.data.offline import default_corpus_files
 from mlm_lightning.data.sampling import BatchPlan, ConcatPlan, MixturePlan, ResumableDataLoader
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import (
@@ -233,7 +234,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
     # -- preparation (rank 0) and loading (every rank) --------------------------------------------------
     def _train_paths(self) -> list[str]:
         if self.train_paths is None:  # the offline default, with its own held-out modules (unless val_files)
-            train, val = corpus.default_corpus_files(self.cache_dir)
+            train, val = default_corpus_files(self.cache_dir)
             self.train_paths = [train]
             self.val_paths = [val] if self.val_paths is None else self.val_paths
         return self.train_paths
