@@ -125,3 +125,34 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_and_a_relative_
     graph = import_graph(pkg)
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.a"}
     assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.a"]
+
+
+WARNINGS_PROBE = """
+import ast, importlib, pathlib, pkgutil, sys, warnings
+import mlm_lightning
+# the libraries the package imports at module level set their own filters: import them first
+for path in pathlib.Path(mlm_lightning.__file__).parent.rglob("*.py"):
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        for name in names:
+            if name.split(".")[0] != "mlm_lightning":
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    pass
+before = list(warnings.filters)
+names = [info.name for info in pkgutil.walk_packages(mlm_lightning.__path__, "mlm_lightning.")
+         if not info.name.endswith(".__main__")]  # (running a command is not importing it)
+for name in names:
+    importlib.import_module(name)
+added = [f for f in warnings.filters if f not in before]
+print(len(names), added)
+"""
+
+
+def test_importing_the_package_leaves_the_warning_filters_alone():
+    out = subprocess.run([sys.executable, "-c", WARNINGS_PROBE], capture_output=True, text=True, check=True)
+    count, added = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(count) > 30  # every module was imported
+    assert added == "[]", f"importing the package added warning filters: {added}"

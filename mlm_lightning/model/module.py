@@ -33,9 +33,6 @@ from mlm_lightning.model.fill_mask import FillMasker, truncation_notice
 from mlm_lightning.training.schedules import check_schedule, run_schedule
 
 log = logging.getLogger("mlm_lightning")
-# `configure_gradient_clipping` below leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
-# gradient_clip_val), so Lightning's warning that an override "will not actually clip gradients" does not apply
-warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 
 class MLMModule(RecordsGivenArguments, L.LightningModule):
@@ -517,6 +514,10 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
+        # `configure_gradient_clipping` below leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
+        # gradient_clip_val), so Lightning's warning that an override "will not actually clip gradients" does not
+        # apply. Set here, before the strategy's setup warns, rather than at import: importing changes no filter.
+        warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
         # every process draws its own dropout masks (seed_everything gives all the same seed); rank 0 keeps the
         # seed as given, so a single-process run is unchanged
         if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
