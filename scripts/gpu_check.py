@@ -478,7 +478,7 @@ def sync_recorder():
         records: list[tuple[str, int, bool, str]] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            from mlm_lightning.model.module import is_log_step
+            from mlm_lightning.metrics import is_log_step
 
             cls = SyncRecorder
             cls.where, cls.step, cls.log_step = "train", trainer.global_step + 1, is_log_step(trainer)
