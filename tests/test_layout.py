@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,15 @@ def test_importing_the_package_leaves_the_warning_filters_alone():
     count, added = out.stdout.strip().splitlines()[-1].split(" ", 1)
     assert int(count) > 30  # every module was imported
     assert added == "[]", f"importing the package added warning filters: {added}"
+
+
+def test_metric_names_are_spelled_only_in_their_home():
+    name = re.compile(r"(train|val|test|perf)/\w+/?")
+    spelled = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "metrics.py" and path.parent == PACKAGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and name.fullmatch(node.value):
+                spelled.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.value!r}")
+    assert not spelled, "metric names outside mlm_lightning/metrics.py:\n" + "\n".join(spelled)
