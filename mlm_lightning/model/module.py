@@ -514,7 +514,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
-        # `configure_gradient_clipping` below leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
+        # `configure_gradient_clipping` leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
         # gradient_clip_val), so Lightning's warning that an override "will not actually clip gradients" does not
         # apply. Set here, before the strategy's setup warns, rather than at import: importing changes no filter.
         warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
