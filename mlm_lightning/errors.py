@@ -80,3 +80,8 @@ def writing(path: str, temporary: tuple[str, ...] = ()):
         if named and not os.path.abspath(named).startswith(tuple(os.path.abspath(t) for t in temporary)):
             raise
         raise OSError(error.errno, error.strerror, path) from e
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one short line (its class name when it has none), for the one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.errors import MLMError, check, first_line
 
 
 def quiet_transformers() -> None:
@@ -26,7 +26,7 @@ def load_pretrained(cls, name_or_path: str, what: str, **kwargs):
         try:
             return cls.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError) as e:
-            raise MLMError(f"{what}: {name_or_path!r} is not a valid Hugging Face directory ({_first_line(e)})") from e
+            raise MLMError(f"{what}: {name_or_path!r} is not a valid Hugging Face directory ({first_line(e)})") from e
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     check(
         not looks_like_path,
@@ -45,7 +45,3 @@ def load_pretrained(cls, name_or_path: str, what: str, **kwargs):
         f"{what}: {name_or_path!r} is not a local directory and is not in the Hugging Face cache, and it could"
         " not be downloaded; it needs a network, or pass a local directory (save_pretrained output)"
     )
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

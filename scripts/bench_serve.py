@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 def demo_shaped_model(tmp: str) -> str:
     import torch
 
-    from mlm_lightning.data.corpus import default_corpus
+    from mlm_lightning.data.offline import default_corpus
     from mlm_lightning.data.tokenizer import train_wordpiece
     from mlm_lightning.export import save_hf
     from mlm_lightning.model import MLMModule
@@ -52,7 +52,7 @@ def demo_shaped_model(tmp: str) -> str:
 
 def masked_sentences(n: int, seed: int = 0) -> list[str]:
     """`n` sentences of 8-30 words from the default corpus (CPython's language reference), one word masked."""
-    from mlm_lightning.data.corpus import default_corpus
+    from mlm_lightning.data.offline import default_corpus
 
     with tempfile.TemporaryDirectory() as tmp, open(default_corpus(tmp), encoding="utf-8") as f:
         candidates = [s.strip() for line in f for s in re.split(r"(?<=\.) ", line) if 8 <= len(s.split()) <= 30]

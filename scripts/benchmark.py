@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlm_lightning.data import MLMDataModule  # noqa: E402
-from mlm_lightning.data.corpus import default_corpus, iter_texts  # noqa: E402
+from mlm_lightning.data.corpus import iter_texts  # noqa: E402
+from mlm_lightning.data.offline import default_corpus  # noqa: E402
 from mlm_lightning.hub import quiet_transformers  # noqa: E402
 from mlm_lightning.model import MLMModule  # noqa: E402
 from mlm_lightning.model.arch import FAMILIES  # noqa: E402

@@ -42,7 +42,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlm_lightning.cli.main import main as cli_main  # noqa: E402
 from mlm_lightning.data import MLMDataModule  # noqa: E402
-from mlm_lightning.data.corpus import default_corpus, iter_texts  # noqa: E402
+from mlm_lightning.data.corpus import iter_texts  # noqa: E402
+from mlm_lightning.data.offline import default_corpus  # noqa: E402
 from mlm_lightning.data.tokenizer import train_wordpiece  # noqa: E402
 from mlm_lightning.errors import check  # noqa: E402
 from mlm_lightning.model import MLMModule  # noqa: E402

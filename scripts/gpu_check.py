@@ -478,7 +478,7 @@ def sync_recorder():
         records: list[tuple[str, int, bool, str]] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            from mlm_lightning.model.module import is_log_step
+            from mlm_lightning.metrics import is_log_step
 
             cls = SyncRecorder
             cls.where, cls.step, cls.log_step = "train", trainer.global_step + 1, is_log_step(trainer)
@@ -515,7 +515,8 @@ def record_syncs(recorder) -> None:
 
 def corpus(tmp: str, tokens: float) -> str:
     """The shared corpus (or the offline one) repeated to about `tokens` tokens: one epoch holds the run."""
-    from mlm_lightning.data.corpus import default_corpus, iter_texts
+    from mlm_lightning.data.corpus import iter_texts
+    from mlm_lightning.data.offline import default_corpus
 
     source = str(SHARED_CORPUS) if SHARED_CORPUS.exists() else default_corpus(os.path.join(tmp, "cache"))
     lines = list(iter_texts([source]))

@@ -5,8 +5,8 @@ Reading is streamed line by line with the standard library so that every problem
 its file and line number before any tokenization starts.
 
 The one file-system seam is here (`resolve_files`, `file_size`, `fingerprint`, `open_binary`): local paths go
-through `os` exactly as before (same cache keys), URLs through fsspec, read as streams (a few MB buffered, never
-downloaded first), with the store's errors turned into one line naming the URL.
+through `os` (the same cache keys as ever), URLs through `remote.py` (fsspec), read as streams (a few MB buffered,
+never downloaded first), with the store's errors turned into one line naming the URL.
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ import io
 import json
 import lzma
 import os
-import re
-import time
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-import fsspec
-
-from mlm_lightning.data.offline import default_corpus_files
-from mlm_lightning.errors import MLMError, check
+from mlm_lightning.data import remote
+from mlm_lightning.data.remote import is_url, redacted  # noqa: F401 (corpus.redacted: the callers' name)
+from mlm_lightning.errors import MLMError, check, first_line
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -43,17 +40,13 @@ COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
 # A single "line" longer than this is split at whitespace so one pathological line cannot exhaust memory.
 MAX_CHARS_PER_EXAMPLE = 100_000
 PARQUET_BATCH_ROWS = 8192
-REMOTE_BLOCK = 8 << 20  # bytes fetched per request from an object store (memory stays a few blocks)
-RETRIES = 4  # a dropped connection is retried this many times, waiting RETRY_WAIT_S * 2**attempt in between
-RETRY_WAIT_S = 1.0
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pip install 'mlm-lightning[EXTRA]'
 
 
 def _suffixes(path: str) -> tuple[str, str]:
     """(format suffix, compression suffix or ""): `a.txt.gz` -> (".txt", ".gz"), `a.csv` -> (".csv", "").
 
     A URL's query (a presigned https URL's `?X-Amz-...`) is not part of its name."""
-    p = Path(_without_query(path))
+    p = Path(remote.without_query(path))
     suffix = p.suffix.lower()
     if suffix in COMPRESSIONS:
         return Path(p.stem).suffix.lower(), suffix
@@ -65,146 +58,33 @@ def is_corpus_file(path: str) -> bool:
     return fmt in SUFFIXES and not (compression and fmt in PARQUET_SUFFIXES | ARROW_SUFFIXES)
 
 
-def is_url(path: str) -> bool:
-    """A path fsspec should open (`s3://b/k`, `https://...`); plain paths and `file://` stay with `os`."""
-    return bool(re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+://", str(path))) and not str(path).startswith("file://")
-
-
-def _without_query(path: str) -> str:
-    return path.split("?", 1)[0] if _is_http(path) else path
-
-
 def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
-# -- the store: fsspec for URLs, with retries and one-line errors -------------------------------------------
-SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
-
-
-def redacted(options):
-    """`options` with the values of secret-looking keys (key, secret, token, ...) replaced: safe to save."""
-    if isinstance(options, dict):
-        return {k: "***" if SECRET.search(str(k)) and not isinstance(v, (dict, list)) else redacted(v)
-                for k, v in options.items()}
-    if isinstance(options, list):
-        return [redacted(v) for v in options]
-    return options
-
-
-def _filesystem(url: str, storage_options: dict | None):
-    """(fsspec file system, path inside it) for `url`."""
-    protocol = url.split("://", 1)[0].lower()
-    try:
-        return fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except ImportError:
-        extra = EXTRAS.get(protocol)
-        fix = f"pip install 'mlm-lightning[{extra}]'" if extra else "install the fsspec package for it"
-        raise MLMError(f"reading {protocol}:// URLs ({url}) needs a file system package: {fix}") from None
-    except (ValueError, TypeError) as e:  # unknown protocol, or storage_options it does not take
-        raise MLMError(f"cannot open {url} ({_first_line(e)}); check the URL and --data.storage_options") from None
-
-
-_TRANSIENT = {  # by class name, so that neither aiohttp nor botocore needs importing (either may be absent)
-    "ConnectionError", "TimeoutError", "IncompleteRead", "ClientConnectionError", "ClientPayloadError",
-    "ServerDisconnectedError", "ClientOSError", "EndpointConnectionError", "ConnectionClosedError",
-    "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError", "ServerTimeoutError",
-}
-
-
-def _causes(e: BaseException) -> list[BaseException]:
-    out = []
-    while e is not None and e not in out and len(out) < 8:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
-
-
-def _is_transient(e: BaseException) -> bool:
-    return any(c.__name__ in _TRANSIENT for x in _causes(e) for c in type(x).__mro__)
-
-
-def _status(e: BaseException) -> int | None:
-    """The HTTP status an aiohttp/botocore error carries, if any."""
-    for x in _causes(e):
-        status = getattr(x, "status", None)
-        if isinstance(status, int):
-            return status
-    return None
-
-
-def _store_error(e: BaseException, url: str) -> MLMError:
-    """One line for a store's failure, naming the URL and the fix."""
-    names = {c.__name__ for x in _causes(e) for c in type(x).__mro__}
-    text = _first_line(e)
-    status = _status(e)
-    if _is_transient(e):  # (before "not found": fsspec's http reports a refused connection as FileNotFoundError)
-        text = _first_line(next(x for x in _causes(e) if any(c.__name__ in _TRANSIENT for c in type(x).__mro__)))
-        return MLMError(f"cannot read {url}: the connection failed {RETRIES + 1} times ({text}); check the network"
-                        " (and endpoint_url in --data.storage_options), then run again")
-    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
-        return MLMError(
-            f"no credentials to read {url}: set them the usual way (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or"
-            " AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://), or pass --data.storage_options"
-            " '{\"anon\": true}' for a public bucket"
-        )
-    if isinstance(e, PermissionError) or status in (401, 403):
-        return MLMError(f"access denied to {url} ({text}): check the credentials and that they may read it")
-    if isinstance(e, FileNotFoundError) or status == 404:
-        if "bucket" in text.lower():
-            return MLMError(f"no such bucket: {url} ({text}); check the bucket name (and endpoint_url in"
-                            " --data.storage_options)")
-        return MLMError(f"{url} does not exist (no such key or file); check the path")
-    return MLMError(f"cannot read {url} ({text})")
-
-
-def _retrying(url: str, call):
-    """`call()`, retried with backoff while the connection fails; any store error becomes one MLMError line."""
-    for attempt in range(RETRIES + 1):
-        try:
-            return call()
-        except MLMError:
-            raise
-        except Exception as e:  # noqa: BLE001 - classified here, re-raised as one line
-            if attempt == RETRIES or not _is_transient(e):
-                raise _store_error(e, url) from e  # (the chain is for --debug; the CLI prints one line)
-            time.sleep(RETRY_WAIT_S * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-def _is_http(url: str) -> bool:
-    return url.lower().startswith(("http://", "https://"))
-
-
 def _remote_files(spec: str, storage_options: dict | None, what: str, kinds: str) -> list[str]:
     """The corpus files a URL names: a file, a directory (prefix) the store lists, or a glob."""
-    fs, path = _filesystem(spec, storage_options)
+    fs, path = remote.filesystem(spec, storage_options)
     fs.invalidate_cache()  # a fresh look at the store: an object changed since the last listing gets a new key
 
     def url_of(p: str) -> str:
         return p if is_url(p) else fs.unstrip_protocol(p)
 
-    def remember(found: dict) -> None:  # (a listing's entries carry size and ETag on object stores; http's do not)
-        for p, i in found.items():
-            _INFO.pop(_info_key(url_of(p), storage_options), None)
-            if i.get("type") == "file" and i.get("size") is not None and any(k in i for k in IDENTITY_KEYS):
-                _INFO[_info_key(url_of(p), storage_options)] = i
-
     if glob.has_magic(path):
-        found = _retrying(spec, lambda: fs.glob(path, detail=True))
-        remember(found)
+        found = remote.retrying(spec, lambda: fs.glob(path, detail=True))
+        remote.remember(found, url_of, storage_options)
         matches = sorted(url_of(p) for p, i in found.items() if i.get("type") != "directory" and is_corpus_file(p))
         check(bool(matches), f"{what}: the glob {spec!r} matches no {kinds}; check the pattern")
         return matches
-    info = _retrying(spec, lambda: fs.info(path))
+    info = remote.retrying(spec, lambda: fs.info(path))
     # an http "directory" is an HTML page of links: asking any other URL for its links would download it
-    is_dir = info.get("type") == "directory" or (_is_http(spec) and (
+    is_dir = info.get("type") == "directory" or (remote.is_http(spec) and (
         spec.endswith("/") or info.get("mimetype") == "text/html"))
     if not is_dir:
-        remember({path: info})
+        remote.remember({path: info}, url_of, storage_options)
         return [url_of(path)]
-    found = _retrying(spec, lambda: fs.find(path, detail=True))
-    remember(found)
+    found = remote.retrying(spec, lambda: fs.find(path, detail=True))
+    remote.remember(found, url_of, storage_options)
     listed = sorted(url_of(p) for p, i in found.items() if i.get("type") != "directory")
     files = _with_datasets(spec, listed, storage_options)
     check(bool(files), f"{what}: {spec!r} lists no {kinds}; point at your text files")
@@ -243,14 +123,14 @@ def _hf_dataset_files(directory: str, storage_options: dict | None = None) -> li
     def exists(p: str) -> bool:
         if not is_url(p):
             return os.path.isfile(p)
-        fs, inner = _filesystem(p, storage_options)
-        return _retrying(p, lambda: fs.exists(inner))
+        fs, inner = remote.filesystem(p, storage_options)
+        return remote.retrying(p, lambda: fs.exists(inner))
 
     def read(p: str) -> bytes:
         if not is_url(p):
             return Path(p).read_bytes()
-        fs, inner = _filesystem(p, storage_options)
-        return _retrying(p, lambda: fs.cat_file(inner))
+        fs, inner = remote.filesystem(p, storage_options)
+        return remote.retrying(p, lambda: fs.cat_file(inner))
 
     if exists(dict_path):
         splits = json.loads(read(dict_path)).get("splits", [])
@@ -262,7 +142,7 @@ def _hf_dataset_files(directory: str, storage_options: dict | None = None) -> li
         state = json.loads(read(state_path))
         names = [d["filename"] for d in state["_data_files"]]
     except (ValueError, KeyError, TypeError) as e:
-        raise MLMError(f"{state_path} is not a datasets state.json ({_first_line(e)}); save it again") from None
+        raise MLMError(f"{state_path} is not a datasets state.json ({first_line(e)}); save it again") from None
     check(not state.get("_indices_data_files"), f"{directory} has an indices mapping; save it again after"
           " .flatten_indices() (datasets does that in save_to_disk since 2.x)")
     check(bool(names), f"{directory}: its state.json lists no data files")
@@ -316,33 +196,11 @@ def file_kind(path: str) -> str:
     return "txt"
 
 
-# what identifies an object's content, by store: S3 (ETag, VersionId, LastModified), GCS (etag, generation,
-# updated), http (ETag, Last-Modified), others (mtime)
-IDENTITY_KEYS = ("ETag", "etag", "VersionId", "generation", "LastModified", "updated", "Last-Modified", "mtime")
-
-
-# What the store said about each URL when it was last resolved (or first asked about): its size and identity are
-# needed several times per run (tokenizer key, data key, progress total), one request each otherwise.
-_INFO: dict[tuple[str, str], dict] = {}
-
-
-def _info_key(url: str, storage_options: dict | None) -> tuple[str, str]:
-    return url, json.dumps(storage_options or {}, sort_keys=True, default=str)
-
-
-def _remote_info(url: str, storage_options: dict | None) -> dict:
-    key = _info_key(url, storage_options)
-    if key not in _INFO:
-        fs, path = _filesystem(url, storage_options)
-        _INFO[key] = _retrying(url, lambda: fs.info(path))
-    return _INFO[key]
-
-
 def file_size(path: str, storage_options: dict | None = None) -> int:
     """Stored bytes (compressed for .gz etc.): the progress bar's unit."""
     if not is_url(path):
         return os.path.getsize(path)
-    return int(_remote_info(path, storage_options).get("size") or 0)
+    return int(remote.object_info(path, storage_options).get("size") or 0)
 
 
 def fingerprint(files: Sequence[str], *extra: object, storage_options: dict | None = None) -> str:
@@ -351,10 +209,10 @@ def fingerprint(files: Sequence[str], *extra: object, storage_options: dict | No
     h = hashlib.sha256()
     for f in files:
         if is_url(f):
-            info = _remote_info(f, storage_options)
-            identity = [str(info[k]) for k in IDENTITY_KEYS if info.get(k) is not None]
+            info = remote.object_info(f, storage_options)
+            identity = [str(info[k]) for k in remote.IDENTITY_KEYS if info.get(k) is not None]
             # (without the query: a presigned URL signed again names the same object)
-            h.update(f"{_without_query(f)}|{info.get('size')}|{'|'.join(identity)}\n".encode())
+            h.update(f"{remote.without_query(f)}|{info.get('size')}|{'|'.join(identity)}\n".encode())
         else:  # (unchanged for local files: caches made before URLs were read stay valid)
             st = os.stat(f)
             h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -362,70 +220,11 @@ def fingerprint(files: Sequence[str], *extra: object, storage_options: dict | No
     return h.hexdigest()[:16]
 
 
-class _RemoteStream(io.RawIOBase):
-    """A remote file as a forward stream: `REMOTE_BLOCK` bytes per request (an http URL: one streamed GET).
-
-    A dropped connection is reopened at the byte it stopped (seek, or for an http stream skip ahead), up to
-    `RETRIES` times with backoff; fsspec's own retries (s3fs has some) come first."""
-
-    def __init__(self, url: str, storage_options: dict | None):
-        self.url, self.storage_options = url, storage_options
-        self.fs, self.path = _filesystem(url, storage_options)
-        self.pos, self.f = 0, None
-        _retrying(url, self._open)  # a missing key or bad credentials fail here, before any reading
-
-    def _open(self) -> None:
-        if _is_http(self.url):  # http: one streamed GET (works with servers that ignore Range)
-            f = self.fs.open(self.path, "rb", block_size=0)
-            skip = self.pos
-            while skip:
-                chunk = f.read(min(skip, REMOTE_BLOCK))
-                check(bool(chunk), f"{self.url} is shorter than before; it changed while being read, run again")
-                skip -= len(chunk)
-        else:
-            f = self.fs.open(self.path, "rb", block_size=REMOTE_BLOCK, cache_type="readahead")
-            f.seek(self.pos)
-        self.f = f
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        def read() -> bytes:
-            if self.f is None:
-                self._open()
-            try:
-                return self.f.read(len(buffer))
-            except BaseException:
-                self._drop()
-                raise
-
-        data = _retrying(self.url, read)
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.pos
-
-    def _drop(self) -> None:
-        f, self.f = self.f, None
-        try:
-            if f is not None:
-                f.close()
-        except Exception:  # noqa: BLE001 - a broken connection may fail to close too; it is dropped anyway
-            pass
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
-
-
 def open_binary(path: str, storage_options: dict | None = None) -> BinaryIO:
     """A buffered binary stream of a local file or URL (only URLs pass through fsspec)."""
     if not is_url(path):
         return open(path, "rb")
-    return io.BufferedReader(_RemoteStream(path, storage_options), buffer_size=1 << 20)
+    return remote.open_stream(path, storage_options)
 
 
 def _decompressed(path: str, raw: BinaryIO) -> BinaryIO:
@@ -513,7 +312,7 @@ class CorpusReader:
         try:
             reader = pa.ipc.open_stream(raw)
         except (pa.ArrowException, OSError) as e:
-            raise MLMError(f"{path} is not an Arrow stream file (as datasets writes) ({_first_line(e)})") from None
+            raise MLMError(f"{path} is not an Arrow stream file (as datasets writes) ({first_line(e)})") from None
         self._text_column(path, reader.schema)
         row = 0
         try:
@@ -523,13 +322,14 @@ class CorpusReader:
                     if value is not None:
                         yield value
         except (pa.ArrowException, OSError) as e:
-            raise MLMError(f"{path}: cannot read Arrow rows after row {row} ({_first_line(e)})") from None
+            raise MLMError(f"{path}: cannot read Arrow rows after row {row} ({first_line(e)})") from None
 
     def _parquet(self, path: str, size: int) -> Iterator[str]:
         with contextlib.ExitStack() as stack:
             if is_url(path):  # random access (footer first): fsspec's seekable file, REMOTE_BLOCK per request
-                fs, inner = _filesystem(path, self.storage_options)
-                source = stack.enter_context(_retrying(path, lambda: fs.open(inner, "rb", block_size=REMOTE_BLOCK)))
+                fs, inner = remote.filesystem(path, self.storage_options)
+                block = remote.REMOTE_BLOCK
+                source = stack.enter_context(remote.retrying(path, lambda: fs.open(inner, "rb", block_size=block)))
             else:
                 source = path
             yield from self._parquet_rows(path, size, source)
@@ -541,7 +341,7 @@ class CorpusReader:
         try:
             pf = pq.ParquetFile(source)
         except (pa.ArrowException, OSError) as e:
-            raise MLMError(f"{path} is not a readable Parquet file ({_first_line(e)})") from None
+            raise MLMError(f"{path} is not a readable Parquet file ({first_line(e)})") from None
         col = self.text_column
         self._text_column(path, pf.schema_arrow)
         row, total = 0, max(1, pf.metadata.num_rows)
@@ -553,11 +353,7 @@ class CorpusReader:
                         yield value
                 self._parquet_fraction = size * row / total
         except (pa.ArrowException, OSError) as e:
-            raise MLMError(f"{path}: cannot read Parquet rows after row {row} ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise MLMError(f"{path}: cannot read Parquet rows after row {row} ({first_line(e)})") from None
 
 
 # the first bytes of binary formats that get renamed .txt
@@ -604,7 +400,7 @@ def _decoded_lines(path: str, f: BinaryIO) -> Iterator[tuple[int, str]]:
     except Exception as e:  # gzip/bz2: OSError, EOFError; xz: LZMAError; zstandard.ZstdError (no OSError)
         if isinstance(e, (OSError, EOFError, lzma.LZMAError, zlib.error)) or type(e).__name__ == "ZstdError":
             raise MLMError(
-                f"{path} is corrupt or truncated after line {lineno} ({_first_line(e)}); fix or remove it"
+                f"{path} is corrupt or truncated after line {lineno} ({first_line(e)}); fix or remove it"
             ) from None
         raise
 
@@ -669,8 +465,3 @@ def _split_long(text: str) -> Iterator[str]:
 def iter_texts(files: Sequence[str], text_column: str = "text", storage_options: dict | None = None) -> Iterator[str]:
     """Yield non-blank examples from every file, failing with file/line context on bad input."""
     return iter(CorpusReader(files, text_column, storage_options))
-
-
-def default_corpus(cache_dir: str) -> str:
-    """The offline default's training file (see `offline.py`); `default_corpus_files` gives its validation file too."""
-    return default_corpus_files(cache_dir)[0]

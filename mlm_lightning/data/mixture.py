@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from mlm_lightning.data import corpus
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.errors import check
+from mlm_lightning.metrics import SOURCE_SHARE, VAL_LOSS
 
 SOURCE_KEYS = {"path", "weight", "name", "val_files"}
 
@@ -128,14 +129,14 @@ class SourceLogger(Callback):
             return
         self.tokens[batch["source"]] += int(batch["num_real_tokens"])
         total = max(1, sum(self.tokens.values()))
-        pl_module.log_dict({f"perf/source_share/{n}": t / total for n, t in self.tokens.items()}, batch_size=1)
+        pl_module.log_dict({f"{SOURCE_SHARE}/{n}": t / total for n, t in self.tokens.items()}, batch_size=1)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if len(self.names) < 2 or not isinstance(batch, dict) or "source" not in batch or outputs is None:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         n_masked = batch["masked_positions"].numel()  # a shape: no sync
-        pl_module.log(f"val/loss/{batch['source']}", loss.detach(), batch_size=n_masked, sync_dist=True,
+        pl_module.log(f"{VAL_LOSS}/{batch['source']}", loss.detach(), batch_size=n_masked, sync_dist=True,
                       on_step=False, on_epoch=True)
 
 

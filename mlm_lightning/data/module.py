@@ -26,6 +26,7 @@ from mlm_lightning.data import corpus, mixture
 from mlm_lightning.data.cache import CACHE_VERSION, TokenStream, build_cache, default_cache_dir
 from mlm_lightning.data.distributed import together
 from mlm_lightning.data.masking import MaskingCollator, check_masking
+from mlm_lightning.data.offline import default_corpus_files
 from mlm_lightning.data.sampling import BatchPlan, ConcatPlan, MixturePlan, ResumableDataLoader
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import (
@@ -194,29 +195,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         tokenizer, cache_dir = fspaths(tokenizer), fspaths(cache_dir)  # (pathlib.Paths, saved as strs)
         self.save_hyperparameters(ignore=["storage_options"])
         self.hparams["storage_options"] = corpus.redacted(storage_options)  # (hparams go into every checkpoint)
-        check(
-            0 <= mask_replace_prob and 0 <= random_replace_prob and mask_replace_prob + random_replace_prob <= 1,
-            f"mask_replace_prob + random_replace_prob must be at most 1 and neither negative, got "
-            f"{mask_replace_prob} + {random_replace_prob}; e.g. 0.8 and 0.1",
-        )
-        check(batch_size > 0, f"batch_size must be positive, got {batch_size}")
-        check(max_length > 2, f"max_length must be at least 3 (room for [CLS] and [SEP]), got {max_length}")
-        check(max_tokens is None or max_tokens >= max_length, f"max_tokens must be >= max_length, got {max_tokens}")
-        check(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
-        check(
-            val_files is not None or val_fraction > 0,
-            f"no validation data: set {option('data.val_fraction')} above 0 or pass {option('data.val_files')}",
-        )
-        check(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
-        check(pin_memory in (True, False, "auto"), f"pin_memory must be auto, true or false, got {pin_memory!r}")
-        check(pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        check_masking(masking, mlm_probability, mean_span_length)  # (mlm_probability too)
-        check(val_max_lines >= 1, f"val_max_lines must be at least 1, got {val_max_lines}")
-        check(tokenizer_kind in TOKENIZER_KINDS,
-              f"tokenizer_kind must be one of {', '.join(TOKENIZER_KINDS)}, got {tokenizer_kind!r}")
-        check(tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {tokenizer_sample_mb}")
-        check(epoch_tokens is None or epoch_tokens > 0, f"epoch_tokens must be positive, got {epoch_tokens}")
-        check(extend_vocab >= 0, f"extend_vocab must be 0 (off) or a number of words, got {extend_vocab}")
+        self._check_options()
         self.cache_dir = cache_dir or default_cache_dir()
         self.storage_options = storage_options
         self.sources = mixture.parse_sources(train_files, storage_options) if mixture.is_mixture(train_files) else None
@@ -240,10 +219,39 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         self._resume_state: dict | None = None
         self._data_dirs_list: list[str] | None = None
 
+    def _check_options(self) -> None:
+        """Each option's own range, in one place (called first thing in `__init__`: no file is read before)."""
+        h = self.hparams
+        mask_share, random_share = h.mask_replace_prob, h.random_replace_prob
+        check(
+            0 <= mask_share and 0 <= random_share and mask_share + random_share <= 1,
+            f"mask_replace_prob + random_replace_prob must be at most 1 and neither negative, got "
+            f"{mask_share} + {random_share}; e.g. 0.8 and 0.1",
+        )
+        check(h.batch_size > 0, f"batch_size must be positive, got {h.batch_size}")
+        check(h.max_length > 2, f"max_length must be at least 3 (room for [CLS] and [SEP]), got {h.max_length}")
+        check(h.max_tokens is None or h.max_tokens >= h.max_length,
+              f"max_tokens must be >= max_length, got {h.max_tokens}")
+        check(0 <= h.val_fraction < 1, f"val_fraction must be in [0, 1), got {h.val_fraction}")
+        check(
+            h.val_files is not None or h.val_fraction > 0,
+            f"no validation data: set {option('data.val_fraction')} above 0 or pass {option('data.val_files')}",
+        )
+        check(h.num_workers >= 0, f"num_workers must be >= 0, got {h.num_workers}")
+        check(h.pin_memory in (True, False, "auto"), f"pin_memory must be auto, true or false, got {h.pin_memory!r}")
+        check(h.pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1, got {h.pad_to_multiple_of}")
+        check_masking(h.masking, h.mlm_probability, h.mean_span_length)  # (mlm_probability too)
+        check(h.val_max_lines >= 1, f"val_max_lines must be at least 1, got {h.val_max_lines}")
+        check(h.tokenizer_kind in TOKENIZER_KINDS,
+              f"tokenizer_kind must be one of {', '.join(TOKENIZER_KINDS)}, got {h.tokenizer_kind!r}")
+        check(h.tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {h.tokenizer_sample_mb}")
+        check(h.epoch_tokens is None or h.epoch_tokens > 0, f"epoch_tokens must be positive, got {h.epoch_tokens}")
+        check(h.extend_vocab >= 0, f"extend_vocab must be 0 (off) or a number of words, got {h.extend_vocab}")
+
     # -- preparation (rank 0) and loading (every rank) --------------------------------------------------
     def _train_paths(self) -> list[str]:
         if self.train_paths is None:  # the offline default, with its own held-out modules (unless val_files)
-            train, val = corpus.default_corpus_files(self.cache_dir)
+            train, val = default_corpus_files(self.cache_dir)
             self.train_paths = [train]
             self.val_paths = [val] if self.val_paths is None else self.val_paths
         return self.train_paths

@@ -152,6 +152,11 @@ def default_corpus_files(cache_dir: str) -> tuple[str, str]:
     return paths
 
 
+def default_corpus(cache_dir: str) -> str:
+    """The offline default's training file; `default_corpus_files` gives its validation file too."""
+    return default_corpus_files(cache_dir)[0]
+
+
 def demo_sentences(cache_dir: str, n: int = 4, min_words: int = 8, max_words: int = 20) -> list[str]:
     """`n` held-out lines for the demo, picked by a rule rather than by hand: the first held-out lines of
     `min_words` to `max_words` words, each with its first word of 4+ letters that is among the training text's

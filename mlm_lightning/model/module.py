@@ -27,14 +27,12 @@ from torchmetrics.text import Perplexity
 from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, fspaths, option
 from mlm_lightning.data.tokenizer import tokenizer_files
 from mlm_lightning.errors import NonFiniteLossError, check
+from mlm_lightning.metrics import ACC, LOSS, PPL, TRAIN_LOSS, TRAIN_LR, is_log_step, stage_metric
 from mlm_lightning.model import arch, checkpoint, pairing
 from mlm_lightning.model.fill_mask import FillMasker, truncation_notice
 from mlm_lightning.training.schedules import check_schedule, run_schedule
 
 log = logging.getLogger("mlm_lightning")
-# `configure_gradient_clipping` below leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
-# gradient_clip_val), so Lightning's warning that an override "will not actually clip gradients" does not apply
-warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 
 class MLMModule(RecordsGivenArguments, L.LightningModule):
@@ -261,18 +259,18 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
                 # batch_size 0 leaves the epoch mean untouched; logging anyway keeps the same keys on
                 # every rank for sync_dist. The accuracy/perplexity metrics are logged (every process must
                 # reach their synced epoch-end compute) but not updated.
-                self.log(f"{stage}/loss", loss.detach(), batch_size=0, prog_bar=True, sync_dist=True)
-                self.log(f"{stage}/acc", self.val_acc, batch_size=1)
-                self.log(f"{stage}/ppl", self.val_ppl, batch_size=1, prog_bar=True)
+                self.log(stage_metric(stage, LOSS), loss.detach(), batch_size=0, prog_bar=True, sync_dist=True)
+                self.log(stage_metric(stage, ACC), self.val_acc, batch_size=1)
+                self.log(stage_metric(stage, PPL), self.val_ppl, batch_size=1, prog_bar=True)
             return loss
         if train:
             return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
         loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
-        self.log(f"{stage}/loss", loss, batch_size=n_masked, prog_bar=True, sync_dist=True)
+        self.log(stage_metric(stage, LOSS), loss, batch_size=n_masked, prog_bar=True, sync_dist=True)
         self.val_acc(logits, labels)
         self.val_ppl(logits.float().unsqueeze(0), labels.unsqueeze(0))
-        self.log(f"{stage}/acc", self.val_acc, batch_size=n_masked)
-        self.log(f"{stage}/ppl", self.val_ppl, batch_size=n_masked, prog_bar=True)
+        self.log(stage_metric(stage, ACC), self.val_acc, batch_size=n_masked)
+        self.log(stage_metric(stage, PPL), self.val_ppl, batch_size=n_masked, prog_bar=True)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int):
@@ -305,7 +303,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
             loss = torch.where(bad, torch.zeros_like(loss), loss)  # (its gradients are dropped before the step)
         if is_log_step(self.trainer):
             self.check_finite()
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+            self.log(TRAIN_LR, self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
 
     def _token_weighted(self) -> bool:
@@ -348,7 +346,7 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
             count = count.clamp(min=1.0)
         else:
             count = float(max(1, tokens))
-        self.log("train/loss", loss_sum / count, batch_size=1)
+        self.log(TRAIN_LOSS, loss_sum / count, batch_size=1)
         if not self._token_weighted():
             return
         factor = self._loss_unit() * self.trainer.accumulate_grad_batches * world / count
@@ -543,6 +541,10 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
                 p.index_copy_(0, rows, old + (p.index_select(0, rows) - old) * ratio)
 
     def setup(self, stage: str) -> None:
+        # `configure_gradient_clipping` leaves DeepSpeed's clipping alone (DeepSpeed clips by norm itself, from
+        # gradient_clip_val), so Lightning's warning that an override "will not actually clip gradients" does not
+        # apply. Set here, before the strategy's setup warns, rather than at import: importing changes no filter.
+        warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
         # every process draws its own dropout masks (seed_everything gives all the same seed); rank 0 keeps the
         # seed as given, so a single-process run is unchanged
         if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
@@ -738,10 +740,3 @@ def show_info_lines() -> None:
 
 def _vocab(tokenizer_json: str) -> dict:
     return json.loads(tokenizer_json).get("model", {}).get("vocab", {})
-
-
-def is_log_step(trainer) -> bool:
-    """Is this training batch one whose metrics are logged (`log_every_n_steps`)? Lightning's own test, from the
-    step counters alone: the same on every process, so collectives decided here are entered by all."""
-    every = trainer.log_every_n_steps or 50
-    return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0

@@ -18,7 +18,7 @@ import socket
 import sys
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -41,6 +41,17 @@ EXAMPLES = [  # the demo model's domain (CPython's docs: reference + stdlib docs
     "if the condition is false, the [MASK] clause is executed.",
     "the [MASK] of a function is the value it [MASK].",
 ]
+
+
+class FillRequest(NamedTuple):
+    """One request's work for the batcher: its texts, whether `inputs` was a single string (answered unwrapped),
+    the candidates per mask, the pipeline's answer format (else the CLI's `--json`) and the `targets` to score."""
+
+    texts: list[str]
+    single: bool
+    top_k: int
+    pipeline_format: bool
+    targets: list[str] | None = None
 
 
 class BadRequest(Exception):
@@ -142,28 +153,27 @@ def score_work(scorer, texts: list[str], single: bool, variant: str) -> bytes:
 
 
 def make_work(masker):
-    """The batch function for the worker thread: [(texts, single?, top_k, pipeline format?[, targets])] ->
-    [JSON bytes | BadRequest]."""
+    """The batch function for the worker thread: [FillRequest] -> [JSON bytes | BadRequest]."""
 
-    def work(items: list[tuple]) -> list[Any]:
+    def work(items: list[FillRequest]) -> list[Any]:
         outcomes: list[Any] = [None] * len(items)
         # tokenized here, not on the event loop, all texts of the batch in one call; a bad text fails its own
         # request only
-        texts = [t for item in items for t in item[0]]
-        everything = masker.encode_many(texts, [i for item in items for i in range(len(item[0]))])
+        texts = [t for item in items for t in item.texts]
+        everything = masker.encode_many(texts, [i for item in items for i in range(len(item.texts))])
         encoded, top_ks, target_ids, owners, start = [], [], [], [], 0
-        for n, (mine, _, top_k, _, *targets) in enumerate(items):
-            mine, start = everything[start : start + len(mine)], start + len(mine)
+        for n, item in enumerate(items):
+            mine, start = everything[start : start + len(item.texts)], start + len(item.texts)
             bad = next((e for e in mine if isinstance(e, MLMError)), None)
             try:
-                ids = masker.target_ids(targets[0] if targets else None, "\"targets\"")
+                ids = masker.target_ids(item.targets, "\"targets\"")
             except MLMError as e:
                 bad = bad or e
             if bad is not None:
                 outcomes[n] = BadRequest(400, str(bad))
                 continue
             encoded += mine
-            top_ks += [top_k] * len(mine)
+            top_ks += [item.top_k] * len(mine)
             target_ids += [ids] * len(mine)
             owners += [n] * len(mine)
         masker.truncated = []  # encode() notes truncated inputs for the CLI's warning; nobody reads them here
@@ -172,10 +182,9 @@ def make_work(masker):
         for owner, result in zip(owners, results, strict=True):
             per_item.setdefault(owner, []).append(result)
         for n, rs in per_item.items():
-            _, single, _, pipeline_format, *_ = items[n]
-            if pipeline_format:  # the pipeline: one mask -> its list; several -> a list per mask
+            if items[n].pipeline_format:  # the pipeline: one mask -> its list; several -> a list per mask
                 rs = [r["predictions"][0] if len(r["predictions"]) == 1 else r["predictions"] for r in rs]
-            outcomes[n] = json.dumps(rs[0] if single else rs, ensure_ascii=False).encode()
+            outcomes[n] = json.dumps(rs[0] if items[n].single else rs, ensure_ascii=False).encode()
         return outcomes
 
     return work
@@ -219,7 +228,7 @@ def create_app(masker, *, model_name: str, max_batch_size: int = 32, max_wait_ms
             return error(413, TOO_BIG)
         try:
             texts, single, top_k, targets = parse_request(body, max_inputs, max_top_k)
-            out = await batcher.submit((texts, single, top_k, pipeline_format, targets), len(texts))
+            out = await batcher.submit(FillRequest(texts, single, top_k, pipeline_format, targets), len(texts))
         except BadRequest as e:
             return error(e.status, str(e))
         return Response(out, media_type="application/json")

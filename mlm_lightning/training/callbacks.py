@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from mlm_lightning.errors import check
 from mlm_lightning.files import atomic_file
+from mlm_lightning.metrics import MFU, PAD_SHARE, TOKENS_PER_S
 from mlm_lightning.model.arch import train_flops
 
 # Dense (no-sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (16-bit, tf32, fp32). Lightning's own
@@ -113,11 +114,11 @@ class ThroughputLogger(Callback):
         )
         self.flops = 0
         metrics = self.throughput.compute()
-        out = {"perf/pad_share": 1.0 - counts["lengths"] / max(1, counts["padded"])}
+        out = {PAD_SHARE: 1.0 - counts["lengths"] / max(1, counts["padded"])}
         if "device/items_per_sec" in metrics:
-            out["perf/tokens_per_s"] = metrics["device/items_per_sec"] * trainer.world_size
+            out[TOKENS_PER_S] = metrics["device/items_per_sec"] * trainer.world_size
         if "device/mfu" in metrics:
-            out["perf/mfu"] = metrics["device/mfu"]
+            out[MFU] = metrics["device/mfu"]
         self.latest = out
         pl_module.log_dict(out, batch_size=1)
 

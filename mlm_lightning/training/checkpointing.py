@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from mlm_lightning.files import atomic_file
-from mlm_lightning.model.module import is_log_step
+from mlm_lightning.metrics import VAL_LOSS, is_log_step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -74,7 +74,7 @@ class MLMCheckpoint(ModelCheckpoint):
         self,
         dirpath: str | None = None,
         filename: str = "best-{step}",
-        monitor: str = "val/loss",
+        monitor: str = VAL_LOSS,
         mode: str = "min",
         save_top_k: int = 1,
         save_last: bool = True,

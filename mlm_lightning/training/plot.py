@@ -15,15 +15,16 @@ import re
 
 from mlm_lightning.errors import MLMError, check
 from mlm_lightning.files import atomic_path
+from mlm_lightning.metrics import TOKENS_PER_S, TRAIN_LOSS, TRAIN_LR, VAL_ACC, VAL_LOSS, VAL_PPL
 
 log = logging.getLogger("mlm_lightning")
 
 PANELS = [  # (title, [(metric, label)], log scale)
-    ("loss", [("train/loss", "train"), ("val/loss", "val")], False),
-    ("validation perplexity", [("val/ppl", "val")], True),
-    ("validation accuracy (masked tokens)", [("val/acc", "val")], False),
-    ("learning rate", [("train/lr", "lr")], False),
-    ("real tokens/s", [("perf/tokens_per_s", "tokens/s")], False),
+    ("loss", [(TRAIN_LOSS, "train"), (VAL_LOSS, "val")], False),
+    ("validation perplexity", [(VAL_PPL, "val")], True),
+    ("validation accuracy (masked tokens)", [(VAL_ACC, "val")], False),
+    ("learning rate", [(TRAIN_LR, "lr")], False),
+    ("real tokens/s", [(TOKENS_PER_S, "tokens/s")], False),
 ]
 MARKER = "mlm-lightning plot"  # written into the PNG: only such a file is ever replaced
 
@@ -143,7 +144,7 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
                 steps, values = zip(*pts, strict=True)
                 color = colors[(r * len(metrics) + m) % len(colors)]
                 text = f"{label} {name}" if len(runs) > 1 or len(metrics) > 1 else label
-                noisy = key in ("train/loss", "perf/tokens_per_s") and len(values) > 20
+                noisy = key in (TRAIN_LOSS, TOKENS_PER_S) and len(values) > 20
                 if noisy:  # raw steps faint, a smoothed line on top
                     ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
                     values = _smooth(list(values), 0.9)
@@ -176,17 +177,17 @@ def _summary_panel(ax, runs, labels) -> None:
     ax.axis("off")
     lines = []
     for series, label in zip(runs, labels, strict=True):
-        ppl, steps = series.get("val/ppl", []), series.get("train/loss", [])
+        ppl, steps = series.get(VAL_PPL, []), series.get(TRAIN_LOSS, [])
         lines.append(label)
         if steps:
             lines.append(f"  steps: {steps[-1][0]}")
         if ppl:
             best = min(ppl, key=lambda p: p[1])
-            lines.append(f"  val/ppl: {ppl[0][1]:.1f} (step {ppl[0][0]}) -> {ppl[-1][1]:.1f} (step {ppl[-1][0]})")
-            lines.append(f"  best val/ppl: {best[1]:.1f} (step {best[0]})")
-        if series.get("val/acc"):
-            lines.append(f"  last val/acc: {series['val/acc'][-1][1]:.3f}")
-        if series.get("perf/tokens_per_s"):
-            tps = [v for _, v in series["perf/tokens_per_s"]]
+            lines.append(f"  {VAL_PPL}: {ppl[0][1]:.1f} (step {ppl[0][0]}) -> {ppl[-1][1]:.1f} (step {ppl[-1][0]})")
+            lines.append(f"  best {VAL_PPL}: {best[1]:.1f} (step {best[0]})")
+        if series.get(VAL_ACC):
+            lines.append(f"  last {VAL_ACC}: {series[VAL_ACC][-1][1]:.3f}")
+        if series.get(TOKENS_PER_S):
+            tps = [v for _, v in series[TOKENS_PER_S]]
             lines.append(f"  median tokens/s: {sorted(tps)[len(tps) // 2]:,.0f}")
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9, transform=ax.transAxes)

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelSummary, RichProgressBar,
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 
-from mlm_lightning.model.module import is_log_step
+from mlm_lightning.metrics import TOKENS_PER_S, TRAIN_LOSS, is_log_step
 from mlm_lightning.training.callbacks import ThroughputLogger
 
 log = logging.getLogger("mlm_lightning")
@@ -126,11 +126,11 @@ class _RunMetrics:
     @staticmethod
     def _read(trainer) -> dict:
         shown = {}
-        loss = trainer.callback_metrics.get("train/loss")
+        loss = trainer.callback_metrics.get(TRAIN_LOSS)
         if loss is not None:
-            shown["train/loss"] = f"{float(loss):.3f}"
+            shown[TRAIN_LOSS] = f"{float(loss):.3f}"
         throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputLogger)), None)
-        tokens = getattr(throughput, "latest", {}).get("perf/tokens_per_s")
+        tokens = getattr(throughput, "latest", {}).get(TOKENS_PER_S)
         if tokens is not None:
             shown["tok/s"] = human(tokens)
         return shown

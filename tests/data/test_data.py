@@ -180,6 +180,29 @@ def test_bad_input_messages(tmp_path, files, kwargs, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mask_replace_prob": -0.1}, "mask_replace_prob + random_replace_prob must be at most 1"),
+        ({"batch_size": 0}, "batch_size must be positive"),
+        ({"max_length": 2}, "max_length must be at least 3"),
+        ({"max_tokens": 16, "max_length": 32}, "max_tokens must be >= max_length"),
+        ({"val_fraction": 1.0}, "val_fraction must be in [0, 1)"),
+        ({"num_workers": -1}, "num_workers must be >= 0"),
+        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of must be >= 1"),
+        ({"val_max_lines": 0}, "val_max_lines must be at least 1"),
+        ({"tokenizer_kind": "morse"}, "tokenizer_kind must be one of"),
+        ({"tokenizer_sample_mb": 0}, "tokenizer_sample_mb must be positive"),
+        ({"epoch_tokens": 0}, "epoch_tokens must be positive"),
+        ({"batch_size": 0, "max_length": 2}, "batch_size must be positive"),  # the checks' order
+    ],
+)
+def test_each_option_is_checked_before_any_file_is_read(tmp_path, kwargs, message):
+    with pytest.raises(MLMError) as e:
+        MLMDataModule(train_files=str(tmp_path / "missing.txt"), cache_dir=str(tmp_path / "cache"), **kwargs)
+    assert message in str(e.value)
+
+
 def test_a_huge_line_is_split_not_fatal(write, tmp_path):
     from mlm_lightning.data.corpus import MAX_CHARS_PER_EXAMPLE
 

@@ -17,6 +17,7 @@ import zstandard
 
 from mlm_lightning.data import cache, corpus
 from mlm_lightning.data import module as data_module
+from mlm_lightning.data import remote as store
 from mlm_lightning.data.cache import TokenStream
 from mlm_lightning.data.module import MLMDataModule
 from tests.helpers import fit_args, free_port, run_cli, save_to_disk, sentences, two_nodes
@@ -155,7 +156,7 @@ def test_a_dropped_s3_read_resumes_at_the_same_byte(s3, monkeypatch):
         return real(self, length)
 
     monkeypatch.setattr(s3fs.core.S3File, "read", flaky)
-    monkeypatch.setattr(corpus, "RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(store, "RETRY_WAIT_S", 0.01)
     assert list(corpus.iter_texts(["s3://corp/big/a.txt"], storage_options=options(endpoint))) == lines
     assert calls[1] == calls[2] == 1 << 20  # reopened where it stopped
 
@@ -295,7 +296,7 @@ def web(local_corpus):
 
 def test_http_gives_the_same_token_arrays_and_resumes_a_dropped_connection(web, local_corpus, tokenizer_dir,
                                                                             tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(store, "RETRY_WAIT_S", 0.01)
     files = corpus.resolve_files(f"{web}/corpus/")  # the server's directory listing, followed
     assert files == [f"{web}/corpus/a.jsonl.zst", f"{web}/corpus/sub/b.txt"]
     Handler.drop = {"corpus/a.jsonl.zst"}
@@ -316,12 +317,12 @@ def test_a_query_string_is_not_part_of_the_name(web, local_corpus):
 
 
 def test_http_errors_are_one_line(web, capsys, monkeypatch):
-    monkeypatch.setattr(corpus, "RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(store, "RETRY_WAIT_S", 0.01)
     err = one_line_error(capsys, "--data.train_files", f"{web}/corpus/nope.txt")
     assert f"{web}/corpus/nope.txt does not exist" in err
     port = free_port()  # nothing listens there
     err = one_line_error(capsys, "--data.train_files", f"http://127.0.0.1:{port}/a.txt")
-    assert f"cannot read http://127.0.0.1:{port}/a.txt: the connection failed {corpus.RETRIES + 1} times" in err
+    assert f"cannot read http://127.0.0.1:{port}/a.txt: the connection failed {store.RETRIES + 1} times" in err
 
 
 def test_missing_extra_names_the_pip_install(monkeypatch):

@@ -15,7 +15,7 @@ from mlm_lightning.export import save_hf
 from mlm_lightning.model import arch
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
-from mlm_lightning.serve.app import make_work
+from mlm_lightning.serve.app import FillRequest, make_work
 from tests.helpers import (
     assert_same_candidates,
     family_export,
@@ -51,7 +51,7 @@ def test_new_model_parity_with_the_pipeline(tmp_path, architecture):
     masker = FillMasker(net, tok, top_k=5)
     for given in (text, "the cat [MASK] the ball ."):
         assert_same_candidates(masker([given])[0]["predictions"][0], expected)
-    served = json.loads(make_work(masker)([([text], True, 5, True)])[0])
+    served = json.loads(make_work(masker)([FillRequest([text], True, 5, True)])[0])
     assert_same_candidates(served, expected)
     with torch.no_grad():
         ids = tok(text, return_tensors="pt")["input_ids"]

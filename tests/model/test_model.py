@@ -1,7 +1,9 @@
 """The LightningModule: parameter groups, sparse head == dense head, learning."""
 
+import warnings
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,16 @@ def test_tiny_bert_overfits_one_batch(tokenizer):
         loss.backward()
         opt.step()
     assert loss.item() < first * 0.2, (first, loss.item())
+
+
+def test_the_deepspeed_clipping_notice_is_silenced_once_a_run_sets_up(tokenizer):
+    # the module leaves DeepSpeed's own clipping alone, so Lightning's "will not actually clip" notice is wrong
+    m = module(tokenizer)
+    m.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    notice = "Since DeepSpeed handles gradient clipping internally, the default hook will not actually clip gradients."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.setup("fit")
+        warnings.warn(notice, UserWarning, stacklevel=1)
+        warnings.warn("another warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another warning"]

@@ -13,7 +13,7 @@ from transformers import pipeline
 
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
-from mlm_lightning.serve.app import make_work
+from mlm_lightning.serve.app import FillRequest, make_work
 from tests.helpers import Server, assert_same_answer, get, post, run_cli, sentences, tiny_model
 
 MAX_INPUTS = 8
@@ -88,7 +88,8 @@ def test_own_mask_token_works_like_mask(tmp_path):
     masker = FillMasker(*load_model(path))
     masker.pipeline_sequences = True
     work = make_work(masker)
-    a, b = work([(["the cat [MASK] the river ."], True, 5, True), (["the cat <mask> the river ."], True, 5, True)])
+    a, b = work([FillRequest(["the cat [MASK] the river ."], True, 5, True),
+                 FillRequest(["the cat <mask> the river ."], True, 5, True)])
     assert a == b
     assert_same_answer(json.loads(a), pipeline("fill-mask", model=path)("the cat <mask> the river ."))
 
@@ -101,8 +102,9 @@ def test_a_bad_text_in_a_batch_fails_its_own_request_only(model, fill_mask):
     masker = FillMasker(*load_model(model))
     masker.pipeline_sequences = True
     good = ["the cat [MASK] the river .", "a [MASK] sees the ball ."]
-    out = make_work(masker)([([good[0]], True, 3, True), (["fine [MASK] .", "no mask"], False, 3, True),
-                             (good, False, 2, True), (["  "], True, 3, True)])
+    out = make_work(masker)([FillRequest([good[0]], True, 3, True),
+                             FillRequest(["fine [MASK] .", "no mask"], False, 3, True),
+                             FillRequest(good, False, 2, True), FillRequest(["  "], True, 3, True)])
     assert isinstance(out[1], BadRequest) and out[1].status == 400 and "input 2 has no mask" in str(out[1])
     assert isinstance(out[3], BadRequest) and "input 1 is empty" in str(out[3])
     assert_same_answer(json.loads(out[0]), fill_mask(good[0], top_k=3))

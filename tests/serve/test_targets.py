@@ -8,7 +8,7 @@ from transformers import pipeline
 
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
-from mlm_lightning.serve.app import BadRequest, make_work, parse_request
+from mlm_lightning.serve.app import BadRequest, FillRequest, make_work, parse_request
 from tests.helpers import Server, assert_same_candidates, family_export, module, post, run_cli
 
 
@@ -61,7 +61,8 @@ def test_api_targets_parameter(exported):
     assert got == targets
     work = make_work(FillMasker(net, tok))
     # requests with and without targets share a batch, each answered its own way
-    both = work([(texts, single, top_k, True, got), ([text], True, 2, True, None), ([text], True, 2, True, [""])])
+    both = work([FillRequest(texts, single, top_k, True, got), FillRequest([text], True, 2, True, None),
+                 FillRequest([text], True, 2, True, [""])])
     assert_same_candidates(json.loads(both[0]), expected)
     assert len(json.loads(both[1])) == 2 and json.loads(both[1]) != json.loads(both[0])
     assert isinstance(both[2], BadRequest) and both[2].status == 400
