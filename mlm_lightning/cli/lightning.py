@@ -19,7 +19,9 @@ from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
+from mlm_lightning.cli import options
 from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, was_given
+from mlm_lightning.cli.rank import process_rank
 from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data.corpus import redacted
 from mlm_lightning.errors import MLMError, NothingToDo, check
@@ -92,6 +94,12 @@ class MLMCLI(LightningCLI):
         # held back and asked for again with the adjusted values appended as explicit options.
         printing = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
         plain = [a for a in args if a not in printing]
+        command = args[0] if args and args[0] in self._subcommand_parsers else None
+        if command:  # (the same check as the CLI's early one, which runs when the options are cached)
+            spec = options.spec_of(self._subcommand_parsers[command])
+            options.check(args[1:], spec, command)
+            if process_rank() == 0 and options.load(command) is None:
+                options.store(command, spec)
         try:
             super().parse_arguments(parser, plain)
         except ArgumentError as e:  # (the same options in a --config file)
@@ -112,7 +120,7 @@ class MLMCLI(LightningCLI):
             changes = {}
         for key, (value, _) in changes.items():
             self.config[sub][key] = value
-        if changes and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+        if changes and process_rank() == 0:
             log.info("defaults for this run: %s; set them to change", ", ".join(
                 f"--{k} {'null' if v is None else v} ({why})" for k, (v, why) in changes.items()))
         if printing:
@@ -152,7 +160,7 @@ class MLMCLI(LightningCLI):
             # gone, or trained anew): nothing is trained, and the corpus is tokenized with this one
             self._check_tokenizer_options(cfg, ckpt, contents.get("datamodule_hyper_parameters"))
             self.carried_tokenizer = carried_tokenizer(contents, ckpt)
-            if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+            if process_rank() == 0:
                 log.info("%s %s with the tokenizer it carries", "resuming" if sub == "fit" else "running", ckpt)
 
     def _check_tokenizer_options(self, cfg, ckpt: str, saved) -> None:
@@ -190,7 +198,7 @@ class MLMCLI(LightningCLI):
         except ArgumentError as e:
             raise MLMError(f"checkpoint {ckpt!r} holds model options this version cannot take"
                            f" ({' '.join(str(e).split())[:200]})") from None
-        if replaced and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+        if replaced and process_rank() == 0:
             log.info("resuming %s: the checkpoint's own %s; the resumed optimizer and schedule carry them (start a"
                      " new run to change them)", ckpt, ", ".join(replaced))
 

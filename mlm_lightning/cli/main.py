@@ -25,7 +25,10 @@ import traceback
 import warnings
 
 from mlm_lightning.arguments import use_cli_terms
+from mlm_lightning.cli import options
+from mlm_lightning.cli.rank import process_rank
 from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, NothingToDo, check, os_error
+from mlm_lightning.training import signals
 
 log = logging.getLogger("mlm_lightning")
 DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
@@ -33,11 +36,10 @@ DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
 
 def _quiet_logging() -> None:
     """Our one-line progress notes on stderr; Lightning's banner lines and known-harmless warnings off."""
-    rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("mlm-lightning: %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if rank == "0" else logging.WARNING)
+    log.setLevel(logging.INFO if process_rank() == 0 else logging.WARNING)
     log.propagate = False
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
                  "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed"):
@@ -49,8 +51,7 @@ def _quiet_logging() -> None:
 
 
 def _early_signal_handler(signum, frame):
-    stopping = sys.modules.get("mlm_lightning.training.stopping")
-    if stopping is None or not stopping.GracefulStop.running:  # during a fit, GracefulStop handles signals
+    if not signals.running:  # during a fit, GracefulStop handles signals
         raise Interrupted(signum)
 
 
@@ -143,6 +144,7 @@ def run_command(name: str, argv: list[str]):
     flags = {f"--{p.name}" for p in inspect.signature(fn).parameters.values() if p.annotation in (bool, "bool")}
     argv = [x for i, a in enumerate(argv) for x in ([a, "true"] if a in flags and (
         i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS) else [a])]
+    options.check(argv, options.spec_of(parser), name)
     cfg = parser.parse_args(argv).as_dict()
     return fn(*cfg.pop(star, []), **cfg) if star else fn(**cfg)
 
@@ -268,6 +270,15 @@ def main(argv: list[str] | None = None) -> None:
         _quiet_logging()
         if not argv or argv[0] in ("-h", "--help"):
             return print_help()
+        if argv[0] in LIGHTNING_COMMANDS:  # the short help and the option check, before torch and Lightning
+            full, argv = options.help_all(argv)
+            spec = None if full else options.load(argv[0])
+            if not full and options.wants_help(argv[1:]):
+                if spec is None or "help" not in spec:
+                    spec = options.build(argv[0], build_parser, LIGHTNING_COMMANDS[argv[0]])
+                return print(spec["help"], end="")
+            if spec is not None:
+                options.check(argv[1:], spec, argv[0])
         from mlm_lightning.hub import quiet_transformers  # (transformers: ~0.7 s, not for the help above)
 
         quiet_transformers()
@@ -285,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         code, message = _describe(e, argv[0] if argv and not argv[0].startswith("-") else "fit")
         if code is None or debug:
             raise
-        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # once, not once per DDP process
+        if process_rank() == 0:  # once, not once per DDP process
             print(f"mlm-lightning: {message}", file=sys.stderr)
         _leave_process_group(code)
         sys.exit(code)
@@ -314,17 +325,22 @@ def _leave_process_group(code: int) -> None:
     os._exit(code)
 
 
+def _loaded(module: str, name: str):
+    """A class of `module` if it is imported, else `()` (isinstance of nothing): an exception of a class whose
+    module was never imported cannot exist, and an error met before the heavy imports is told without them."""
+    return getattr(sys.modules.get(module), name, ())
+
+
 def _describe(e: BaseException, command: str = "fit") -> tuple[int | None, str]:
     """Map an exception to (exit code, one-line message); (None, _) re-raises it."""
-    from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    ArgumentError = _loaded("jsonargparse", "ArgumentError")  # noqa: N806 - classes
+    MisconfigurationException = _loaded("lightning.fabric.utilities.exceptions", "MisconfigurationException")  # noqa: N806
+    SIGTERMException = _loaded("lightning.pytorch.utilities.exceptions", "SIGTERMException")  # noqa: N806
 
     if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException):
         return None, ""
     if isinstance(e, (SIGTERMException, Interrupted, KeyboardInterrupt)):
-        stopping = sys.modules.get("mlm_lightning.training.stopping")
-        signum = getattr(e, "signum", None) or (stopping and stopping.GracefulStop.last_signum) or signal.SIGINT
+        signum = getattr(e, "signum", None) or signals.last_signum or signal.SIGINT
         name = signal.Signals(signum).name
         saved = getattr(e, "last_checkpoint", None)
         if saved:
