@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
                     spec = options.build(argv[0], build_parser, LIGHTNING_COMMANDS[argv[0]])
                 return print(spec["help"], end="")
             if spec is not None:
+                options.refuse_optimizer_options(argv[1:])  # (LightningCLI's own: named, with ours instead)
                 options.check(argv[1:], spec, argv[0])
         from mlm_lightning.hub import quiet_transformers  # (transformers: ~0.7 s, not for the help above)
 
@@ -312,10 +313,10 @@ def main(argv: list[str] | None = None) -> None:
 def _leave_process_group(code: int) -> None:
     """A failed process of a multi-process run exits with `os._exit`, skipping the interpreter's teardown: there,
     DDP's reducer drops the gloo process group with the GIL held, whose destructor joins its worker thread, which
-    may itself wait for the GIL to free a finished collective's tensor: a deadlock (seen in a CI run of the NaN
-    test: py-spy showed `~ProcessGroupGloo` in `std::thread::join`, its worker in `gil_scoped_acquire`), and the
-    process never ends. Lightning has torn the run down (checkpoints written, loggers closed) before the error gets
-    here, so nothing is lost. A single process, or one without a process group, returns and exits normally."""
+    may itself wait for the GIL to free a finished collective's tensor: a deadlock (`~ProcessGroupGloo` in
+    `std::thread::join`, its worker in `gil_scoped_acquire`), and the process never ends. Lightning has torn the
+    run down (checkpoints written, loggers closed) before the error gets here, so nothing is lost. A single
+    process, or one without a process group, returns and exits normally."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return

@@ -21,6 +21,7 @@ import os
 import sys
 
 from mlm_lightning.errors import MLMError
+from mlm_lightning.errors import check as check_that
 
 # the Trainer options the short --help shows (`--help all` shows every one)
 TRAINER_OPTIONS = ("max_steps", "max_epochs", "max_time", "accelerator", "devices", "num_nodes", "strategy",
@@ -46,6 +47,23 @@ def help_all(argv: list[str]) -> tuple[bool, list[str]]:
 
 def wants_help(argv: list[str]) -> bool:
     return any(a in ("-h", "--help") for a in (argv[: argv.index("--")] if "--" in argv else argv))
+
+
+# LightningCLI's own optimizer and scheduler options (not added: `auto_configure_optimizers=False`): the module
+# builds AdamW and its schedule from its own options, and Lightning's would be silently ignored or fail
+FOREIGN_OPTIONS = {
+    "optimizer": "the optimizer is AdamW, set by --model.learning_rate, --model.head_learning_rate,"
+                 " --model.weight_decay, --model.betas and --model.eps",
+    "lr_scheduler": "the schedule is set by --model.schedule (linear, cosine, wsd, constant), --model.warmup_steps,"
+                    " --model.decay_share and --model.min_lr_ratio",
+}
+
+
+def refuse_optimizer_options(args) -> None:
+    for arg in args:
+        name = arg[2:].split("=", 1)[0].split(".", 1)[0] if isinstance(arg, str) and arg.startswith("--") else ""
+        check_that(name not in FOREIGN_OPTIONS, f"{arg.split('=', 1)[0]} is not an option of mlm-lightning:"
+                                                f" {FOREIGN_OPTIONS.get(name)} (see mlm-lightning fit --help)")
 
 
 # -- the rule ----------------------------------------------------------------------------------------------------
