@@ -6,7 +6,9 @@ arguments from a `*name` parameter) parsed with jsonargparse here. Any failure i
 `_describe` is the one mapping from exceptions to lines and codes, for every command.
 
 Imports of Lightning, torch and jsonargparse are inside functions on purpose: `mlm-lightning --help` and the
-dispatch must not pay for them (about 2 s); a command imports what it needs once chosen.
+dispatch must not pay for them (seconds); a command imports what it needs once chosen. A Lightning command's
+short `--help` and the check of its option names come from `cli/options.py`'s cache of its parser, so they need
+neither; `build_parser` gives any command's full parser.
 """
 
 from __future__ import annotations

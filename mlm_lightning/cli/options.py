@@ -71,7 +71,8 @@ def spec_of(parser) -> dict:
     """What the check needs from a parser: its option strings, and for each destination whether its action has a
     type (jsonargparse then takes keys below it, `--trainer.logger.init_args.save_dir`)."""
     return {"options": sorted(parser._option_string_actions),
-            "typed": {a.dest: getattr(a, "_typehint", None) is not None for a in parser._actions}}
+            "typed": {a.dest: getattr(a, "_typehint", None) is not None or type(a).__name__ == "ActionFail"
+                      for a in parser._actions}}
 
 
 def check(argv: list[str], spec: dict, command: str) -> None:
@@ -81,16 +82,14 @@ def check(argv: list[str], spec: dict, command: str) -> None:
     for arg in argv:
         if arg == "--":
             return
-        if not arg.startswith("--") or arg in options:
-            continue
+        if not arg.startswith("--") or arg in options or " " in arg:
+            continue  # (with a space argparse may take it as a positional value)
         name = arg.split("=", 1)[0]
         if name in options or _under_typed(name, spec["typed"]):
             continue
         matches = [o for o in options if o.startswith(name)]
         if len(matches) == 1:
             continue  # (argparse takes a unique abbreviation)
-        if not matches and " " in arg:
-            continue  # (argparse takes it as a positional value)
         raise UnknownOption(_line(name, matches, options, command))
 
 
