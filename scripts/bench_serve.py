@@ -7,8 +7,9 @@ Each request is one sentence with one [MASK], top_k 5, `POST /api/fill-mask`, on
     python scripts/bench_serve.py                                  # demo-shaped random model, 16 clients, 20 s
     python scripts/bench_serve.py --model runs/demo/export --concurrency 1,4,16 --seconds 30
 
-Without --model it builds a model of the shape `mlm-lightning fit` trains by default (2 layers x 128, 8,192-token
-WordPiece vocabulary trained on the default corpus, 512 positions) with random weights: the same compute.
+Without --model it builds a model of the shape `mlm-lightning fit` trains by default (the recipe of
+mlm_lightning/configs/default.yaml: its architecture, sizes and vocabulary, the tokenizer its architecture takes,
+trained on the default corpus) with random weights: the same compute.
 The clients (asyncio, one process) and the server share the machine's cores, as they would on one host.
 """
 
@@ -35,19 +36,32 @@ sys.path.insert(0, str(ROOT))
 def demo_shaped_model(tmp: str) -> str:
     import torch
 
+    from mlm_lightning.cli.defaults import demo_recipe
     from mlm_lightning.data.offline import default_corpus
-    from mlm_lightning.data.tokenizer import train_wordpiece
+    from mlm_lightning.data.tokenizer import train_tokenizer
     from mlm_lightning.export import save_hf
     from mlm_lightning.model import MLMModule
+    from mlm_lightning.model.arch import FAMILIES
 
+    recipe = demo_recipe()
+    model = {k.split(".", 1)[1]: v for k, v in recipe.items() if k.startswith("model.")}
+    module = MLMModule(**model)
     with open(default_corpus(tmp), encoding="utf-8") as f:
         texts = f.read().splitlines()
-    tokenizer = train_wordpiece(texts, os.path.join(tmp, "tok"), 8192, 512)
-    module = MLMModule()  # the fit defaults: 2 layers, 128 wide, 512 positions
+    tokenizer = train_tokenizer(FAMILIES[module.hparams.architecture].tokenizer, texts, os.path.join(tmp, "tok"),
+                                recipe["data.vocab_size"], module.hparams.max_position_embeddings)
     module.tokenizer = tokenizer
     torch.manual_seed(0)
     module.configure_model()
     return save_hf(module.model.eval(), tokenizer, os.path.join(tmp, "model"))
+
+
+def demo_shape() -> str:
+    from mlm_lightning.cli.defaults import demo_recipe
+
+    recipe = demo_recipe()
+    return (f"{recipe['model.architecture']} {recipe['model.num_hidden_layers']} x {recipe['model.hidden_size']},"
+            f" vocabulary {recipe['data.vocab_size']}")
 
 
 def masked_sentences(n: int, seed: int = 0) -> list[str]:
@@ -164,7 +178,7 @@ def main() -> None:
             proc.wait(30)
         after = offline_rate(model, texts, args.seconds)  # before and after: a shared machine's load drifts
     offline = (before + after) / 2
-    print(f"model: {args.model or 'demo-shaped (2 x 128, vocab 8192), random weights'}; {len(texts)} sentences;"
+    print(f"model: {args.model or f'demo-shaped ({demo_shape()}), random weights'}; {len(texts)} sentences;"
           f" {os.cpu_count()} CPU cores, torch threads {args.threads or 'default'}; max_batch_size"
           f" {args.max_batch_size}, max_wait_ms {args.max_wait_ms}")
     print(f"offline FillMasker (batches of 64): {offline:.0f} sentences/s (before {before:.0f}, after {after:.0f})")

@@ -56,6 +56,9 @@ def main() -> int:
             for part in ("mlm_lightning", "tests", "configs", "scripts", "pyproject.toml", "README.md", "docs",
                          "mkdocs.yml", "examples"):
                 src = ROOT / part
+                if src.is_symlink():  # (configs/ points into the package: the copy's points into the copy)
+                    os.symlink(os.readlink(src), copy / part)
+                    continue
                 (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / part)
             target = copy / path
             text = target.read_text(encoding="utf-8")

@@ -3,7 +3,8 @@
 # standard library's docstrings, with a byte-level BPE vocabulary trained on them), then fill in masked words with
 # the exported model, in sentences of the held-out modules (text the model never trained on; picked by a rule,
 # not by hand).
-# Extra arguments go to `mlm-lightning fit`, e.g. `bash scripts/demo.sh --trainer.max_epochs 2`.
+# The recipe is mlm_lightning/configs/default.yaml's (configs/ links to it), what a bare `mlm-lightning fit` runs.
+# Extra arguments go to `mlm-lightning fit`, e.g. `bash scripts/demo.sh --trainer.max_steps 500`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

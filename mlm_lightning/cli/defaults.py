@@ -1,12 +1,13 @@
 """Defaults that follow from what the user asked for, applied to options the user left unset.
 
-The offline demo (no corpus, no model) gets configs/default.yaml's recipe (chosen by scripts/sweep_default.py):
-a small ModernBERT at a peak learning rate of 3e-3, a 4,096-token vocabulary, 64-token blocks, 30% masked, for 12
-epochs of its 326k-token corpus. Your own corpus gets 3 epochs (as Hugging Face's `run_mlm`): 12 epochs of a
-real corpus would run for days. A budget given as `max_steps` or `max_time` alone ends the run by itself: no epoch
-limit is added on top of it. On a GPU: log every 50 steps, batches from loader workers. What a model brings to
-its data (a pretrained model's tokenizer, length and learning rate) is applied here too, by `model/pairing.py`,
-the rules' one home (Python callers get them from `MLMDataModule`).
+The offline demo (no corpus, no model) runs the recipe of `mlm_lightning/configs/default.yaml` (its one home,
+chosen by scripts/sweep_default.py, read here), budget included: a bare `mlm-lightning fit` and
+`mlm-lightning fit --config configs/default.yaml` train the same model. Your own corpus gets 3 epochs (as Hugging
+Face's `run_mlm`): the demo's budget on a real corpus would be far too short or far too long. A budget given as
+`max_steps` or `max_time` alone ends the run by itself: no epoch limit is added on top of it. On a GPU: log every
+50 steps, batches from loader workers. What a model brings to its data (a pretrained model's tokenizer, length and
+learning rate) is applied here too, by `model/pairing.py`, the rules' one home (Python callers get them from
+`MLMDataModule`).
 
 "Set by the user" means given on the command line or in a `--config` file, whatever the value (jsonargparse
 parses the same arguments once more without defaults to tell).
@@ -15,19 +16,28 @@ parses the same arguments once more without defaults to tell).
 from __future__ import annotations
 
 import os
+from importlib import resources
+
+import yaml
 
 from mlm_lightning.model.pairing import COMPILE_PAD_MULTIPLE, paired_options
 
-__all__ = ["COMPILE_PAD_MULTIPLE", "adjusted_defaults", "on_gpu", "was_given"]
+__all__ = ["COMPILE_PAD_MULTIPLE", "DEMO_CONFIG", "adjusted_defaults", "demo_recipe", "on_gpu", "was_given"]
 
-DEMO_EPOCHS = 12
-DEMO_LENGTH = 64
-DEMO_RECIPE = {"model.architecture": "modernbert", "model.learning_rate": 3e-3, "data.vocab_size": 4096,
-               "data.mlm_probability": 0.3}  # as configs/default.yaml
+DEMO_CONFIG = resources.files("mlm_lightning") / "configs" / "default.yaml"
+BUDGET = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
 CORPUS_EPOCHS = 3
 GPU_LOG_EVERY = 50
-# what a model brings to its data (a pretrained model's tokenizer, length and learning rate; an architecture's
-# tokenizer kind) is not about the command line: model/pairing.py, for Python callers too
+
+
+def demo_recipe() -> dict[str, object]:
+    """The offline demo's options as dotted keys (`model.learning_rate`: 0.003), from its config file."""
+    with DEMO_CONFIG.open(encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    return {f"{group}.{key}": value for group in ("trainer", "model", "data")
+            for key, value in (config.get(group) or {}).items()}
+
+
 PAIRED_HERE = ("model.learning_rate", "data.max_length", "data.pad_to_multiple_of")
 
 
@@ -51,20 +61,27 @@ def adjusted_defaults(cfg, given, model_positions=None, subcommand: str = "fit")
     changes: dict[str, tuple[object, str]] = {}
     pretrained = cfg["model"].get("model_name_or_path")
     demo = cfg["data"].get("train_files") is None and not pretrained
-    budget = [k for k in ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time") if _limit_given(given, k)]
+    recipe = demo_recipe() if demo else {}
+    budget = [k for k in BUDGET if _limit_given(given, k)]
     if not budget and not was_given(given, "trainer.max_epochs"):  # (an explicit -1, no limit, is the user's)
-        changes["trainer.max_epochs"] = (DEMO_EPOCHS, "the offline demo") if demo else (CORPUS_EPOCHS, "your corpus")
+        limits = {k: recipe[k] for k in BUDGET if k in recipe} if demo else {"trainer.max_epochs": CORPUS_EPOCHS}
+        why = "the offline demo" if demo else "your corpus"
+        ends = next((f"{k.split('.')[1]} ends the run" for k in limits if limits[k] is not None), why)
+        changes.update({k: (limits[k], why) if k in limits else (None, ends) for k in BUDGET
+                        if k in limits or k == "trainer.max_epochs"})
     elif not was_given(given, "trainer.max_epochs"):
         changes["trainer.max_epochs"] = (None, f"{budget[0].split('.')[1]} ends the run")
     if demo and not was_given(given, "data.max_length"):
         # never beyond the positions of the model being built (a smaller --model.max_position_embeddings wins);
         # validate/test/predict of a checkpoint keep the data module's own length (the checkpoint's model may be
         # smaller than the demo's: its sizes are only read after these defaults)
-        length = min(DEMO_LENGTH, cfg["model"].get("max_position_embeddings") or DEMO_LENGTH)
+        length = recipe.get("data.max_length", cfg["data"].get("max_length"))
+        length = min(length, cfg["model"].get("max_position_embeddings") or length)
         if subcommand == "fit" or not cfg.get("ckpt_path"):
             changes["data.max_length"] = (length, "the offline demo")
-    if demo:  # (every subcommand: validate/test/predict of a demo checkpoint need its vocabulary, its masking)
-        changes.update({k: (v, "the offline demo") for k, v in DEMO_RECIPE.items() if not was_given(given, k)})
+    if demo:  # (every subcommand: validate/test/predict of a demo checkpoint need its model, vocabulary, masking)
+        changes.update({k: (v, "the offline demo") for k, v in recipe.items()
+                        if k not in (*BUDGET, "data.max_length") and not was_given(given, k)})
     model = {**dict(cfg["model"].items()), **{k.split(".", 1)[1]: v for k, (v, _) in changes.items()
                                               if k.startswith("model.")}}
     data = {**dict(cfg["data"].items()), **{k.split(".", 1)[1]: v for k, (v, _) in changes.items()

@@ -19,7 +19,9 @@ from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
+from mlm_lightning.cli import options
 from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, was_given
+from mlm_lightning.cli.rank import process_rank
 from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data.corpus import redacted
 from mlm_lightning.errors import MLMError, NothingToDo, check
@@ -85,21 +87,27 @@ class MLMCLI(LightningCLI):
                             " (default: <trainer.default_root_dir>/export)")
 
     def parse_arguments(self, parser, args) -> None:
-        _refuse_optimizer_options(args)
+        options.refuse_optimizer_options(args)
         _check_config_files(args)
         # Defaults that depend on other options (see defaults.py) are applied right after parsing.
         # `--print_config` prints inside jsonargparse's parse, before any LightningCLI hook, so it is
         # held back and asked for again with the adjusted values appended as explicit options.
         printing = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
         plain = [a for a in args if a not in printing]
+        command = args[0] if args and args[0] in self._subcommand_parsers else None
+        if command:  # (the same check as the CLI's early one, which runs when the options are cached)
+            spec = options.spec_of(self._subcommand_parsers[command])
+            options.check(args[1:], spec, command)
+            if process_rank() == 0 and options.load(command) is None:
+                options.store(command, spec)
         try:
             super().parse_arguments(parser, plain)
         except ArgumentError as e:  # (the same options in a --config file)
-            name = next((n for n in FOREIGN_OPTIONS if f"option '{n}" in str(e)), None)
+            name = next((n for n in options.FOREIGN_OPTIONS if f"option '{n}" in str(e)), None)
             if name is None:
                 raise
-            raise MLMError(f"{name} (in a --config file) is not an option of mlm-lightning: {FOREIGN_OPTIONS[name]}"
-                           " (see mlm-lightning fit --help)") from None
+            raise MLMError(f"{name} (in a --config file) is not an option of mlm-lightning:"
+                           f" {options.FOREIGN_OPTIONS[name]} (see mlm-lightning fit --help)") from None
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -112,7 +120,7 @@ class MLMCLI(LightningCLI):
             changes = {}
         for key, (value, _) in changes.items():
             self.config[sub][key] = value
-        if changes and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+        if changes and process_rank() == 0:
             log.info("defaults for this run: %s; set them to change", ", ".join(
                 f"--{k} {'null' if v is None else v} ({why})" for k, (v, why) in changes.items()))
         if printing:
@@ -152,7 +160,7 @@ class MLMCLI(LightningCLI):
             # gone, or trained anew): nothing is trained, and the corpus is tokenized with this one
             self._check_tokenizer_options(cfg, ckpt, contents.get("datamodule_hyper_parameters"))
             self.carried_tokenizer = carried_tokenizer(contents, ckpt)
-            if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+            if process_rank() == 0:
                 log.info("%s %s with the tokenizer it carries", "resuming" if sub == "fit" else "running", ckpt)
 
     def _check_tokenizer_options(self, cfg, ckpt: str, saved) -> None:
@@ -190,7 +198,7 @@ class MLMCLI(LightningCLI):
         except ArgumentError as e:
             raise MLMError(f"checkpoint {ckpt!r} holds model options this version cannot take"
                            f" ({' '.join(str(e).split())[:200]})") from None
-        if replaced and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+        if replaced and process_rank() == 0:
             log.info("resuming %s: the checkpoint's own %s; the resumed optimizer and schedule carry them (start a"
                      " new run to change them)", ckpt, ", ".join(replaced))
 
@@ -364,23 +372,6 @@ def _check_something_to_train(saved: dict, ckpt: str, trainer) -> None:
                               f" to train; raise --trainer.{option} to train on")
 
 
-# LightningCLI's own optimizer and scheduler options (not added: `auto_configure_optimizers=False`): the module
-# builds AdamW and its schedule from its own options, and Lightning's would be silently ignored or fail
-FOREIGN_OPTIONS = {
-    "optimizer": "the optimizer is AdamW, set by --model.learning_rate, --model.head_learning_rate,"
-                 " --model.weight_decay, --model.betas and --model.eps",
-    "lr_scheduler": "the schedule is set by --model.schedule (linear, cosine, wsd, constant), --model.warmup_steps,"
-                    " --model.decay_share and --model.min_lr_ratio",
-}
-
-
-def _refuse_optimizer_options(args) -> None:
-    for arg in args:
-        name = arg[2:].split("=", 1)[0].split(".", 1)[0] if isinstance(arg, str) and arg.startswith("--") else ""
-        check(name not in FOREIGN_OPTIONS, f"{arg.split('=', 1)[0]} is not an option of mlm-lightning:"
-                                           f" {FOREIGN_OPTIONS.get(name)} (see mlm-lightning fit --help)")
-
-
 def _check_config_files(args) -> None:
     """A `--config FILE` that is not YAML, or not a mapping of options, is refused naming the file, the place and
     the shape expected (jsonargparse's own errors name neither)."""
@@ -478,10 +469,9 @@ def run_lightning_cli(argv: list[str]) -> None:
 
 
 def close_process_group() -> None:
-    """Destroy the process group while the interpreter is whole (Lightning does so only for NCCL, at exit).
-
-    A gloo group left to interpreter finalization sometimes aborts the process ("terminate called without an active
-    exception", exit -6: pytorch/pytorch#190489): a two-process CPU fit that had finished its work failed so in CI.
+    """Destroy the process group while the interpreter is whole (Lightning does so only for NCCL, at exit): a gloo
+    group left to interpreter finalization can abort a process that has finished its work ("terminate called
+    without an active exception", exit -6: pytorch/pytorch#190489).
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -6,7 +6,9 @@ arguments from a `*name` parameter) parsed with jsonargparse here. Any failure i
 `_describe` is the one mapping from exceptions to lines and codes, for every command.
 
 Imports of Lightning, torch and jsonargparse are inside functions on purpose: `mlm-lightning --help` and the
-dispatch must not pay for them (about 2 s); a command imports what it needs once chosen.
+dispatch must not pay for them (seconds); a command imports what it needs once chosen. A Lightning command's
+short `--help` and the check of its option names come from `cli/options.py`'s cache of its parser, so they need
+neither; `build_parser` gives any command's full parser.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import traceback
 import warnings
 
 from mlm_lightning.arguments import use_cli_terms
+from mlm_lightning.cli import options
+from mlm_lightning.cli.rank import process_rank
 from mlm_lightning.errors import Interrupted, MLMError, NonFiniteLossError, NothingToDo, check, os_error
+from mlm_lightning.training import signals
 
 log = logging.getLogger("mlm_lightning")
 DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
@@ -33,11 +38,10 @@ DEBUG_ENV = "MLM_LIGHTNING_DEBUG"
 
 def _quiet_logging() -> None:
     """Our one-line progress notes on stderr; Lightning's banner lines and known-harmless warnings off."""
-    rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("mlm-lightning: %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if rank == "0" else logging.WARNING)
+    log.setLevel(logging.INFO if process_rank() == 0 else logging.WARNING)
     log.propagate = False
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
                  "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed"):
@@ -49,8 +53,7 @@ def _quiet_logging() -> None:
 
 
 def _early_signal_handler(signum, frame):
-    stopping = sys.modules.get("mlm_lightning.training.stopping")
-    if stopping is None or not stopping.GracefulStop.running:  # during a fit, GracefulStop handles signals
+    if not signals.running:  # during a fit, GracefulStop handles signals
         raise Interrupted(signum)
 
 
@@ -144,6 +147,7 @@ def run_command(name: str, argv: list[str]):
     flags = {f"--{p.name}" for p in inspect.signature(fn).parameters.values() if p.annotation in (bool, "bool")}
     argv = [x for i, a in enumerate(argv) for x in ([a, "true"] if a in flags and (
         i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS) else [a])]
+    options.check(argv, options.spec_of(parser), name)
     cfg = parser.parse_args(argv).as_dict()
     return fn(*cfg.pop(star, []), **cfg) if star else fn(**cfg)
 
@@ -170,7 +174,7 @@ def openmp_defaults() -> None:
 
 # -- standard streams: a closed one or a reader that went away never ends a command in a traceback ----------------
 # the commands whose result is what they print (the others' results are files, named on stderr too)
-PRINTS_ITS_RESULT = {"fill-mask"}
+PRINTS_ITS_RESULT = {"fill-mask", "score"}
 
 
 class _GuardedStdout:
@@ -269,6 +273,16 @@ def main(argv: list[str] | None = None) -> None:
         _quiet_logging()
         if not argv or argv[0] in ("-h", "--help"):
             return print_help()
+        if argv[0] in LIGHTNING_COMMANDS:  # the short help and the option check, before torch and Lightning
+            full, argv = options.help_all(argv)
+            spec = None if full else options.load(argv[0])
+            if not full and options.wants_help(argv[1:]):
+                if spec is None or "help" not in spec:
+                    spec = options.build(argv[0], build_parser, LIGHTNING_COMMANDS[argv[0]])
+                return print(spec["help"], end="")
+            if spec is not None:
+                options.refuse_optimizer_options(argv[1:])  # (LightningCLI's own: named, with ours instead)
+                options.check(argv[1:], spec, argv[0])
         from mlm_lightning.hub import quiet_transformers  # (transformers: ~0.7 s, not for the help above)
 
         quiet_transformers()
@@ -286,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         code, message = _describe(e, argv[0] if argv and not argv[0].startswith("-") else "fit")
         if code is None or debug:
             raise
-        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # once, not once per DDP process
+        if process_rank() == 0:  # once, not once per DDP process
             print(f"mlm-lightning: {message}", file=sys.stderr)
         _leave_process_group(code)
         sys.exit(code)
@@ -302,10 +316,10 @@ def main(argv: list[str] | None = None) -> None:
 def _leave_process_group(code: int) -> None:
     """A failed process of a multi-process run exits with `os._exit`, skipping the interpreter's teardown: there,
     DDP's reducer drops the gloo process group with the GIL held, whose destructor joins its worker thread, which
-    may itself wait for the GIL to free a finished collective's tensor: a deadlock (seen in a CI run of the NaN
-    test: py-spy showed `~ProcessGroupGloo` in `std::thread::join`, its worker in `gil_scoped_acquire`), and the
-    process never ends. Lightning has torn the run down (checkpoints written, loggers closed) before the error gets
-    here, so nothing is lost. A single process, or one without a process group, returns and exits normally."""
+    may itself wait for the GIL to free a finished collective's tensor: a deadlock (`~ProcessGroupGloo` in
+    `std::thread::join`, its worker in `gil_scoped_acquire`), and the process never ends. Lightning has torn the
+    run down (checkpoints written, loggers closed) before the error gets here, so nothing is lost. A single
+    process, or one without a process group, returns and exits normally."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return
@@ -315,17 +329,22 @@ def _leave_process_group(code: int) -> None:
     os._exit(code)
 
 
+def _loaded(module: str, name: str):
+    """A class of `module` if it is imported, else `()` (isinstance of nothing): an exception of a class whose
+    module was never imported cannot exist, and an error met before the heavy imports is told without them."""
+    return getattr(sys.modules.get(module), name, ())
+
+
 def _describe(e: BaseException, command: str = "fit") -> tuple[int | None, str]:
     """Map an exception to (exit code, one-line message); (None, _) re-raises it."""
-    from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    ArgumentError = _loaded("jsonargparse", "ArgumentError")  # noqa: N806 - classes
+    MisconfigurationException = _loaded("lightning.fabric.utilities.exceptions", "MisconfigurationException")  # noqa: N806
+    SIGTERMException = _loaded("lightning.pytorch.utilities.exceptions", "SIGTERMException")  # noqa: N806
 
     if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException):
         return None, ""
     if isinstance(e, (SIGTERMException, Interrupted, KeyboardInterrupt)):
-        stopping = sys.modules.get("mlm_lightning.training.stopping")
-        signum = getattr(e, "signum", None) or (stopping and stopping.GracefulStop.last_signum) or signal.SIGINT
+        signum = getattr(e, "signum", None) or signals.last_signum or signal.SIGINT
         name = signal.Signals(signum).name
         saved = getattr(e, "last_checkpoint", None)
         if saved:

@@ -19,13 +19,13 @@ import signal
 from lightning.pytorch.callbacks import Callback
 
 from mlm_lightning.errors import Interrupted
+from mlm_lightning.training import signals
 
 log = logging.getLogger("mlm_lightning")
 
 
 class GracefulStop(Callback):
-    running = False  # a fit with these handlers is under way (the CLI's own handler stands aside)
-    last_signum: int | None = None
+    """Sets the shared state in `training/signals.py` (a fit under way, the signal that stopped it)."""
 
     def __init__(self, stop_quietly: bool = False):
         """Args:
@@ -43,7 +43,7 @@ class GracefulStop(Callback):
         enabled = getattr(trainer.checkpoint_callback, "save_on_interrupt", True)
         if self._previous or trainer.state.fn != "fit" or not enabled:
             return
-        GracefulStop.running, GracefulStop.last_signum = True, None
+        signals.running, signals.last_signum = True, None
         self.signum, self._notified, self._agreed = None, False, False  # (a fit after a stopped one starts afresh)
         self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -52,7 +52,7 @@ class GracefulStop(Callback):
                 raise Interrupted(signum)  # a second Ctrl-C, or nothing trained yet: stop now
             if self.signum is None and signum == signal.SIGINT and trainer.is_global_zero:
                 print("\nmlm-lightning: interrupted; saving a checkpoint (Ctrl-C again to abort)", flush=True)
-            self.signum = GracefulStop.last_signum = self.signum or signum
+            self.signum = signals.last_signum = self.signum or signum
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
@@ -67,7 +67,7 @@ class GracefulStop(Callback):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
-        GracefulStop.running = False
+        signals.running = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning calls no teardown hook after an exception: put the handlers back here, or a later fit in this

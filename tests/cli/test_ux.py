@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mlm_lightning.cli.defaults import DEMO_RECIPE
+from mlm_lightning.cli.defaults import demo_recipe
 from tests.helpers import ROOT, TINY_DATA, TINY_MODEL, error_line, run_cli, sentences
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -48,20 +48,21 @@ def bert_dir(tmp_path_factory):
 
 # -- defaults that follow from what was asked ----------------------------------------------------------
 def test_print_config_shows_the_budget_for_the_demo_and_for_a_user_corpus(corpus, capsys):
-    demo = printed_config(capsys, "fit")  # the offline demo: configs/default.yaml's recipe, for 12 epochs
-    assert demo["trainer"]["max_epochs"] == 12 and demo["data"]["max_length"] == 64
+    demo = printed_config(capsys, "fit")  # the offline demo: configs/default.yaml's recipe, its budget too
+    assert demo["trainer"]["max_epochs"] is None and demo["data"]["max_length"] == 64
     assert demo["data"]["vocab_size"] == 4096 and demo["data"]["mlm_probability"] == 0.3
     assert demo["model"]["architecture"] == "modernbert"
     with open(ROOT / "configs" / "default.yaml") as f:
         shipped = yaml.safe_load(f)
     # bounded by steps, not wall time: a busy machine trains the same model, only later
     assert shipped["trainer"]["max_steps"] > 0 and "max_time" not in shipped["trainer"]
-    for key in (*DEMO_RECIPE, "model.learning_rate", "data.max_length"):
+    recipe = {k: v for k, v in demo_recipe().items() if not k.startswith("trainer.")}
+    for key in (*recipe, "trainer.max_steps"):
         group, name = key.split(".")
         assert shipped[group][name] == demo[group][name], key  # a bare `fit` runs the shipped recipe
     for sub in ("validate", "predict"):  # a demo checkpoint is read with the demo's model, vocabulary, masking
         other = printed_config(capsys, sub)
-        assert {k: other[k.split(".")[0]][k.split(".")[1]] for k in DEMO_RECIPE} == DEMO_RECIPE, sub
+        assert {k: other[k.split(".")[0]][k.split(".")[1]] for k in recipe} == recipe, sub
     user = printed_config(capsys, "fit", "--data.train_files", corpus)
     assert user["trainer"]["max_epochs"] == 3 and user["model"]["learning_rate"] == 0.001
     assert user["data"]["mlm_probability"] == 0.15 and user["data"]["vocab_size"] == 8192

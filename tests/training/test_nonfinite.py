@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mlm_lightning.model.module import MLMModule
-from mlm_lightning.training.stopping import GracefulStop
+from mlm_lightning.training import signals
 from tests.helpers import fit_args, metric, run_cli, state
 
 
@@ -38,7 +38,7 @@ def test_a_run_that_keeps_skipping_stops_with_exit_3(corpus, tmp_path, capsys):
     assert code == 3, err
     assert "3 optimizer steps in a row had a non-finite loss" in err
     assert not glob.glob(f"{tmp_path}/checkpoints/*.ckpt") and not (tmp_path / "export").exists()
-    assert not GracefulStop.running and signal.getsignal(signal.SIGINT) is handler  # handlers put back
+    assert not signals.running and signal.getsignal(signal.SIGINT) is handler  # handlers put back
 
 
 @pytest.mark.parametrize("fused", [False, True])
