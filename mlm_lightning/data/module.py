@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, fspaths, option
-from mlm_lightning.data import corpus, mixture
+from mlm_lightning.data import corpus, hf_datasets, mixture
 from mlm_lightning.data.cache import CACHE_VERSION, TokenStream, build_cache, default_cache_dir
 from mlm_lightning.data.distributed import together
 from mlm_lightning.data.masking import MaskingCollator, check_masking
@@ -103,6 +103,10 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         val_files: str | list[str] | None = None,
         val_fraction: float = 0.05,
         val_max_lines: int = 10_000,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        dataset_split: str = "train",
+        dataset_validation_split: str | None = None,
         text_column: str = "text",
         line_by_line: bool = False,
         max_length: int = 64,
@@ -144,7 +148,15 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                 function of each line's index, decided before tokenizing).
             val_max_lines: At most this many lines are held out by `val_fraction` (the rest train), so a huge
                 corpus does not validate for hours.
-            text_column: The field holding the text in .jsonl/.csv/.parquet files.
+            dataset_name: Training text from a Hugging Face dataset instead of files: a hub id (`user/name`), a
+                local dataset repository directory, or offline a dataset in the `datasets` cache; streamed through
+                `datasets.load_dataset(..., streaming=True)` (`pip install 'mlm-lightning[datasets]'`), its
+                `text_column`, cached by the dataset's resolved revision.
+            dataset_config: The dataset's configuration (subset), e.g. `wikitext-103-raw-v1`. Unset: its default.
+            dataset_split: The dataset's split to train on.
+            dataset_validation_split: The dataset's split to validate on, e.g. `validation`. Unset: a seeded
+                `val_fraction` of the training split is held out, as for files.
+            text_column: The field holding the text in .jsonl/.csv/.parquet files and in a dataset's rows.
             line_by_line: One example per line (truncated to `max_length`) instead of packed blocks.
             max_length: Tokens per example, including [CLS]/[SEP].
             batch_size: Examples per batch.
@@ -208,6 +220,10 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
               f"tokenizer_kind must be one of {', '.join(TOKENIZER_KINDS)}, got {tokenizer_kind!r}")
         check(tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {tokenizer_sample_mb}")
         check(epoch_tokens is None or epoch_tokens > 0, f"epoch_tokens must be positive, got {epoch_tokens}")
+        hf_datasets.check_options(dataset_name, dataset_config, dataset_split, dataset_validation_split, train_files,
+                                  val_files)
+        self.hf_dataset = hf_datasets.HFDataset(dataset_name, dataset_config, dataset_split, dataset_validation_split,
+                                                text_column) if dataset_name is not None else None
         self.cache_dir = cache_dir or default_cache_dir()
         self.storage_options = storage_options
         self.sources = mixture.parse_sources(train_files, storage_options) if mixture.is_mixture(train_files) else None
@@ -240,11 +256,13 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
 
     def _tokenizer_dir(self) -> str:
         h = self.hparams
-        size = sum(corpus.file_size(f, self.storage_options) for f in self._train_paths())
+        files, named = ([], [self.hf_dataset.identity()]) if self.hf_dataset else (self._train_paths(), [])
+        size = self.hf_dataset.train_size() if self.hf_dataset else \
+            sum(corpus.file_size(f, self.storage_options) for f in files)
         sampled = size > h.tokenizer_sample_mb * 2**20
         kind = h.get("tokenizer_kind", "bert")
         # (BERT's key and name are those of the caches written before other kinds came: they stay valid)
-        key = corpus.fingerprint(self._train_paths(), h.vocab_size, h.lowercase,
+        key = corpus.fingerprint(files, *named, h.vocab_size, h.lowercase,
                                  (h.tokenizer_sample_mb, h.seed) if sampled else None,
                                  *([kind] if kind != "bert" else []), storage_options=self.storage_options)
         return os.path.join(self.cache_dir, "tokenizers", f"{'wordpiece' if kind == 'bert' else kind}-{key}")
@@ -259,7 +277,9 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                 check(train_if_missing, "the corpus tokenizer is missing; call prepare_data() first")
                 kind = self.hparams.get("tokenizer_kind", "bert")
                 log.info("training a %s tokenizer (vocab %d) on the corpus", kind, self.hparams.vocab_size)
-                reader = corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
+                reader = self.hf_dataset.reader(self.hf_dataset.split, self.hparams.tokenizer_sample_mb) \
+                    if self.hf_dataset else \
+                    corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
                 texts = SampledTexts(reader, self.hparams.tokenizer_sample_mb, self.hparams.seed)
                 self.tokenizer = train_tokenizer(
                     kind, texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
@@ -273,7 +293,10 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         return self.tokenizer
 
     def _parts(self) -> list[tuple[list[str], list[str] | None]]:
-        """(train files, val files) of each tokenized cache: one, or one per source of a mixture."""
+        """(train files, val files) of each tokenized cache: one, or one per source of a mixture (a dataset by name:
+        no files, and [] for val when it has a validation split)."""
+        if self.hf_dataset is not None:
+            return [([], [] if self.hf_dataset.validation_split else None)]
         if self.sources is None:
             train = self._train_paths()  # (first: the default corpus brings its validation file)
             return [(train, self.val_paths)]
@@ -295,7 +318,9 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         key = corpus.fingerprint(
             train + (val or []), len(train), h.text_column,
             (h.val_fraction, h.val_max_lines) if val is None else None, h.seed,
-            tokenizer_fingerprint(self.load_tokenizer()), CACHE_VERSION, storage_options=self.storage_options,
+            tokenizer_fingerprint(self.load_tokenizer()), CACHE_VERSION,
+            *([self.hf_dataset.identity(), self.hf_dataset.split, self.hf_dataset.validation_split]
+              if self.hf_dataset else []), storage_options=self.storage_options,
         )
         return os.path.join(self.cache_dir, "data", key)
 
@@ -325,6 +350,8 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         for directory, (train, val) in zip(self._data_dirs(), self._parts(), strict=True):
             if os.path.isdir(directory):
                 continue
+            if self.hf_dataset is not None:  # (readers of its splits, where files are listed)
+                train, val = self.hf_dataset.readers()
             meta = build_cache(
                 directory, self.tokenizer, train, val, h.text_column,
                 h.val_fraction, h.val_max_lines, h.seed, progress=show, storage_options=self.storage_options,
