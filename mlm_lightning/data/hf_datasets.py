@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 
 from mlm_lightning.arguments import option
+from mlm_lightning.data import corpus
 from mlm_lightning.data.corpus import _first_line, _split_long
 from mlm_lightning.errors import MLMError, check
 
@@ -87,18 +88,22 @@ class HFDataset:
                 raise MLMError(f"{self.shown()} not found ({_first_line(e)}); check the name (a hub id user/name or"
                                " a dataset directory), and for a private or gated one set HF_TOKEN") from None
             except ValueError as e:  # an unknown config: "BuilderConfig 'x' not found. Available: [...]"
-                raise MLMError(f"{self.shown()}: {_first_line(e)}; pass {option('data.dataset_config', 'NAME')}"
-                               " of one of its configs") from None
+                said = " ".join(str(e).split())[:300]  # (its lines: the problem, then the configs there are)
+                raise MLMError(f"{self.shown()}: {said}; pass {option('data.dataset_config', 'NAME')} of one of its"
+                               " configs") from None
             except RuntimeError as e:  # e.g. a dataset script, which `datasets` no longer runs
                 raise MLMError(f"{self.shown()} cannot be loaded by datasets ({_first_line(e)})") from None
         return self._builder
 
     def identity(self) -> tuple:
-        """What names this dataset's content in cache keys: name (a local directory by its absolute path), config
-        and `datasets`' own hash of the resolved revision."""
+        """What names this dataset's content in cache keys: name (a local directory by its absolute path), config,
+        `datasets`' own hash of the resolved revision (a hub repository's commit), and the local data files' path,
+        size and modification time (`datasets` hashes a local directory's configuration, not its files' state)."""
         b = self.builder
         name = os.path.abspath(self.name) if os.path.isdir(self.name) else self.name
-        return ("datasets", name, b.config.name, b.hash)
+        files = [str(f) for split in (b.config.data_files or {}).values() for f in split]
+        local = sorted(f for f in files if not corpus.is_url(f) and os.path.isfile(f))
+        return ("datasets", name, b.config.name, b.hash, corpus.fingerprint(local))
 
     def _stream(self, split: str):
         if self._splits is None:  # every split, lazily (nothing is read until iterated)
