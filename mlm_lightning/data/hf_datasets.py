@@ -67,6 +67,9 @@ class HFDataset:
         self._builder = None
         self._splits = None
 
+    def __getstate__(self) -> dict:  # (a spawned process resolves the dataset again: builders hold open state)
+        return {**self.__dict__, "_builder": None, "_splits": None}
+
     def shown(self) -> str:
         return f"dataset {self.name!r}" + (f" (config {self.config!r})" if self.config else "")
 

@@ -114,3 +114,19 @@ def test_the_csv_log_comes_first_beside_other_loggers_unless_there_is_one(tmp_pa
     own = [tracker, CSVLogger(str(tmp_path / "mine"))]
     assert with_csv_log(own, str(tmp_path)) is own
     assert with_csv_log(False, str(tmp_path)) is False and with_csv_log([], str(tmp_path)) == []
+
+
+def test_secret_looking_tracker_options_and_url_passwords_are_masked():
+    from jsonargparse import Namespace
+
+    from mlm_lightning.cli.lightning import _redacted_options
+
+    given = Namespace(class_path="x.Logger", init_args=Namespace(
+        api_key=SECRET, tracking_uri=f"https://me:{SECRET}@mlflow.example/x", project="p", offline=True, token=None,
+        settings={"api_key": SECRET, "x_tokens": 3}, tags=[{"auth_token": SECRET}]))
+    masked = _redacted_options([given])[0]
+    assert masked.init_args.api_key == "***" and masked.init_args.settings == {"api_key": "***", "x_tokens": 3}
+    assert masked.init_args.tracking_uri == "https://me:***@mlflow.example/x"
+    assert masked.init_args.tags == [{"auth_token": "***"}]
+    assert (masked.init_args.project, masked.init_args.offline, masked.init_args.token) == ("p", True, None)
+    assert given.init_args.api_key == SECRET  # (the run itself keeps the real ones)
