@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, was_given
 from mlm_lightning.data import MLMDataModule
-from mlm_lightning.data.corpus import SECRET, redacted
+from mlm_lightning.data.corpus import redacted
 from mlm_lightning.errors import MLMError, NothingToDo, check
 from mlm_lightning.export import check_export_dir, save_hf
 from mlm_lightning.files import atomic_path
@@ -97,8 +97,8 @@ def _redacted_options(value, key: str = ""):
         return {k: _redacted_options(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_redacted_options(v, key) for v in value)
-    if isinstance(value, str):
-        return "***" if SECRET.search(key) else _URL_PASSWORD.sub(r"\1***@", value)
+    if isinstance(value, str):  # (`redacted` decides which keys are secret)
+        return redacted({key: _URL_PASSWORD.sub(r"\1***@", value)})[key]
     return value
 
 

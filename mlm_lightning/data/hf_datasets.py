@@ -21,11 +21,16 @@ from collections.abc import Iterator
 
 from mlm_lightning.arguments import option
 from mlm_lightning.data import corpus
-from mlm_lightning.data.corpus import _first_line, _split_long
+from mlm_lightning.data.corpus import _split_long
 from mlm_lightning.errors import MLMError, check
 
 EXTRA = "pip install 'mlm-lightning[datasets]'"
 BATCH_ROWS = 1000  # rows per batch read from the stream (bounded memory; `datasets` reads files in batches too)
+
+
+def _said(e: BaseException) -> str:
+    """What `datasets` said, as one line (its messages may run over several: the problem, then what there is)."""
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def import_datasets():
@@ -83,19 +88,18 @@ class HFDataset:
                 self._builder = datasets.load_dataset_builder(self.name, self.config)
             except ConnectionError as e:  # offline, and not prepared in the `datasets` cache either
                 raise MLMError(
-                    f"{self.shown()} cannot be read: the Hugging Face hub is not reachable ({_first_line(e)}) and"
+                    f"{self.shown()} cannot be read: the Hugging Face hub is not reachable ({_said(e)}) and"
                     " the datasets cache has no copy; run once online (to use it offline later: load it once"
                     f" with datasets.load_dataset({self.name!r}{', ' + repr(self.config) if self.config else ''})),"
                     f" or pass its files with {option('data.train_files')}") from None
             except FileNotFoundError as e:  # (DatasetNotFoundError, DataFilesNotFoundError are ones)
-                raise MLMError(f"{self.shown()} not found ({_first_line(e)}); check the name (a hub id user/name or"
+                raise MLMError(f"{self.shown()} not found ({_said(e)}); check the name (a hub id user/name or"
                                " a dataset directory), and for a private or gated one set HF_TOKEN") from None
             except ValueError as e:  # an unknown config: "BuilderConfig 'x' not found. Available: [...]"
-                said = " ".join(str(e).split())[:300]  # (its lines: the problem, then the configs there are)
-                raise MLMError(f"{self.shown()}: {said}; pass {option('data.dataset_config', 'NAME')} of one of its"
+                raise MLMError(f"{self.shown()}: {_said(e)}; pass {option('data.dataset_config', 'NAME')} of one of its"
                                " configs") from None
             except RuntimeError as e:  # e.g. a dataset script, which `datasets` no longer runs
-                raise MLMError(f"{self.shown()} cannot be loaded by datasets ({_first_line(e)})") from None
+                raise MLMError(f"{self.shown()} cannot be loaded by datasets ({_said(e)})") from None
         return self._builder
 
     def identity(self) -> tuple:
@@ -176,11 +180,11 @@ class DatasetReader:
             except StopIteration:
                 break
             except (OSError, ValueError, ImportError) as e:  # a broken file or connection, a missing decoder
-                raise MLMError(f"{self.shown}: cannot read rows after row {self._rows} ({_first_line(e)})") from None
+                raise MLMError(f"{self.shown}: cannot read rows after row {self._rows} ({_said(e)})") from None
             except Exception as e:
                 if type(e).__module__.startswith("datasets"):  # DatasetGenerationError and its kin
                     raise MLMError(f"{self.shown}: cannot read rows after row {self._rows}"
-                                   f" ({_first_line(e)})") from None
+                                   f" ({_said(e)})") from None
                 raise
             values = batch.get(col)
             check(values is not None, f"{self.shown} has no {col!r} column (columns: {list(batch)}); pass"

@@ -248,11 +248,20 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
 
     # -- preparation (rank 0) and loading (every rank) --------------------------------------------------
     def _train_paths(self) -> list[str]:
+        # (a dataset by name has no files: never the default corpus in its place)
+        assert self.hf_dataset is None, "read a dataset by name with _train_reader()"
         if self.train_paths is None:  # the offline default, with its own held-out modules (unless val_files)
             train, val = corpus.default_corpus_files(self.cache_dir)
             self.train_paths = [train]
             self.val_paths = [val] if self.val_paths is None else self.val_paths
         return self.train_paths
+
+    def _train_reader(self, sample_mb: float | None = None):
+        """A reader of the training text: its files', or a dataset's training split (`sample_mb`: see
+        `HFDataset.reader`)."""
+        if self.hf_dataset is not None:
+            return self.hf_dataset.reader(self.hf_dataset.split, sample_mb)
+        return corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
 
     def _tokenizer_dir(self) -> str:
         h = self.hparams
@@ -277,9 +286,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                 check(train_if_missing, "the corpus tokenizer is missing; call prepare_data() first")
                 kind = self.hparams.get("tokenizer_kind", "bert")
                 log.info("training a %s tokenizer (vocab %d) on the corpus", kind, self.hparams.vocab_size)
-                reader = self.hf_dataset.reader(self.hf_dataset.split, self.hparams.tokenizer_sample_mb) \
-                    if self.hf_dataset else \
-                    corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
+                reader = self._train_reader(self.hparams.tokenizer_sample_mb)
                 texts = SampledTexts(reader, self.hparams.tokenizer_sample_mb, self.hparams.seed)
                 self.tokenizer = train_tokenizer(
                     kind, texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
