@@ -60,7 +60,7 @@ def adjusted_defaults(cfg, given, model_positions=None, subcommand: str = "fit")
     """
     changes: dict[str, tuple[object, str]] = {}
     pretrained = cfg["model"].get("model_name_or_path")
-    demo = cfg["data"].get("train_files") is None and not pretrained
+    demo = cfg["data"].get("train_files") is None and cfg["data"].get("dataset_name") is None and not pretrained
     recipe = demo_recipe() if demo else {}
     budget = [k for k in BUDGET if _limit_given(given, k)]
     if not budget and not was_given(given, "trainer.max_epochs"):  # (an explicit -1, no limit, is the user's)

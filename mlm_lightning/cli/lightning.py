@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 
 import torch
 import torch.distributed as dist
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
 
 from mlm_lightning.cli import options
 from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, was_given
@@ -40,7 +40,7 @@ from mlm_lightning.model.checkpoint import (
 from mlm_lightning.model.pairing import default_length, paired_options
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
 from mlm_lightning.training.checkpointing import MLMCheckpoint
-from mlm_lightning.training.plot import metrics_files, plot_runs
+from mlm_lightning.training.plot import metrics_files, plot_runs, with_csv_log
 from mlm_lightning.training.progress import CompactModelSummary, RunReport, duration, progress_bar
 from mlm_lightning.training.rundir import own_run_dir, release_run_dirs
 from mlm_lightning.training.setup import RunSetup
@@ -51,7 +51,8 @@ log = logging.getLogger("mlm_lightning")
 
 class RedactedConfig(SaveConfigCallback):
     """Lightning's `config.yaml` beside the logs, with the secret-looking `--data.storage_options` values (keys,
-    secrets, tokens) masked, as in the checkpoints' hyperparameters: the run itself keeps the real ones.
+    secrets, tokens) masked, as in the checkpoints' hyperparameters, and so the trackers' (`--trainer.logger`: an
+    `api_key`, a token, a password in a URL): the run itself keeps the real ones.
 
     Written aside and renamed (`files.atomic_path`: whole or not at all, with the umask's permissions), where
     Lightning's own `setup` writes it in place."""
@@ -59,9 +60,13 @@ class RedactedConfig(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         real = self.config
         options = real.get("data.storage_options") if hasattr(real, "get") else None
-        if options:
+        trackers = real.get("trainer.logger") if hasattr(real, "get") else None
+        if options or trackers:
             self.config = real.clone()
-            self.config["data.storage_options"] = redacted(options)
+            if options:
+                self.config["data.storage_options"] = redacted(options)
+            if trackers:
+                self.config["trainer.logger"] = _redacted_options(trackers)
         try:
             if self.already_saved or not self.save_to_log_dir:
                 return super().setup(trainer, pl_module, stage)
@@ -76,6 +81,27 @@ class RedactedConfig(SaveConfigCallback):
             self.already_saved = trainer.strategy.broadcast(self.already_saved)
         finally:
             self.config = real
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")
+
+
+def _redacted_options(value, key: str = ""):
+    """`redacted`'s rule through a logger's options (jsonargparse Namespaces, dicts, lists): a text under a
+    secret-looking key, and a password in a URL, masked; None, numbers and flags kept as typed (the saved config
+    still parses)."""
+    if isinstance(value, Namespace):
+        out = value.clone()
+        for k, v in vars(value).items():
+            out[k] = _redacted_options(v, k)
+        return out
+    if isinstance(value, dict):
+        return {k: _redacted_options(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redacted_options(v, key) for v in value)
+    if isinstance(value, str):  # (`redacted` decides which keys are secret)
+        return redacted({key: _URL_PASSWORD.sub(r"\1***@", value)})[key]
+    return value
 
 
 class MLMCLI(LightningCLI):
@@ -253,9 +279,9 @@ class MLMCLI(LightningCLI):
         if cfg.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in chosen):
             extra.append(CompactModelSummary())
         self.trainer_defaults["callbacks"] = extra
-        if cfg.get("logger") in (None, True):  # Lightning's default is TensorBoard when it is installed; the
-            # CSV log (metrics.csv, the plot's source) stays
-            kwargs.setdefault("logger", CSVLogger(cfg.get("default_root_dir") or "."))
+        # Lightning's default is TensorBoard when it is installed; the CSV log (metrics.csv, the plot's source) stays,
+        # beside any tracker the user chose
+        kwargs.setdefault("logger", with_csv_log(cfg.get("logger"), cfg.get("default_root_dir") or "."))
         trainer = super().instantiate_trainer(**kwargs)
         # after the checkpoint callback (Lightning puts it last at init): GracefulStop asks it to save
         trainer.callbacks += [RunSetup(), ThroughputLogger(), RunReport(), GracefulStop()]

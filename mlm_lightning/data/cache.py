@@ -105,18 +105,23 @@ def _tokenize_into(
     val_fraction: float, val_max_lines: int, seed: int, progress: bool = True, shard_chars: int = shards.SHARD_CHARS,
     workers: int | None = None, storage_options: dict | None = None,
 ) -> dict:
-    """`build_cache` without the lock."""
+    """`build_cache` without the lock. In place of a list of files, a reader of texts with `total_bytes` (0: not
+    known) and `bytes_done()` (a dataset's: `hf_datasets.DatasetReader`)."""
     partial = f"{directory}.partial"
     os.makedirs(partial, exist_ok=True)
-    readers = [("train", corpus.CorpusReader(train_paths, text_column, storage_options))]
+
+    def opened(files):
+        return corpus.CorpusReader(files, text_column, storage_options) if isinstance(files, list) else files
+
+    readers = [("train", opened(train_paths))]
     if val_paths is not None:
-        readers.append(("val", corpus.CorpusReader(val_paths, text_column, storage_options)))
+        readers.append(("val", opened(val_paths)))
     total = sum(r.total_bytes for _, r in readers)
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = cores if total >= shards.PROCESS_MIN_BYTES else 1
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing", disable=not progress,
-               mininterval=1.0, smoothing=0.1)
+    bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
+               disable=not progress, mininterval=1.0, smoothing=0.1)
     with bar:
         base = 0
         for phase, reader in readers:
@@ -127,7 +132,7 @@ def _tokenize_into(
             shards.tokenize_phase(reader, tokenizer, partial, phase, val_fraction=fraction,
                                   val_max_lines=val_max_lines, seed=seed, shard_chars=shard_chars, on_batch=update,
                                   workers=workers)
-            base += reader.total_bytes
+            base += max(reader.total_bytes, reader.bytes_done())
             bar.update(base - bar.n)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=f".{os.path.basename(directory)}-")
     try:  # joined aside and renamed: a cache directory that exists is complete

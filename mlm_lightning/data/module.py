@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from mlm_lightning.arguments import RecordsGivenArguments, check_arguments, fspaths, option
-from mlm_lightning.data import corpus, mixture
+from mlm_lightning.data import corpus, hf_datasets, mixture
 from mlm_lightning.data.cache import CACHE_VERSION, TokenStream, build_cache, default_cache_dir
 from mlm_lightning.data.distributed import together
 from mlm_lightning.data.masking import MaskingCollator, check_masking
@@ -91,9 +91,9 @@ class MLMDataset(Dataset):
 
 class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
     """Text for masked-language modeling: files, dirs, globs or URLs (txt, jsonl, csv, parquet; compressed too),
-    a weighted mixture, or the offline default corpus; tokenized once into a memory-mapped cache, masked afresh
-    every epoch. Used with `MLMModule`, it takes what the model brings (a pretrained model's own tokenizer and
-    length, a new model's tokenizer kind) for the options it was not given.
+    a weighted mixture, a Hugging Face dataset by name, or the offline default corpus; tokenized once into a
+    memory-mapped cache, masked afresh every epoch. Used with `MLMModule`, it takes what the model brings (a
+    pretrained model's own tokenizer and length, a new model's tokenizer kind) for the options it was not given.
 
     Example::
 
@@ -107,6 +107,10 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         val_files: str | list[str] | None = None,
         val_fraction: float = 0.05,
         val_max_lines: int = 10_000,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        dataset_split: str = "train",
+        dataset_validation_split: str | None = None,
         text_column: str = "text",
         line_by_line: bool = False,
         max_length: int = 64,
@@ -149,7 +153,15 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                 function of each line's index, decided before tokenizing).
             val_max_lines: At most this many lines are held out by `val_fraction` (the rest train), so a huge
                 corpus does not validate for hours.
-            text_column: The field holding the text in .jsonl/.csv/.parquet files.
+            dataset_name: Training text from a Hugging Face dataset instead of files: a hub id (`user/name`), a
+                local dataset repository directory, or offline a dataset in the `datasets` cache; streamed through
+                `datasets.load_dataset(..., streaming=True)` (`pip install 'mlm-lightning[datasets]'`), its
+                `text_column`, cached by the dataset's resolved revision.
+            dataset_config: The dataset's configuration (subset), e.g. `wikitext-103-raw-v1`. Unset: its default.
+            dataset_split: The dataset's split to train on.
+            dataset_validation_split: The dataset's split to validate on, e.g. `validation`. Unset: a seeded
+                `val_fraction` of the training split is held out, as for files.
+            text_column: The field holding the text in .jsonl/.csv/.parquet files and in a dataset's rows.
             line_by_line: One example per line (truncated to `max_length`) instead of packed blocks.
             max_length: Tokens per example, including [CLS]/[SEP].
             batch_size: Examples per batch.
@@ -196,6 +208,8 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         self.save_hyperparameters(ignore=["storage_options"])
         self.hparams["storage_options"] = corpus.redacted(storage_options)  # (hparams go into every checkpoint)
         self._check_options()
+        self.hf_dataset = hf_datasets.HFDataset(dataset_name, dataset_config, dataset_split, dataset_validation_split,
+                                                text_column) if dataset_name is not None else None
         self.cache_dir = cache_dir or default_cache_dir()
         self.storage_options = storage_options
         self.sources = mixture.parse_sources(train_files, storage_options) if mixture.is_mixture(train_files) else None
@@ -247,22 +261,35 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         check(h.tokenizer_sample_mb > 0, f"tokenizer_sample_mb must be positive, got {h.tokenizer_sample_mb}")
         check(h.epoch_tokens is None or h.epoch_tokens > 0, f"epoch_tokens must be positive, got {h.epoch_tokens}")
         check(h.extend_vocab >= 0, f"extend_vocab must be 0 (off) or a number of words, got {h.extend_vocab}")
+        hf_datasets.check_options(h.dataset_name, h.dataset_config, h.dataset_split, h.dataset_validation_split,
+                                  h.train_files, h.val_files)
 
     # -- preparation (rank 0) and loading (every rank) --------------------------------------------------
     def _train_paths(self) -> list[str]:
+        # (a dataset by name has no files: never the default corpus in its place)
+        assert self.hf_dataset is None, "read a dataset by name with _train_reader()"
         if self.train_paths is None:  # the offline default, with its own held-out modules (unless val_files)
             train, val = default_corpus_files(self.cache_dir)
             self.train_paths = [train]
             self.val_paths = [val] if self.val_paths is None else self.val_paths
         return self.train_paths
 
+    def _train_reader(self, sample_mb: float | None = None):
+        """A reader of the training text: its files', or a dataset's training split (`sample_mb`: see
+        `HFDataset.reader`)."""
+        if self.hf_dataset is not None:
+            return self.hf_dataset.reader(self.hf_dataset.split, sample_mb)
+        return corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
+
     def _tokenizer_dir(self) -> str:
         h = self.hparams
-        size = sum(corpus.file_size(f, self.storage_options) for f in self._train_paths())
+        files, named = ([], [self.hf_dataset.identity()]) if self.hf_dataset else (self._train_paths(), [])
+        size = self.hf_dataset.train_size() if self.hf_dataset else \
+            sum(corpus.file_size(f, self.storage_options) for f in files)
         sampled = size > h.tokenizer_sample_mb * 2**20
         kind = h.get("tokenizer_kind", "bert")
         # (BERT's key and name are those of the caches written before other kinds came: they stay valid)
-        key = corpus.fingerprint(self._train_paths(), h.vocab_size, h.lowercase,
+        key = corpus.fingerprint(files, *named, h.vocab_size, h.lowercase,
                                  (h.tokenizer_sample_mb, h.seed) if sampled else None,
                                  *([kind] if kind != "bert" else []), storage_options=self.storage_options)
         return os.path.join(self.cache_dir, "tokenizers", f"{'wordpiece' if kind == 'bert' else kind}-{key}")
@@ -280,7 +307,7 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
                       f" {option('data.tokenizer')}); a vocabulary trained on the corpus fits it already")
                 kind = self.hparams.get("tokenizer_kind", "bert")
                 log.info("training a %s tokenizer (vocab %d) on the corpus", kind, self.hparams.vocab_size)
-                reader = corpus.CorpusReader(self._train_paths(), self.hparams.text_column, self.storage_options)
+                reader = self._train_reader(self.hparams.tokenizer_sample_mb)
                 texts = SampledTexts(reader, self.hparams.tokenizer_sample_mb, self.hparams.seed)
                 self.tokenizer = train_tokenizer(
                     kind, texts, self._tokenizer_dir(), self.hparams.vocab_size, self.hparams.max_length,
@@ -301,15 +328,17 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         self.vocab_extension = []
         if not h.get("extend_vocab"):
             return base
-        size = sum(corpus.file_size(f, self.storage_options) for f in self._train_paths())
+        files, named = ([], [self.hf_dataset.identity()]) if self.hf_dataset else (self._train_paths(), [])
+        size = self.hf_dataset.train_size() if self.hf_dataset else \
+            sum(corpus.file_size(f, self.storage_options) for f in files)
         sampled = size > h.tokenizer_sample_mb * 2**20
-        key = corpus.fingerprint(self._train_paths(), h.text_column, tokenizer_fingerprint(base), h.extend_vocab,
+        key = corpus.fingerprint(files, *named, h.text_column, tokenizer_fingerprint(base), h.extend_vocab,
                                  (h.tokenizer_sample_mb, h.seed) if sampled else None,
                                  storage_options=self.storage_options)
         target = os.path.join(self.cache_dir, "tokenizers", f"extended-{key}")
         if not os.path.isdir(target):
             log.info("counting the corpus's words for %d domain words (--data.extend_vocab)", h.extend_vocab)
-            reader = corpus.CorpusReader(self._train_paths(), h.text_column, self.storage_options)
+            reader = self._train_reader(h.tokenizer_sample_mb)
             words = domain_words(base, SampledTexts(reader, h.tokenizer_sample_mb, h.seed), h.extend_vocab)
             where = save_tokenizer_files(tokenizer_files(extend_vocabulary(base, words)), target)
             if where != target:  # another process wrote it first: theirs (the same words) is kept
@@ -320,7 +349,10 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         return extended
 
     def _parts(self) -> list[tuple[list[str], list[str] | None]]:
-        """(train files, val files) of each tokenized cache: one, or one per source of a mixture."""
+        """(train files, val files) of each tokenized cache: one, or one per source of a mixture (a dataset by name:
+        no files, and [] for val when it has a validation split)."""
+        if self.hf_dataset is not None:
+            return [([], [] if self.hf_dataset.validation_split else None)]
         if self.sources is None:
             train = self._train_paths()  # (first: the default corpus brings its validation file)
             return [(train, self.val_paths)]
@@ -342,7 +374,9 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         key = corpus.fingerprint(
             train + (val or []), len(train), h.text_column,
             (h.val_fraction, h.val_max_lines) if val is None else None, h.seed,
-            tokenizer_fingerprint(self.load_tokenizer()), CACHE_VERSION, storage_options=self.storage_options,
+            tokenizer_fingerprint(self.load_tokenizer()), CACHE_VERSION,
+            *([self.hf_dataset.identity(), self.hf_dataset.split, self.hf_dataset.validation_split]
+              if self.hf_dataset else []), storage_options=self.storage_options,
         )
         return os.path.join(self.cache_dir, "data", key)
 
@@ -372,6 +406,8 @@ class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
         for directory, (train, val) in zip(self._data_dirs(), self._parts(), strict=True):
             if os.path.isdir(directory):
                 continue
+            if self.hf_dataset is not None:  # (readers of its splits, where files are listed)
+                train, val = self.hf_dataset.readers()
             meta = build_cache(
                 directory, self.tokenizer, train, val, h.text_column,
                 h.val_fraction, h.val_max_lines, h.seed, progress=show, storage_options=self.storage_options,

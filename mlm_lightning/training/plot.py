@@ -29,6 +29,21 @@ PANELS = [  # (title, [(metric, label)], log scale)
 MARKER = "mlm-lightning plot"  # written into the PNG: only such a file is ever replaced
 
 
+def with_csv_log(logger, root: str):
+    """A fit's `logger` with Lightning's CSV logger first: the user's trackers (W&B, MLflow, TensorBoard ...) keep
+    their records, and `metrics.csv`, which `plot` and the end of a fit read, is written as without them. First, so
+    that the run's directory stays `ROOT/lightning_logs/version_N` (config.yaml goes there, never into a tracker's
+    save_dir). Left as given: logging off (`False`, `[]`), or a CSV logger among them already."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if logger is None or logger is True:
+        return CSVLogger(root)
+    loggers = list(logger) if isinstance(logger, (list, tuple)) else [] if logger is False else [logger]
+    if not loggers or any(isinstance(lg, CSVLogger) for lg in loggers):
+        return logger
+    return [CSVLogger(root), *loggers]
+
+
 def metrics_files(run_dir: str) -> list[str]:
     files = glob.glob(os.path.join(glob.escape(run_dir), "lightning_logs", "version_*", "metrics.csv"))
     return sorted(files, key=lambda f: int(re.sub(r"\D", "", os.path.basename(os.path.dirname(f))) or 0))
