@@ -1,6 +1,7 @@
 """The model card every export writes: hub metadata read back by huggingface_hub, no local path, secrets masked,
 a user's README.md never replaced."""
 
+import json
 import os
 
 import pytest
@@ -22,7 +23,7 @@ def fitted(tmp_path_factory):
     corpus.parent.mkdir()
     corpus.write_text("\n".join(sentences(400)) + "\n", encoding="utf-8")
     root = tmp / "run"
-    options = '{"key": "%s", "client_kwargs": {"session_token": "%s"}}' % (SECRET, SECRET)
+    options = json.dumps({"key": SECRET, "client_kwargs": {"session_token": SECRET}})
     code = run_cli(*fit_args(str(corpus), root, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                              "--data.storage_options", options, "--export.license", "mit"))
     assert code == 0
