@@ -63,6 +63,7 @@ def test_base_model_is_a_hub_id_never_a_local_path(tokenizer, tmp_path):
     hub = ModelCard(render(model, tokenizer, {"model_options": {"model_name_or_path": "google-bert/bert-base-cased"},
                                               "data_options": {"train_files": ["s3://bucket/corpus/web.txt"]}}))
     assert hub.data.base_model == "google-bert/bert-base-cased"
+    assert hub.data.pipeline_tag == "fill-mask" and hub.data.library_name == "transformers"
     local = tmp_path / "models" / "my-bert"
     local.mkdir(parents=True)
     text = render(model, tokenizer, {"model_options": {"model_name_or_path": str(local)}})
