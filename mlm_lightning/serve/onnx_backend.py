@@ -52,7 +52,11 @@ class OnnxFillMasker(FillMasker):
         tokenizer = drop_saved_padding(load_pretrained(AutoTokenizer, model_dir, "tokenizer"), repr(model_dir))
         check_fits(config, tokenizer, f"--model {model_dir!r}", "put the model's own tokenizer files beside it")
         try:
-            self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+            options = onnxruntime.SessionOptions()
+            # idle threads sleep rather than spin (as the torch backend's OpenMP waits passively): on a machine
+            # shared with other work, spinning threads take the cores the busy ones need
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # (onnxruntime's own error types: a damaged or foreign file)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise MLMError(f"{path!r} cannot be loaded by onnxruntime ({first}); export it again with"
