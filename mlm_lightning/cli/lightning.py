@@ -37,6 +37,7 @@ from mlm_lightning.model.checkpoint import (
     verified_checkpoint,
 )
 from mlm_lightning.model.pairing import default_length, paired_options
+from mlm_lightning.onnx_export import check_onnx_available
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
 from mlm_lightning.training.checkpointing import MLMCheckpoint
 from mlm_lightning.training.plot import metrics_files, plot_runs
@@ -266,6 +267,8 @@ class MLMCLI(LightningCLI):
         # the export; the corpus is tokenized later, in trainer.fit); a fit already running there is named
         own_run_dir(trainer.default_root_dir, trainer.global_rank)
         check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
+        if self.config[self.subcommand].export.format == "onnx":
+            check_onnx_available()
         last = trainer.checkpoint_callback.last_path()
         check(
             self.config[self.subcommand].get("ckpt_path") is not None or not os.path.exists(last),
