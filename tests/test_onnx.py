@@ -55,7 +55,7 @@ def bert_onnx(tmp_path_factory):
     with torch.no_grad():  # weights larger than the init's: scores far from uniform, so that padding shows
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.1)
+                p.normal_(0, 0.05)
     return save_hf(model, tok, str(tmp / "onnx-export"), fmt="onnx"), model, tok
 
 
