@@ -27,7 +27,8 @@ class Candidate:
     kind: str  # "pretrained", "checkpoint" or "random"
     config: transformers.PretrainedConfig
     tokenizer: object
-    source: str | None  # the dir or hub id to load weights from (a checkpoint's are loaded at its turn)
+    source: str | None  # the dir or hub id to load weights from
+    weights: dict | None = None  # a checkpoint's masked-LM weights (read and verified once, for every seed)
 
     @property
     def max_length(self) -> int:
@@ -52,8 +53,7 @@ def candidates(specs: list[str]) -> list[Candidate]:
             continue
         if _is_checkpoint(spec):
             model, tokenizer = checkpoint.load_checkpoint(spec, "model")
-            candidate = Candidate(spec, "checkpoint", model.config, tokenizer, None)
-            del model
+            candidate = Candidate(spec, "checkpoint", model.config, tokenizer, None, model.state_dict())
         else:
             checkpoint.check_model_dir(spec, "model")
             config = arch.pretrained_config(spec, "model")  # (a family that is not supported is refused here)
@@ -106,11 +106,7 @@ def classifier(candidate: Candidate, labels: list[str], seed: int):
     torch.manual_seed(seed)
     if candidate.kind == RANDOM:
         return cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    if candidate.kind == "checkpoint":
-        mlm, _ = checkpoint.load_checkpoint(candidate.name, "model")
-        source, state = None, mlm.state_dict()
-    else:
-        source, state = candidate.source, None
+    source, state = candidate.source, candidate.weights
     with _quiet_report():
         model, info = load_pretrained(cls, source, "model", config=config, state_dict=state, dtype=torch.float32,
                                       attn_implementation="sdpa", output_loading_info=True) if source else \
