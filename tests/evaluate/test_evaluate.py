@@ -101,7 +101,7 @@ def test_a_trained_encoder_beats_random_on_words_the_task_never_trained_on(capsy
                               str(out_json))
     assert code == 0, err
     trained, untrained = (m["test"]["accuracy"]["mean"] for m in report(out_json)["models"])
-    assert trained >= 0.75 and trained >= untrained + 0.15, out
+    assert trained >= 0.7 and trained >= untrained + 0.15, out
 
 
 # -- refusals: one line, exit 2, before any run ------------------------------------------------------------------
