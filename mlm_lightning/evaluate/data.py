@@ -86,8 +86,9 @@ def read_rows(spec: str, option: str, text_column: str, pair_column: str | None,
                                  " remove the row")
         for column in columns[:-1]:
             value = record[column]
-            check(isinstance(value, str) and value.strip(), f"{path} {where}: the {column!r} field is "
-                  f"{'empty' if not value else type(value).__name__ + ', not text'}; fix or remove that row")
+            if not (isinstance(value, str) and value.strip()):
+                found = "empty" if value is None or isinstance(value, str) else f"{type(value).__name__}, not text"
+                raise MLMError(f"{path} {where}: the {column!r} field is {found}; fix or remove that row")
         rows.texts.append(record[text_column])
         if pair_column:
             rows.pairs.append(record[pair_column])
@@ -217,6 +218,6 @@ def load_task(train_file: str, validation_file: str | None, test_file: str | Non
         unseen = sorted(set(rows.labels) - set(classes))
         check(not unseen, f"{name} labels never seen in training: {unseen[:5]}{' ...' if len(unseen) > 5 else ''};"
                           " every class needs training rows (or remove those rows)")
-    if is_url(train_file):
-        sources["train"] = train_file.split("?", 1)[0]  # (a presigned URL's signature is not written to the report)
+    # (a presigned URL's signature is not written to the report)
+    sources = {k: v.split("?", 1)[0] if is_url(v) else v for k, v in sources.items()}
     return Task(train, validation, test, classes, sources)
