@@ -3,6 +3,7 @@ one line, the JSON report and its safe-output rule."""
 
 import csv
 import json
+import random
 
 import pytest
 
@@ -49,22 +50,36 @@ FAST = ["--lr", "5e-3", "--epochs", "3", "--batch_size", "16", "--accelerator", 
 
 
 @pytest.mark.parametrize("mode", ["finetune", "probe"])
-def test_a_separable_task_is_learned_and_the_same_seed_gives_the_same_figures(capsys, tmp_path, model_dir, task,
-                                                                               mode):
-    figures = []
-    for n in (1, 2):
-        out_json = tmp_path / f"{n}.json"
-        code, out, err = evaluate(capsys, model_dir, "--train_file", task["train"], "--test_file", task["test"],
-                                  "--mode", mode, "--seeds", "1", "--seed", "7", *FAST, "--output_json", str(out_json))
+def test_a_separable_task_is_learned(capsys, tmp_path, model_dir, task, mode):
+    out_json = tmp_path / "report.json"
+    code, out, err = evaluate(capsys, model_dir, "--train_file", task["train"], "--test_file", task["test"], "--mode",
+                              mode, "--seeds", "1", "--seed", "7", *FAST, "--output_json", str(out_json))
+    assert code == 0, err
+    test = report(out_json)["models"][0]["test"]
+    assert test["accuracy"]["mean"] > 0.9 and test["f1_macro"]["mean"] > 0.9, (out, err)
+    assert f"{test['accuracy']['mean']:.3f} ± 0.000" in out  # the table on stdout
+    assert "evaluate 1/1" in err and "ETA" in err  # one progress line per run
+
+
+@pytest.mark.parametrize("mode", ["finetune", "probe"])
+def test_the_same_seed_gives_the_same_figures_and_another_seed_others(capsys, tmp_path, model_dir, mode):
+    """On a task with a third of its labels flipped (figures below 1): seeds 7 and 8, then seed 7 alone. Fine-tuned,
+    another seed gives other figures (so equal ones are no accident); the probe finds the one word that tells the
+    class in any encoder, `random`'s too, and scores the same whatever the seed."""
+    rng = random.Random(0)
+    noisy = [(t, y if rng.random() > 0.33 else ("dog" if y == "cat" else "cat")) for t, y in cat_or_dog(600, 3)]
+    train = write_csv(tmp_path / "noisy.csv", noisy)
+    models = [model_dir] if mode == "finetune" else [model_dir, "random"]
+    runs = []
+    for seeds in ("2", "1"):
+        out_json = tmp_path / f"{seeds}.json"
+        code, _, err = evaluate(capsys, *models, "--train_file", train, "--split", "0.7,0.3", "--mode", mode,
+                                "--seeds", seeds, "--seed", "7", *FAST, "--output_json", str(out_json))
         assert code == 0, err
-        test = report(out_json)["models"][0]["test"]
-        assert test["accuracy"]["mean"] > 0.9 and test["f1_macro"]["mean"] > 0.9, (out, err)
-        figures.append(report(out_json)["models"][0]["runs"])
-        assert f"{test['accuracy']['mean']:.3f} ± 0.000" in out  # the table on stdout
-        assert "evaluate 1/1" in err and "ETA" in err  # one progress line per run
-    for run in figures:
-        run[0].pop("seconds")
-    assert figures[0] == figures[1]
+        runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in report(out_json)["models"][-1]["runs"]])
+    (seed7, seed8), (again,) = runs
+    assert again == seed7 and seed7["seed"] == 7
+    assert seed8["seed"] == 8 and (seed8["test"] != seed7["test"]) == (mode == "finetune")
 
 
 # -- a trained encoder beats `random` where it must: class words the task never showed in training --------------
