@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 from mlm_lightning.errors import check
 from mlm_lightning.files import atomic_file
@@ -40,7 +41,6 @@ def write(path: str, report: dict) -> None:
 
 
 def build(task, chosen, results: list[list[dict]], settings: dict) -> dict:
-    from mlm_lightning.evaluate.run import mean_std
 
     counts = {split: {name: rows.labels.count(name) for name in task.labels}
               for split, rows in (("train", task.train), ("validation", task.validation), ("test", task.test))}
@@ -72,3 +72,8 @@ def table(report: dict) -> str:
            line.format(*("-" * w for w in widths))]
     out += [line.format(*r) for r in rows]
     return "\n".join(x.rstrip() for x in out)
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one run)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}

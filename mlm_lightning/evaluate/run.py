@@ -4,7 +4,6 @@ a JSON file."""
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 import warnings
 
@@ -159,9 +158,3 @@ def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (0 for one run)."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-

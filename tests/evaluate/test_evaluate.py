@@ -201,7 +201,7 @@ def test_the_json_report_replaces_only_an_earlier_report(capsys, tmp_path, model
 
 
 def test_the_spread_is_the_sample_standard_deviation_over_the_seeds():
-    from mlm_lightning.evaluate.run import mean_std
+    from mlm_lightning.evaluate.report import mean_std
 
     assert mean_std([0.5, 0.7]) == pytest.approx({"mean": 0.6, "std": 0.2 / 2 ** 0.5})
     assert mean_std([0.9]) == {"mean": 0.9, "std": 0.0}
