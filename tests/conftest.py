@@ -1,4 +1,4 @@
-"""Fixtures only (tests share code through tests/helpers.py)."""
+"""Fixtures only (tests share code through the modules of tests/support/)."""
 
 import csv
 import json
@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-# before transformers is imported (through tests.helpers): it reads them once
+# before transformers is imported (through tests.support): it reads them once
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import sentences  # noqa: E402
+from tests.support.text import sentences  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,18 +18,10 @@ import pytest
 import torch
 
 from mlm_lightning.cli.main import _describe
-from tests.helpers import (
-    ROOT,
-    TINY_DATA,
-    damage,
-    error_lines,
-    family_tokenizer,
-    fit_args,
-    mount_tmpfs,
-    permissions_apply,
-    run_cli,
-    unmount,
-)
+from tests.support import ROOT
+from tests.support.cli import TINY_DATA, error_lines, fit_args, run_cli
+from tests.support.faults import damage, mount_tmpfs, permissions_apply, unmount
+from tests.support.models import family_tokenizer
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -633,7 +625,7 @@ def test_serve_with_stdin_and_stdout_closed_answers_and_stops_cleanly(run):
     import subprocess
     import sys
 
-    from tests.helpers import post
+    from tests.support.server import post
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     command = f"exec {sys.executable} -m mlm_lightning.cli serve --model {run / 'export'} --port 0 0<&- 1>&-"

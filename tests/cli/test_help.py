@@ -9,7 +9,8 @@ import pytest
 
 from mlm_lightning.cli import options
 from mlm_lightning.cli.main import LIGHTNING_COMMANDS, build_parser
-from tests.helpers import ROOT, error_line, run_cli
+from tests.support import ROOT
+from tests.support.cli import error_line, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ import torch
 import yaml
 
 from mlm_lightning.cli.defaults import demo_recipe
-from tests.helpers import ROOT, TINY_DATA, TINY_MODEL, error_line, run_cli, sentences
+from tests.support import ROOT
+from tests.support.cli import TINY_DATA, TINY_MODEL, error_line, run_cli
+from tests.support.text import sentences
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

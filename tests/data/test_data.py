@@ -9,7 +9,7 @@ from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data import module as data_module
 from mlm_lightning.data.sampling import BatchPlan
 from mlm_lightning.errors import MLMError
-from tests.helpers import sentences
+from tests.support.text import sentences
 
 
 def make(train, tmp_path, **kw):

@@ -7,7 +7,7 @@ import torch
 from mlm_lightning.data.masking import MaskingCollator
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import train_wordpiece
-from tests.helpers import sentences
+from tests.support.text import sentences
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from mlm_lightning.data import MLMDataModule, corpus, seeds, shards
 from mlm_lightning.data.cache import TokenStream, build_cache
 from mlm_lightning.data.sampling import BatchPlan, ResumableDataLoader
 from mlm_lightning.data.tokenizer import sample_texts, train_wordpiece
-from tests.helpers import bpe_tokenizer, sentences
+from tests.support.models import bpe_tokenizer
+from tests.support.text import sentences
 
 WORDS = ["river", "unbelievable", "catastrophe", "don't", "state-of-the-art", "x", "3.14", "naïve", "Übermensch"]
 
