@@ -26,6 +26,17 @@ def corpus(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """The directory of a finished 4-step fit of the tiny model on `corpus` (validated every 2 steps): its
+    `checkpoints/last.ckpt` for the commands that read one."""
+    from tests.support.cli import fit_args, run_cli
+
+    root = tmp_path_factory.mktemp("run")
+    assert run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")) == 0
+    return root
+
+
 @pytest.fixture
 def write(tmp_path):
     """write(name, lines) -> path; .jsonl/.csv get a `text` field."""

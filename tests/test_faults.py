@@ -27,13 +27,6 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 @pytest.fixture(scope="module")
-def run(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    assert run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")) == 0
-    return root
-
-
-@pytest.fixture(scope="module")
 def masked(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("masked") / "masked.txt"
     path.write_text("the cat [MASK] the ball .\na [MASK] sees the dog .\n")

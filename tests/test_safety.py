@@ -26,13 +26,6 @@ def same_weights(a, b):
     return wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-@pytest.fixture(scope="module")
-def run(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    assert run_cli(*fit(corpus, root, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")) == 0
-    return root
-
-
 # -- 1. export never removes what it did not write ------------------------------------------------------
 def test_export_keeps_user_files_and_replaces_only_its_own(run, tmp_path, capsys):
     ckpt = str(run / "checkpoints" / "last.ckpt")
