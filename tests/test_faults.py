@@ -1,6 +1,6 @@
-"""Every fault ends in one line (issue 18): damaged checkpoints, OS errors in every command, full disks that keep the
+"""Every fault ends in one line: damaged checkpoints, OS errors in every command, full disks that keep the
 previous checkpoint and export whole, incomplete model dirs, options a resumed checkpoint replaces, and standard
-streams that are closed or whose reader went away (issue 31).
+streams that are closed or whose reader went away.
 
 The matrices are parametrized over the commands: a new command gets a row in `CKPT_COMMANDS`, `WRITERS` or
 `READERS` and inherits the guarantees. Faults are real where the machine allows: tmpfs mounts for a full disk and

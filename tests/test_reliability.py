@@ -69,7 +69,7 @@ def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted,
 @pytest.mark.slow
 def test_a_resume_after_the_cache_is_lost_tokenizes_with_the_checkpoints_tokenizer(corpus, tmp_path, capsys,
                                                                                   uninterrupted, monkeypatch):
-    """(issue 31) no tokenizer is trained: the checkpoint carries its own, and the corpus is tokenized with it."""
+    """No tokenizer is trained: the checkpoint carries its own, and the corpus is tokenized with it."""
     root, cache = tmp_path / "run", ["--data.cache_dir", str(tmp_path / "cache")]
     code = run_cli(*args(corpus, root, *cache, "--trainer.callbacks+=tests.support.callbacks.SignalAt",
                          "--trainer.callbacks.step", "13", "--trainer.callbacks.signum", str(int(signal.SIGTERM))))
@@ -163,7 +163,7 @@ def test_checkpoints_are_loaded_without_unpickling_code(tmp_path, monkeypatch):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "mlm_lightning": Evil(str(mark))}, path)
     # torch >= 2.6 loads weights-only by default; this makes a call that leaves it unset unpickle anything, as
-    # older torch (which the package allows) does: only an explicit weights_only=True refuses the file now
+    # older torch (which the package allows) does: only an explicit weights_only=True refuses the file then
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(MLMError, match="cannot be read as plain data"):
         load_checkpoint(str(path))

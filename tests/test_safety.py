@@ -1,4 +1,4 @@
-"""Safety (issue: nothing destroyed, checkpoints are data, interrupts lose nothing, odd settings are right)."""
+"""Safety: nothing is destroyed, checkpoints are data, interrupts lose nothing, odd settings are right."""
 
 import glob
 import os
@@ -248,7 +248,7 @@ def test_best_checkpoint_is_scored_by_its_own_validation(corpus, tmp_path):
 
 
 def test_packed_training_batches_have_one_static_shape(corpus, tmp_path):
-    """(issue 10: torch.compile compiles once) every packed training batch is batch_size x max_length."""
+    """Every packed training batch is batch_size x max_length, so torch.compile compiles once."""
     from mlm_lightning.data import MLMDataModule
 
     dm = MLMDataModule(train_files=corpus, cache_dir=str(tmp_path / "c"), vocab_size=300, max_length=32,
@@ -280,7 +280,7 @@ def test_paths_in_a_checkpoints_callback_state_outside_the_run_are_dropped(tmp_p
     assert cb.best_model_path == cb.kth_best_model_path == cb.last_model_path == ""
 
 
-# -- every file a command writes gets the umask's permissions (issue 31) ----------------------------------------
+# -- every file a command writes gets the umask's permissions ---------------------------------------------------
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_every_file_the_commands_write_gets_the_umasks_permissions(corpus, tmp_path, mask):
     root, cache = tmp_path / "run", tmp_path / "cache"

@@ -32,7 +32,8 @@ def tok(tmp_path_factory):
 
 
 def reference(texts, tok, sep):
-    """The old in-memory tokenization: each non-empty line's ids followed by [SEP]; word starts from word_ids."""
+    """The in-memory tokenization the shards equal: each non-empty line's ids followed by [SEP]; word starts from
+    word_ids."""
     enc = tok(texts, add_special_tokens=False)
     ids, starts, offsets = [], [], [0]
     for i, line in enumerate(enc["input_ids"]):

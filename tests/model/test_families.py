@@ -25,7 +25,7 @@ from tests.support.text import sentences
 SCRATCH = list(arch.SCRATCH)
 
 
-def test_the_table_covers_the_issue():
+def test_six_families_train_from_scratch_and_two_more_load_pretrained():
     assert set(SCRATCH) == {"bert", "roberta", "distilbert", "albert", "electra", "modernbert"}
     assert {"xlm-roberta", "camembert"} <= set(arch.FAMILIES)
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (issue 18): the formulas against transformers' own, a time-bounded run that follows its
+"""Learning-rate schedules: the formulas against transformers' own, a time-bounded run that follows its
 clock, and an exact resume in the middle of a WSD decay."""
 
 import math
