@@ -6,6 +6,7 @@ Each request is one sentence with one [MASK], top_k 5, `POST /api/fill-mask`, on
 
     python scripts/bench_serve.py                                  # demo-shaped random model, 16 clients, 20 s
     python scripts/bench_serve.py --model runs/demo/export --concurrency 1,4,16 --seconds 30
+    python scripts/bench_serve.py --model DIR --backend onnx       # DIR from `mlm-lightning export --format onnx`
 
 Without --model it builds a model of the shape `mlm-lightning fit` trains by default (the recipe of
 mlm_lightning/configs/default.yaml: its architecture, sizes and vocabulary, the tokenizer its architecture takes,
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def demo_shaped_model(tmp: str) -> str:
+def demo_shaped_model(tmp: str, fmt: str = "hf") -> str:
     import torch
 
     from mlm_lightning.cli.defaults import demo_recipe
@@ -53,7 +54,7 @@ def demo_shaped_model(tmp: str) -> str:
     module.tokenizer = tokenizer
     torch.manual_seed(0)
     module.configure_model()
-    return save_hf(module.model.eval(), tokenizer, os.path.join(tmp, "model"))
+    return save_hf(module.model.eval(), tokenizer, os.path.join(tmp, "model"), fmt=fmt)
 
 
 def demo_shape() -> str:
@@ -79,12 +80,17 @@ def masked_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def offline_rate(model: str, texts: list[str], seconds: float) -> float:
+def offline_rate(model: str, texts: list[str], seconds: float, backend: str = "torch") -> float:
     """Sentences/s through FillMasker in batches of 64 (the `fill-mask` command's path and default)."""
     from mlm_lightning.model.checkpoint import load_model
     from mlm_lightning.model.fill_mask import FillMasker
 
-    masker = FillMasker(*load_model(model), top_k=5, batch_size=64)
+    if backend == "onnx":
+        from mlm_lightning.serve.onnx_backend import OnnxFillMasker
+
+        masker = OnnxFillMasker(model, top_k=5, batch_size=64)
+    else:
+        masker = FillMasker(*load_model(model), top_k=5, batch_size=64)
     masker(texts)  # warm-up
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -135,7 +141,8 @@ async def load(url: str, texts: list[str], concurrency: int, seconds: float, war
 
 def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "mlm_lightning.cli", "serve", "--model", model, "--port", "0",
-           "--max_batch_size", str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms)]
+           "--max_batch_size", str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms),
+           "--backend", args.backend]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:
@@ -153,6 +160,8 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--max_batch_size", type=int, default=32)
     parser.add_argument("--max_wait_ms", type=float, default=2.0)
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="the server's and the offline path's backend (onnx: the model dir needs model.onnx)")
     parser.add_argument("--threads", type=int, help="torch threads, offline and in the server (default: torch's)")
     args = parser.parse_args()
     if args.threads:  # the server process reads OMP_NUM_THREADS when torch starts; this process sets it directly
@@ -166,9 +175,9 @@ def main() -> None:
     logging.getLogger("mlm_lightning").setLevel(logging.ERROR)  # FillMasker's note on truncated long sentences
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("MLM_LIGHTNING_CACHE", os.path.join(tmp, "cache"))
-        model = args.model or demo_shaped_model(tmp)
+        model = args.model or demo_shaped_model(tmp, "onnx" if args.backend == "onnx" else "hf")
         texts = masked_sentences(args.sentences)
-        before = offline_rate(model, texts, args.seconds)
+        before = offline_rate(model, texts, args.seconds, args.backend)
         proc, url = start_server(model, args)
         try:
             results = [(n, asyncio.run(load(url, texts, n, args.seconds, args.warmup)))
@@ -176,11 +185,12 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-        after = offline_rate(model, texts, args.seconds)  # before and after: a shared machine's load drifts
+        # before and after: a shared machine's load drifts
+        after = offline_rate(model, texts, args.seconds, args.backend)
     offline = (before + after) / 2
     print(f"model: {args.model or f'demo-shaped ({demo_shape()}), random weights'}; {len(texts)} sentences;"
           f" {os.cpu_count()} CPU cores, torch threads {args.threads or 'default'}; max_batch_size"
-          f" {args.max_batch_size}, max_wait_ms {args.max_wait_ms}")
+          f" {args.max_batch_size}, max_wait_ms {args.max_wait_ms}; backend {args.backend}")
     print(f"offline FillMasker (batches of 64): {offline:.0f} sentences/s (before {before:.0f}, after {after:.0f})")
     for n, r in results:
         print(f"serve, {n:3d} clients: {r['rps']:6.0f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms"

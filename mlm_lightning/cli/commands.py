@@ -118,16 +118,21 @@ def score(
         log.info("scored %d lines in %.2f s (%.0f lines/s on %s)", len(texts), elapsed, len(texts) / elapsed, device)
 
 
-def export(ckpt_path: str, export_dir: str) -> None:
-    """Write a checkpoint as a Hugging Face model directory (what transformers' pipeline loads).
+def export(ckpt_path: str, export_dir: str, format: str = "hf", license: str | None = None) -> None:
+    """Write a checkpoint as a Hugging Face model directory (what transformers' pipeline loads), with a model card.
 
     Args:
         ckpt_path: A .ckpt written by mlm-lightning fit.
         export_dir: The directory to write (replaced atomically if it holds an earlier export).
+        format: hf (config, weights, tokenizer, README.md), or onnx: the same plus model.onnx (ONNX Runtime,
+            optimum, mlm-lightning serve --backend onnx).
+        license: The license in the model card's metadata (a hub license id, e.g. apache-2.0, mit).
     """
     from mlm_lightning.export import export as export_checkpoint
 
-    path = export_checkpoint(ckpt_path, export_dir)
+    command = ["export", "--ckpt_path", ckpt_path, "--export_dir", export_dir, "--format", format]
+    command += ["--license", license] if license else []
+    path = export_checkpoint(ckpt_path, export_dir, license, format, command)
     log.info("exported %s to %s", ckpt_path, path)
     print(path)
 

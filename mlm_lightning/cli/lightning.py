@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,8 @@ from mlm_lightning.cli.rank import process_rank
 from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data.corpus import redacted
 from mlm_lightning.errors import MLMError, NothingToDo, check
-from mlm_lightning.export import check_export_dir, save_hf
+from mlm_lightning.export import FORMATS, check_export_dir
+from mlm_lightning.export import export as export_checkpoint
 from mlm_lightning.files import atomic_path
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import usable_positions
@@ -34,10 +36,10 @@ from mlm_lightning.model.checkpoint import (
     check_checkpoint_path,
     check_model_dir,
     check_model_dir_fits,
-    load_checkpoint,
     verified_checkpoint,
 )
 from mlm_lightning.model.pairing import default_length, paired_options
+from mlm_lightning.onnx_export import check_onnx_available
 from mlm_lightning.training.callbacks import JSONLPredictionWriter, ThroughputLogger
 from mlm_lightning.training.checkpointing import MLMCheckpoint
 from mlm_lightning.training.plot import metrics_files, plot_runs, with_csv_log
@@ -111,8 +113,13 @@ class MLMCLI(LightningCLI):
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="fit: where the best model is exported in Hugging Face format"
                             " (default: <trainer.default_root_dir>/export)")
+        parser.add_argument("--export.license", type=str | None, default=None,
+                            help="fit: the license in the exported model card's metadata (a hub id, e.g. apache-2.0)")
+        parser.add_argument("--export.format", type=Literal[FORMATS], default="hf",
+                            help="fit: hf (a Hugging Face directory), or onnx: the same plus model.onnx")
 
     def parse_arguments(self, parser, args) -> None:
+        self.argv = list(args)  # (the model card shows the command line, masked)
         options.refuse_optimizer_options(args)
         _check_config_files(args)
         # Defaults that depend on other options (see defaults.py) are applied right after parsing.
@@ -294,6 +301,8 @@ class MLMCLI(LightningCLI):
         # the export; the corpus is tokenized later, in trainer.fit); a fit already running there is named
         own_run_dir(trainer.default_root_dir, trainer.global_rank)
         check_export_dir(self._export_dir(), self._run_dirs())  # refused now, not after hours of training
+        if self.config[self.subcommand].export.format == "onnx":
+            check_onnx_available()
         last = trainer.checkpoint_callback.last_path()
         check(
             self.config[self.subcommand].get("ckpt_path") is not None or not os.path.exists(last),
@@ -343,12 +352,25 @@ class MLMCLI(LightningCLI):
         best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
         log.info("checkpoints: %s", ckpt_cb.dirpath)
         if best and os.path.exists(best):
-            model, tokenizer = load_checkpoint(best)
-            path = save_hf(model, tokenizer, self._export_dir(), self._run_dirs())
+            options = self.config[self.subcommand].export
+            path = export_checkpoint(best, self._export_dir(), options.license, options.format, self.argv,
+                                     self._card_facts(), self._run_dirs())
             which = "best" if ckpt_cb.best_model_path else "last (no validation ran)"
             log.info("%s checkpoint: %s", which, best)
             log.info("exported that model (Hugging Face format) to %s", path)
             print(path)
+
+    def _card_facts(self) -> dict:
+        """What the run knows beyond its checkpoint: the last validation's metrics and the tokens seen."""
+        facts = {}
+        for key in ("val/ppl", "val/acc"):
+            value = self.trainer.callback_metrics.get(key)
+            if value is not None:
+                facts[key] = float(value)
+        report = next((c for c in self.trainer.callbacks if isinstance(c, RunReport)), None)
+        if report is not None and report.total_tokens:
+            facts["tokens"] = int(report.total_tokens)
+        return facts
 
     def _plot(self, root: str) -> None:
         if not metrics_files(root):

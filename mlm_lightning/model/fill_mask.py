@@ -142,8 +142,7 @@ class FillMasker:
             attention[row, : len(e.ids)] = 1
         rows = torch.tensor([r for r, e in enumerate(batch) for _ in e.masks])
         cols = torch.tensor([m for e in batch for m in e.masks])
-        hidden = arch.encode(self.model, input_ids.to(self.device), attention.to(self.device))
-        logits = arch.head(self.model, hidden[rows.to(self.device), cols.to(self.device)]).float()
+        logits = self._logits(input_ids, attention, rows, cols)
         all_probs = logits.softmax(-1)
         # at most every token (as the pipeline); not the padding rows beyond the tokenizer's vocabulary
         probs, tokens = all_probs.topk(min(k or self.top_k, len(self.tokenizer), all_probs.shape[-1]), dim=-1)
@@ -160,6 +159,11 @@ class FillMasker:
             out.append([(probs[row + j], tokens[row + j]) for j in range(len(e.masks))])
             row += len(e.masks)
         return out
+
+    def _logits(self, input_ids, attention, rows, cols) -> torch.Tensor:
+        """The MLM logits (float) at positions (rows, cols): the head runs on those rows only."""
+        hidden = arch.encode(self.model, input_ids.to(self.device), attention.to(self.device))
+        return arch.head(self.model, hidden[rows.to(self.device), cols.to(self.device)]).float()
 
     def _result(self, e: Encoded, per_mask) -> dict:
         tok = self.tokenizer

@@ -51,8 +51,10 @@ def check_variant(variant: str, where: str = "--variant") -> None:
 
 class Scorer:
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", batch_size: int = 256,
-                 notice: bool = True):
-        """`batch_size`: masked copies per forward pass. `notice`: warn of truncated sentences after each call."""
+                 notice: bool = True, logits=None):
+        """`batch_size`: masked copies per forward pass. `notice`: warn of truncated sentences after each call.
+        `logits(input_ids, attention, rows, cols)`: the MLM logits at those positions, by another runtime than the
+        torch model (the server's ONNX backend passes its masker's); default: the model's encoder and head."""
         check(batch_size >= 1, f"batch_size must be at least 1 (masked copies per forward pass), got {batch_size}")
         check(tokenizer.mask_token is not None, "the tokenizer has no mask token; it cannot score sentences")
         check(tokenizer.is_fast, "scoring needs a fast tokenizer (its word_ids() give the words); save the model"
@@ -60,6 +62,7 @@ class Scorer:
         arch.check_fits(model, tokenizer, "score")
         self.model, self.tokenizer, self.batch_size, self.notice = model, tokenizer, batch_size, notice
         self.device = torch.device(device)
+        self.logits = logits or self._torch_logits
         self.max_length = max_tokens(model, tokenizer)
         self.truncated: list[int] = []
 
@@ -123,15 +126,18 @@ class Scorer:
                 masked |= (batch_words == batch_words[torch.arange(len(chunk)), pos][:, None]) & (cols > pos[:, None])
             true = batch_ids[torch.arange(len(chunk)), pos]
             attention = (cols < lengths[row][:, None]).long()
-            device = self.device
-            hidden = arch.encode(self.model, batch_ids.masked_fill(masked, mask_id).to(device), attention.to(device))
-            logits = arch.head(self.model, hidden[torch.arange(len(chunk), device=device), pos.to(device)]).float()
-            results.append(logits.log_softmax(-1).gather(1, true.to(device)[:, None]).squeeze(1))
+            logits = self.logits(batch_ids.masked_fill(masked, mask_id), attention, torch.arange(len(chunk)), pos)
+            results.append(logits.float().log_softmax(-1).gather(1, true.to(logits.device)[:, None]).squeeze(1))
         values = torch.cat(results).tolist() if results else []
         out: list[list[float]] = [[] for _ in sentences]
         for (s, _), value in zip(copies, values, strict=True):  # copies of a sentence come in position order
             out[s].append(value)
         return out
+
+    def _torch_logits(self, input_ids, attention, rows, cols) -> torch.Tensor:
+        """The MLM logits at positions (rows, cols): the head runs on those rows only."""
+        hidden = arch.encode(self.model, input_ids.to(self.device), attention.to(self.device))
+        return arch.head(self.model, hidden[rows.to(self.device), cols.to(self.device)])
 
     def _result(self, sentence: Sentence, log_probs: list[float]) -> dict:
         positions = sentence.scored

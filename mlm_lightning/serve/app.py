@@ -30,6 +30,7 @@ from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker, pick_device
 from mlm_lightning.model.score import VARIANTS, Scorer
 from mlm_lightning.serve.batcher import Batcher
+from mlm_lightning.serve.onnx_backend import BACKENDS, OnnxFillMasker
 
 log = logging.getLogger("mlm_lightning")
 
@@ -241,7 +242,8 @@ def create_app(masker, *, model_name: str, max_batch_size: int = 32, max_wait_ms
     async def fill(request: Request) -> Response:
         return await answer(request, pipeline_format=False)
 
-    scorer = Scorer(masker.model, masker.tokenizer, masker.device, notice=False)
+    # (the fill-mask backend's logits: torch's, or ONNX Runtime's)
+    scorer = Scorer(masker.model, masker.tokenizer, masker.device, notice=False, logits=masker._logits)
 
     @app.post("/api/score")  # what `mlm-lightning score` prints: one object per sentence (a list for a list)
     async def score(request: Request) -> Response:
@@ -274,7 +276,7 @@ def create_app(masker, *, model_name: str, max_batch_size: int = 32, max_wait_ms
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", max_batch_size: int = 32,
           max_wait_ms: float = 2.0, max_inputs: int = 64, max_top_k: int = 100, examples: list[str] | None = None,
-          access_log: bool = False) -> None:
+          access_log: bool = False, backend: str = "auto") -> None:
     """Serve fill-mask over HTTP and as a web page until SIGINT/SIGTERM, then end the process (exit 130/143).
 
     Args:
@@ -289,6 +291,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str = "
         max_top_k: The largest top_k a request may ask for (capped at the vocabulary size).
         examples: Example sentences the page offers (default: a few for the demo model).
         access_log: Log every request (uvicorn's access log) on stderr.
+        backend: torch, or onnx: ONNX Runtime on the CPU, from the model.onnx of `mlm-lightning export --format
+            onnx`; auto: torch (measured faster than onnx on the CPU: see docs/export.md).
     """
     for s in (signal.SIGINT, signal.SIGTERM):  # stopped while loading: the same exit codes, nothing to clean up
         signal.signal(s, _exit_on_signal)
@@ -299,11 +303,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str = "
         sock = _listen(host, port)
     except OSError as e:
         raise MLMError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
-    device = pick_device(device)
+    check(backend in BACKENDS, f"--backend {backend!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    check(backend != "onnx" or device in ("auto", "cpu"),
+          f"--backend onnx runs on the CPU (onnxruntime), not --device {device}; use --backend torch for a GPU")
+    device = "cpu" if backend == "onnx" else pick_device(device)
     name = os.path.basename(os.path.normpath(model)) or model
-    log.info("loading %s on %s", model, device)
-    loaded, tokenizer = load_model(model)
-    masker = FillMasker(loaded.to(device), tokenizer, device)
+    log.info("loading %s on %s (%s)", model, device, "onnxruntime" if backend == "onnx" else "torch")
+    if backend == "onnx":
+        masker = OnnxFillMasker(model)
+    else:
+        loaded, tokenizer = load_model(model)
+        masker = FillMasker(loaded.to(device), tokenizer, device)
     masker([masker.tokenizer.mask_token])  # warm up: the first request is not slower than the rest
     app = create_app(masker, model_name=name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                      max_inputs=max_inputs, max_top_k=max_top_k, examples=examples)
