@@ -16,7 +16,7 @@ import shlex
 
 from huggingface_hub import ModelCardData
 
-from mlm_lightning.data.corpus import SECRET, is_url, redacted
+from mlm_lightning.data.remote import SECRET, is_url, redacted
 
 CARD = "README.md"
 TAGS = ["mlm-lightning", "fill-mask"]
