@@ -24,7 +24,7 @@ from mlm_lightning.cli import options
 from mlm_lightning.cli.defaults import CORPUS_EPOCHS, adjusted_defaults, on_gpu, was_given
 from mlm_lightning.cli.rank import process_rank
 from mlm_lightning.data import MLMDataModule
-from mlm_lightning.data.corpus import redacted
+from mlm_lightning.data.remote import redacted
 from mlm_lightning.errors import MLMError, NothingToDo, check
 from mlm_lightning.export import FORMATS, check_export_dir
 from mlm_lightning.export import export as export_checkpoint
