@@ -17,6 +17,7 @@ import shlex
 from huggingface_hub import ModelCardData
 
 from mlm_lightning.data.remote import SECRET, is_url, redacted
+from mlm_lightning.metrics import VAL_ACC, VAL_LOSS, VAL_PPL
 
 CARD = "README.md"
 TAGS = ["mlm-lightning", "fill-mask"]
@@ -115,10 +116,10 @@ def checkpoint_facts(checkpoint: dict) -> dict:
     if isinstance(step, int) and not isinstance(step, bool):
         facts["steps"] = step
     for state in (checkpoint.get("callbacks") or {}).values() if isinstance(checkpoint.get("callbacks"), dict) else ():
-        if isinstance(state, dict) and state.get("monitor") == "val/loss":
+        if isinstance(state, dict) and state.get("monitor") == VAL_LOSS:
             score = state.get("best_model_score")
             try:
-                facts["val/loss"] = float(score)
+                facts[VAL_LOSS] = float(score)
             except (TypeError, ValueError):
                 pass
     return facts
@@ -156,12 +157,12 @@ def render(model, tokenizer, facts: dict | None = None, license: str | None = No
         lines.append(f"- Tokens seen: {facts['tokens']:,}")
     if isinstance(facts.get("steps"), int):
         lines.append(f"- Optimizer steps: {facts['steps']:,}")
-    results = [f"{key} {facts[key]:.4g}" for key in ("val/ppl", "val/acc") if _finite(facts.get(key))]
+    results = [f"{key} {facts[key]:.4g}" for key in (VAL_PPL, VAL_ACC) if _finite(facts.get(key))]
     if results:
         lines.append(f"- Last validation: {', '.join(results)}")
-    if _finite(facts.get("val/loss")):
-        loss = facts["val/loss"]
-        lines.append(f"- This checkpoint's val/loss: {loss:.4g} (val/ppl {math.exp(min(loss, 700)):.4g})")
+    if _finite(facts.get(VAL_LOSS)):
+        loss = facts[VAL_LOSS]
+        lines.append(f"- This checkpoint's {VAL_LOSS}: {loss:.4g} ({VAL_PPL} {math.exp(min(loss, 700)):.4g})")
     if facts.get("command"):
         lines += ["", "Command:", "", "```bash", facts["command"], "```"]
     mask = tokenizer.mask_token

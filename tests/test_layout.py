@@ -1,4 +1,26 @@
-"""The house's arrows point down: the core never imports the CLI or the server, the data path never the model."""
+"""The house's arrows point down: the core never imports the CLI or the server, the data path never the model.
+
+The layers, top to bottom (`LAYERS`); a module imports its own layer and the layers below it, never one above:
+
+    mlm_lightning/__init__.py   the package's two names (`MLMModule`, `MLMDataModule`), re-exported
+    cli/                        the commands: every entry point of the command line
+    serve/, evaluate/           the server and the evaluation suite: run by the CLI by name, built on the model
+    model/ + export.py          the LightningModule, families, checkpoints, fill-mask, score; the export
+      + card.py, onnx_export.py   (a Hugging Face directory, its model card, its ONNX graph)
+    training/                   what a fit adds to Lightning: callbacks, checkpoint policy, schedules, stopping
+    data/                       corpus -> tokenizer -> cache -> masking -> batches
+    errors, files, arguments, hub, metrics   the shared base
+
+Why this order and not another: `MLMModule` brings a fit's callbacks and schedules itself (`configure_callbacks`,
+`run_schedule`), so that a plain `lightning.Trainer` gets them: the module sits above `training/`. The callbacks
+in turn ask the module they are handed for what they need of the network (`pl_module.train_flops`,
+`pl_module.layer_classes`), so `training/` knows no model internals. `export.py` (with the card and ONNX graph it
+writes) is the writing half of the files whose reading half is `model/checkpoint.py`: it reads a `.ckpt` and
+builds the ONNX graph with `model/arch.py`, and `MLMModule.export` writes through it, so it belongs to the model's
+layer while keeping its short public path `mlm_lightning.export`. Within a layer the module-level
+graph has no cycle (`test_the_import_graph_has_no_cycle`). A new subpackage or top-level module gets its layer
+here, or the test names it.
+"""
 
 import ast
 import json
@@ -169,3 +191,52 @@ def test_metric_names_are_spelled_only_in_their_home():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and name.fullmatch(node.value):
                 spelled.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.value!r}")
     assert not spelled, "metric names outside mlm_lightning/metrics.py:\n" + "\n".join(spelled)
+
+
+LAYERS = [  # top to bottom: (layer, the subpackages and top-level modules of `mlm_lightning` in it)
+    ("package", [""]),  # mlm_lightning/__init__.py
+    ("cli", ["cli"]),
+    ("serve, evaluate", ["serve", "evaluate"]),
+    ("model", ["model", "export", "card", "onnx_export"]),
+    ("training", ["training"]),
+    ("data", ["data"]),
+    ("base", ["errors", "files", "arguments", "hub", "metrics"]),
+]
+
+
+def layer_of(module: str, layers=LAYERS) -> int | None:
+    """The index in `layers` of a dotted module name (0 is the top), from its first name under the package."""
+    first = module.split(".")[1] if "." in module else ""
+    return next((i for i, (_, names) in enumerate(layers) if first in names), None)
+
+
+def upward_edges(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """Every import edge of `graph` that points to a higher layer, as "a -> b (layer -> layer)"."""
+    out = []
+    for source, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            low, high = layer_of(source, layers), layer_of(target, layers)
+            if low is not None and high is not None and high < low:
+                out.append(f"{source} -> {target} ({layers[low][0]} -> {layers[high][0]})")
+    return out
+
+
+def test_every_import_points_to_the_same_or_a_lower_layer():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if layer_of(m) is None)
+    assert not unplaced, "modules in no layer (give each a place in LAYERS): " + ", ".join(unplaced)
+    upward = upward_edges(graph)
+    assert not upward, "imports that point up the layers:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_names_an_upward_edge(tmp_path):
+    pkg = tmp_path / "pkg"
+    for sub in ("high", "low"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "base.py").write_text("")
+    (pkg / "high" / "a.py").write_text("from pkg.low import b\nimport pkg.base\n")
+    (pkg / "low" / "b.py").write_text("def f():\n    from pkg.high.a import g\n")
+    layers = [("top", [""]), ("high", ["high"]), ("low", ["low"]), ("base", ["base"])]
+    assert upward_edges(import_graph(pkg), layers) == ["pkg.low.b -> pkg.high.a (low -> high)"]

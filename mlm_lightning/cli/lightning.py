@@ -29,6 +29,7 @@ from mlm_lightning.errors import MLMError, NothingToDo, check
 from mlm_lightning.export import FORMATS, check_export_dir
 from mlm_lightning.export import export as export_checkpoint
 from mlm_lightning.files import atomic_path
+from mlm_lightning.metrics import VAL_ACC, VAL_PPL
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.arch import usable_positions
 from mlm_lightning.model.checkpoint import (
@@ -363,7 +364,7 @@ class MLMCLI(LightningCLI):
     def _card_facts(self) -> dict:
         """What the run knows beyond its checkpoint: the last validation's metrics and the tokens seen."""
         facts = {}
-        for key in ("val/ppl", "val/acc"):
+        for key in (VAL_PPL, VAL_ACC):
             value = self.trainer.callback_metrics.get(key)
             if value is not None:
                 facts[key] = float(value)

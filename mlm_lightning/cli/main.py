@@ -71,6 +71,7 @@ COMMANDS = {
     "export": "mlm_lightning.cli.commands:export",
     "plot": "mlm_lightning.cli.commands:plot",
     "serve": "mlm_lightning.serve.app:serve",
+    "evaluate": "mlm_lightning.evaluate.run:evaluate",
 }
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 

@@ -574,6 +574,16 @@ class MLMModule(RecordsGivenArguments, L.LightningModule):
         wanted.append(GracefulStop(stop_quietly=True))
         return [c for c in wanted if not any(isinstance(p, type(c)) for p in present)]
 
+    # -- what the callbacks ask of the network: they get it from the module Lightning hands them, so `training/`
+    # knows no model family's internals (`arch` does) and its imports point down the layers
+    def train_flops(self, seq_len: int, n_tokens: int, n_head_rows: int) -> int:
+        """Matmul FLOPs of one training step on a batch of this shape (`arch.train_flops`; MFU divides by them)."""
+        return arch.train_flops(self.model.config, seq_len, n_tokens, n_head_rows)
+
+    def layer_classes(self) -> set[type]:
+        """The classes of the network's repeated encoder layers (`arch.layer_classes`; FSDP wraps one unit each)."""
+        return arch.layer_classes(self.model)
+
     # -- using a trained model ------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str, **kwargs) -> MLMModule:

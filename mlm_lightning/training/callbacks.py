@@ -1,7 +1,7 @@
 """Callbacks that make runs observable (checkpoints: `checkpointing.py`; signals: `stopping.py`).
 
 - `ThroughputLogger`: real tokens/s, padding share and (on GPU) MFU with Lightning's `Throughput`; FLOPs from
-  `arch.train_flops` (the model's real config).
+  the module's `train_flops` (the model's real config).
 - `JSONLPredictionWriter`: `predict` output in input order.
 """
 
@@ -18,7 +18,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from mlm_lightning.errors import check
 from mlm_lightning.files import atomic_file
 from mlm_lightning.metrics import MFU, PAD_SHARE, TOKENS_PER_S
-from mlm_lightning.model.arch import train_flops
 
 # Dense (no-sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (16-bit, tf32, fp32). Lightning's own
 # table misses the H200 and gives the H100 NVL its with-sparsity figure, which halves the MFU shown.
@@ -75,7 +74,6 @@ class ThroughputLogger(Callback):
         self.window, self.gpu_interval = window, gpu_interval
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.config = pl_module.model.config
         self.cuda = pl_module.device.type == "cuda"
         every = trainer.log_every_n_steps
         # a multiple of log_every_n_steps: values logged at other steps would never reach the logger
@@ -100,7 +98,7 @@ class ThroughputLogger(Callback):
         t["samples"] += batch_size
         t["lengths"] += batch["num_real_tokens"]
         t["padded"] += n_tokens
-        self.flops += train_flops(self.config, seq_len, n_tokens, head_rows)
+        self.flops += pl_module.train_flops(seq_len, n_tokens, head_rows)  # `MLMModule.train_flops`
         # Lightning's own logging step (what `should_update_logs` tests; LearningRateMonitor reads it too)
         step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
         if not self.interval or step % self.interval:

@@ -1,9 +1,9 @@
 """`RunSetup`: what Lightning leaves to the user for a fit to run on many processes and any corpus.
 
-- FSDP: one FSDP unit per encoder layer (`arch.layer_classes`, any family), so each layer's all-gather overlaps
-  the compute of the one before and only one layer's full weights are held at a time; the embeddings and the tied
-  MLM head stay in the root unit. Without a policy Lightning wraps the whole model as one unit. A policy given
-  by the user is kept. (Clipping through the FSDP root: `MLMModule.configure_gradient_clipping`.)
+- FSDP: one FSDP unit per encoder layer (the module's `layer_classes`, any family), so each layer's all-gather
+  overlaps the compute of the one before and only one layer's full weights are held at a time; the embeddings and
+  the tied MLM head stay in the root unit. Without a policy Lightning wraps the whole model as one unit. A policy
+  given by the user is kept. (Clipping through the FSDP root: `MLMModule.configure_gradient_clipping`.)
 - DeepSpeed: its engine steps the optimizer, so `skip_nonfinite`'s skipped step cannot be enforced: refused.
 - Lightning 2.6 decides a time-based `val_check_interval` on each process's own clock: with several processes
   some would validate (a collective) and others not, and all would hang. Refused; a step interval works.
@@ -19,7 +19,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from mlm_lightning.errors import check
-from mlm_lightning.model.arch import layer_classes
 
 log = logging.getLogger("mlm_lightning")
 
@@ -36,7 +35,7 @@ class EncoderLayerPolicy:
         if recurse:
             return True  # look inside every module
         if self._classes is None:
-            self._classes = tuple(layer_classes(self.pl_module.model))
+            self._classes = tuple(self.pl_module.layer_classes())
         return isinstance(module, self._classes)
 
 

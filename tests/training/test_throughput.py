@@ -72,8 +72,10 @@ class Clock:
 def fake_run(device: str, log_every: int):
     """A trainer/module pair with just what the callback reads, and the dicts it logs."""
     logged = []
+    model = bert(CONFIGS[1])
     module = SimpleNamespace(
-        model=bert(CONFIGS[1]), device=torch.device(device), hparams=SimpleNamespace(sparse_head=True),
+        model=model, device=torch.device(device), hparams=SimpleNamespace(sparse_head=True),
+        train_flops=lambda *shape: train_flops(model.config, *shape),  # what `MLMModule.train_flops` returns
         log_dict=lambda d, **kw: logged.append((trainer.fit_loop.epoch_loop._batches_that_stepped + 1, d)),
     )
     trainer = SimpleNamespace(
