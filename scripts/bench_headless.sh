@@ -1,8 +1,8 @@
 #!/bin/bash
-# A pretrained encoder without MLM head (a `BertModel`, a sentence-transformers model) continued on domain text
-# (issue 16 item 5): its random head at --model.head_learning_rate 1e-3 (the default; the encoder at its default
-# 5e-5), at 5e-5 (the encoder's fine-tuning rate: the old behaviour), and the measured best (head 3e-3, encoder
-# 1e-4), against training from scratch (the default small model, a vocabulary trained on the text; with a user
+# A pretrained encoder without MLM head (a `BertModel`, a sentence-transformers model) continued on domain text:
+# its random head at --model.head_learning_rate 1e-3 (the default; the encoder at its default 5e-5), at 5e-5
+# (the encoder's fine-tuning rate for the head too), and the measured best (head 3e-3, encoder 1e-4), against
+# training from scratch (the default small model, a vocabulary trained on the text; with a user
 # corpus's defaults, and with the offline default's recipe: a 2 x 128 ModernBERT at 3e-3, 4,096 vocabulary, 30%
 # masked), each for the same wall time in 64-token blocks (the from-scratch default; a pretrained model's default
 # is its 512 positions, which gives a 6-layer model ~20 steps in 4 CPU minutes), one after the other.

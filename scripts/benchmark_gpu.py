@@ -54,7 +54,7 @@ SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "medit
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bert-base-gpu.yaml"
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
-TARGETS = {"loop": 0.95, "hf": 2.0, "mfu": 0.45}  # issue 17: fit >= 0.95x loop, >= 2x HF, MFU >= 45% on H100
+TARGETS = {"loop": 0.95, "hf": 2.0, "mfu": 0.45}  # the goals: fit >= 0.95x loop, >= 2x HF, MFU >= 45% on H100
 
 
 def sync(device: torch.device) -> None:

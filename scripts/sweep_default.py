@@ -1,15 +1,14 @@
-"""Choose the offline default's recipe by measurement, and compare it with the old default, in one run.
+"""Choose the offline default's recipe by measurement, and compare it with a baseline recipe, in one run.
 
 Each setting trains for the same wall time (`--trainer.max_time` alone: the learning-rate schedule decays by
 elapsed time, so every run ends decayed whatever the machine's speed), one after the other, then all are scored
 by `validate` on ONE split: the offline corpus's held-out modules and reference topics (packed 64-token blocks,
 token masking at 15%, the same seed, DRAWS mask draws of each line), each model with its own vocabulary.
 
-`today-default` is the default before this sweep: today's recipe (TODAY below) on today's corpus, the language
-reference alone (as the old code wrote it), less the held-out topics and the split's lines, so that no setting
-has trained on the split it is scored on (it logs every 50 steps, as the settings below, instead of its 1: a
-favour to it).
-`default` is configs/default.yaml as shipped. Every other setting is today's recipe on the new corpus
+`today-default` is the baseline: the recipe TODAY below on the baseline corpus, the language reference alone
+(one paragraph a line), less the held-out topics and the split's lines, so that no setting has trained on the
+split it is scored on (it logs every 50 steps, as the settings below, instead of its 1: a favour to it).
+`default` is configs/default.yaml as shipped. Every other setting is the baseline recipe on the offline corpus
 (reference + stdlib docstrings) with the changes it names.
 
     python scripts/sweep_default.py                                   # every setting, 120 s each
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mlm_lightning.data.offline import default_corpus_files, is_val_unit  # noqa: E402
 
-# today's recipe (configs/default.yaml before the sweep), spelled out so the sweep does not depend on that file
+# the baseline recipe, spelled out: the sweep compares against it whatever configs/default.yaml holds
 TODAY = {"model.hidden_size": 128, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
          "model.intermediate_size": 512, "model.dropout": 0.0, "model.learning_rate": 1e-3,
          "model.warmup_steps": 0.06, "data.max_length": 64, "data.batch_size": 16, "data.vocab_size": 8192,
@@ -48,7 +47,7 @@ LR3 = {"model.learning_rate": 3e-3}
 V4M30 = {"data.vocab_size": 4096, "data.mlm_probability": 0.3}  # the BERT sweep's best
 MB = {**V4M30, "model.architecture": "modernbert"}  # RoPE, pre-norm, GeGLU; a byte-level BPE vocabulary
 SETTINGS = {
-    "today-default": {},  # today's recipe on today's corpus (see the docstring)
+    "today-default": {},  # the baseline recipe on the baseline corpus (see the docstring)
     "today": {},
     "len128": {"data.max_length": 128},
     "lr2e-3": {"model.learning_rate": 2e-3},
@@ -89,10 +88,10 @@ def mlm(*args: str, env: dict) -> None:
 
 
 def todays_corpus(path: str, held_out: str) -> str:
-    """Today's default corpus (the language reference, one paragraph a line, as the code before the sweep wrote
-    it), less the topics the new corpus holds out and less every line of the held-out split: pydoc's topics
-    repeat each other's text (the `if` topic is also in `compound`), so dropping the held-out topics alone left
-    46 of the split's 132 reference lines in this corpus, verbatim (the new corpus keeps each line once)."""
+    """The baseline corpus (the language reference, one paragraph a line), less the topics the offline corpus
+    holds out and less every line of the held-out split: pydoc's topics repeat each other's text (the `if` topic
+    is also in `compound`), so dropping the held-out topics alone leaves 46 of the split's 132 reference lines in
+    this corpus, verbatim (the offline corpus keeps each line once)."""
     from pydoc_data.topics import topics
 
     with open(held_out, encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""Fixtures only (tests share code through tests/helpers.py)."""
+"""Fixtures only (tests share code through the modules of tests/support/)."""
 
 import csv
 import json
@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-# before transformers is imported (through tests.helpers): it reads them once
+# before transformers is imported (through tests.support): it reads them once
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import sentences  # noqa: E402
+from tests.support.text import sentences  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,6 +24,17 @@ def corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
     path.write_text("\n".join(sentences(600)) + "\n", encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """The directory of a finished 4-step fit of the tiny model on `corpus` (validated every 2 steps): its
+    `checkpoints/last.ckpt` for the commands that read one."""
+    from tests.support.cli import fit_args, run_cli
+
+    root = tmp_path_factory.mktemp("run")
+    assert run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")) == 0
+    return root
 
 
 @pytest.fixture

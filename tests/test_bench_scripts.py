@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.support import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
@@ -26,7 +26,7 @@ def test_a_users_output_dir_is_refused_and_kept(tmp_path, command):
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
-def test_the_sweeps_old_corpus_holds_no_line_of_the_split_it_is_scored_on(tmp_path):
+def test_the_sweeps_baseline_corpus_holds_no_line_of_the_split_it_is_scored_on(tmp_path):
     """pydoc's topics repeat each other's text, so dropping the held-out topics alone leaves split lines in."""
     import importlib.util
 

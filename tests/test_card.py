@@ -10,7 +10,9 @@ from huggingface_hub import ModelCard
 from mlm_lightning.card import masked_command, render
 from mlm_lightning.errors import MLMError
 from mlm_lightning.export import save_hf
-from tests.helpers import error_line, fit_args, module, run_cli, sentences
+from tests.support.cli import error_line, fit_args, run_cli
+from tests.support.models import module
+from tests.support.text import sentences
 
 SECRET = "S3CR3T-value"
 

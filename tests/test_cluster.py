@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers import cli, fit_args, state
+from tests.support.cli import cli, fit_args
+from tests.support.runs import state
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ def test_time_based_checkpoints_with_skewed_clocks_are_decided_together(corpus, 
         cli(*fit_args(corpus, tmp_path / "run", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                       "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "4", "--trainer.limit_val_batches",
                       "0", "--checkpoint.train_time_interval", "0:10:00",
-                      "--trainer.callbacks+=tests.helpers.RecordSaves", "--trainer.callbacks.out", str(out),
+                      "--trainer.callbacks+=tests.support.callbacks.RecordSaves", "--trainer.callbacks.out", str(out),
                       "--trainer.callbacks.factor", "100000")),
         capture_output=True, text=True, timeout=300,
     )

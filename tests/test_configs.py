@@ -7,7 +7,11 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT, bert_dir, cli, metric, run_cli, sentences, state
+from tests.support import ROOT
+from tests.support.cli import cli, run_cli
+from tests.support.models import bert_dir
+from tests.support.runs import metric, state
+from tests.support.text import sentences
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(str(ROOT / "configs" / "*.yaml")))
 ON_TOP = {"ddp-2gpu.yaml": ["bert-base-gpu.yaml"]}  # added to another config, as its comment says
@@ -62,7 +66,7 @@ def test_each_multi_process_config_runs_three_steps_on_a_cpu(name, big_corpus, m
 
 def test_a_step_interval_longer_than_the_run_validates_every_epoch(corpus, tmp_path, capsys):
     # the tiny corpus gives 17 batches an epoch: bert-base-gpu.yaml's 2000-step interval validates at its end
-    from tests.helpers import fit_args
+    from tests.support.cli import fit_args
 
     code = run_cli(*fit_args(corpus, tmp_path, "--trainer.max_steps", "18", "--trainer.val_check_interval", "2000",
                              "--trainer.check_val_every_n_epoch", "null"))

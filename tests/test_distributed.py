@@ -15,7 +15,9 @@ import time
 import pytest
 import torch
 
-from tests.helpers import assert_resumed_at, cli, fit_args, metric, sentences, two_nodes
+from tests.support.cli import cli, fit_args, two_nodes
+from tests.support.runs import assert_resumed_at, metric
+from tests.support.text import sentences
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +42,7 @@ def test_nan_on_one_of_two_processes_stops_both_with_exit_3(corpus, tmp_path):
     result = subprocess.run(
         cli(*fit_args(corpus, tmp_path / "nan", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                       "--trainer.max_steps", "20", "--trainer.val_check_interval", "4",
-                      "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "5",
+                      "--trainer.callbacks+=tests.support.callbacks.NanAt", "--trainer.callbacks.step", "5",
                       "--trainer.callbacks.rank", "1")),
         capture_output=True, text=True, timeout=600,  # far below a collective's timeout (30 min): no hang
     )
@@ -95,7 +97,8 @@ def test_tokenizing_longer_than_the_process_group_timeout(corpus, tmp_path):
                       "--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy",
                       "--trainer.strategy.timeout", "0:00:20", "--trainer.max_steps", "2",
                       "--trainer.val_check_interval", "2", "--data.cache_dir", str(tmp_path / "cache"),
-                      "--trainer.callbacks+=tests.helpers.SlowTokenization", "--trainer.callbacks.seconds", "30")),
+                      "--trainer.callbacks+=tests.support.callbacks.SlowTokenization",
+                      "--trainer.callbacks.seconds", "30")),
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,6 +1,6 @@
-"""Every fault ends in one line (issue 18): damaged checkpoints, OS errors in every command, full disks that keep the
+"""Every fault ends in one line: damaged checkpoints, OS errors in every command, full disks that keep the
 previous checkpoint and export whole, incomplete model dirs, options a resumed checkpoint replaces, and standard
-streams that are closed or whose reader went away (issue 31).
+streams that are closed or whose reader went away.
 
 The matrices are parametrized over the commands: a new command gets a row in `CKPT_COMMANDS`, `WRITERS` or
 `READERS` and inherits the guarantees. Faults are real where the machine allows: tmpfs mounts for a full disk and
@@ -18,27 +18,12 @@ import pytest
 import torch
 
 from mlm_lightning.cli.main import _describe
-from tests.helpers import (
-    ROOT,
-    TINY_DATA,
-    damage,
-    error_lines,
-    family_tokenizer,
-    fit_args,
-    mount_tmpfs,
-    permissions_apply,
-    run_cli,
-    unmount,
-)
+from tests.support import ROOT
+from tests.support.cli import TINY_DATA, error_lines, fit_args, run_cli
+from tests.support.faults import damage, mount_tmpfs, permissions_apply, unmount
+from tests.support.models import family_tokenizer
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-@pytest.fixture(scope="module")
-def run(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    assert run_cli(*fit_args(corpus, root, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")) == 0
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -633,7 +618,7 @@ def test_serve_with_stdin_and_stdout_closed_answers_and_stops_cleanly(run):
     import subprocess
     import sys
 
-    from tests.helpers import post
+    from tests.support.server import post
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     command = f"exec {sys.executable} -m mlm_lightning.cli serve --model {run / 'export'} --port 0 0<&- 1>&-"

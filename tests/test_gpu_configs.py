@@ -14,7 +14,10 @@ import torch
 
 from mlm_lightning.export import save_hf
 from mlm_lightning.model import MLMModule
-from tests.helpers import ROOT, assert_resumed_at, cli, sentences
+from tests.support import ROOT
+from tests.support.cli import cli
+from tests.support.runs import assert_resumed_at
+from tests.support.text import sentences
 
 pytestmark = pytest.mark.slow
 GPU_OPTIONS = ["--model.fused_optimizer", "true", "--data.pin_memory", "true", "--checkpoint.async_save", "true"]
@@ -62,8 +65,8 @@ def test_a_gpu_config_on_a_cpu_trains_stops_resumes_exactly_and_exports(setup, t
         assert "2 processes" in err
 
     root = tmp_path / "interrupted"
-    stopped = fit(setup, root, configs, "--trainer.callbacks+=tests.helpers.SignalAt", "--trainer.callbacks.step",
-                  str(SIGNAL_AT))
+    stopped = fit(setup, root, configs, "--trainer.callbacks+=tests.support.callbacks.SignalAt",
+                  "--trainer.callbacks.step", str(SIGNAL_AT))
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     # (several processes agree on the stop at a later step: within seconds, see training/stopping.py)
     saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]

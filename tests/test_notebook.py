@@ -6,7 +6,7 @@ import nbclient
 import nbformat
 import pytest
 
-from tests.helpers import ROOT
+from tests.support import ROOT
 
 pytestmark = pytest.mark.slow
 

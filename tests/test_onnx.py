@@ -18,7 +18,9 @@ from mlm_lightning.model.fill_mask import FillMasker
 from mlm_lightning.model.score import Scorer
 from mlm_lightning.onnx_export import save_onnx
 from mlm_lightning.serve.onnx_backend import OnnxFillMasker
-from tests.helpers import TINY, error_line, run_cli, sentences, tiny_model
+from tests.support.cli import error_line, run_cli
+from tests.support.models import TINY, tiny_model
+from tests.support.text import sentences
 
 VOCAB = 128
 

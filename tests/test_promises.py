@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from tests.helpers import fit_args, metric, run_cli, state
+from tests.support.cli import fit_args, run_cli
+from tests.support.runs import metric, state
 
 
 def test_masking_options_reach_the_collator_from_the_command_line(corpus, tmp_path):
     assert run_cli(*fit_args(corpus, tmp_path / "m", "--trainer.max_steps", "2", "--data.masking", "span",
-                             "--data.mean_span_length", "2.5", "--trainer.callbacks+=tests.helpers.ExpectMasking",
+                             "--data.mean_span_length", "2.5",
+                             "--trainer.callbacks+=tests.support.callbacks.ExpectMasking",
                              "--trainer.callbacks.masking", "span", "--trainer.callbacks.mean_span_length",
                              "2.5")) == 0
 
@@ -16,7 +18,7 @@ def test_masking_options_reach_the_collator_from_the_command_line(corpus, tmp_pa
 def test_sigterm_in_the_sanity_check_stops_at_once_with_nothing_to_save(corpus, tmp_path, capsys):
     root = tmp_path / "s"
     code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "20", "--trainer.num_sanity_val_steps", "2",
-                             "--trainer.callbacks+=tests.helpers.SignalInSanityCheck"))
+                             "--trainer.callbacks+=tests.support.callbacks.SignalInSanityCheck"))
     err = capsys.readouterr().err
     assert code == 143, err
     assert "interrupted by SIGTERM; no training step to save" in err and "Traceback" not in err

@@ -14,7 +14,8 @@ import torch
 
 from mlm_lightning import MLMDataModule, MLMModule
 from mlm_lightning.errors import MLMError
-from tests.helpers import ROOT, TINY, tiny_model
+from tests.support import ROOT
+from tests.support.models import TINY, tiny_model
 
 DATA = dict(max_length=24, batch_size=8, vocab_size=300)
 
@@ -169,7 +170,7 @@ def test_callbacks_false_leaves_the_trainers_own(corpus, tmp_path):
 
 
 def test_a_refusal_names_options_in_the_callers_terms(corpus, capsys):
-    from tests.helpers import run_cli
+    from tests.support.cli import run_cli
 
     with pytest.raises(MLMError, match=r"set MLMDataModule\(val_fraction=\.\.\.\) above 0"):
         MLMDataModule(train_files=corpus, val_fraction=0.0)

@@ -15,7 +15,8 @@ from mlm_lightning.data import module as data_module
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_checkpoint
 from mlm_lightning.training.checkpointing import AtomicCheckpointIO
-from tests.helpers import assert_resumed_at, cli, fit_args, metric, run_cli
+from tests.support.cli import cli, fit_args, run_cli
+from tests.support.runs import assert_resumed_at, metric
 
 STEPS = "40"
 
@@ -53,7 +54,7 @@ def uninterrupted(corpus, tmp_path_factory):
 @pytest.mark.parametrize("signum, step", [(signal.SIGTERM, 13), (signal.SIGINT, 25)])
 def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted, signum, step):
     root = tmp_path / "run"
-    code = run_cli(*args(corpus, root, "--trainer.callbacks+=tests.helpers.SignalAt",
+    code = run_cli(*args(corpus, root, "--trainer.callbacks+=tests.support.callbacks.SignalAt",
                          "--trainer.callbacks.step", str(step), "--trainer.callbacks.signum", str(int(signum))))
     err = capsys.readouterr().err
     assert code == 128 + signum, err
@@ -68,9 +69,9 @@ def test_interrupt_then_resume_is_exact(corpus, tmp_path, capsys, uninterrupted,
 @pytest.mark.slow
 def test_a_resume_after_the_cache_is_lost_tokenizes_with_the_checkpoints_tokenizer(corpus, tmp_path, capsys,
                                                                                   uninterrupted, monkeypatch):
-    """(issue 31) no tokenizer is trained: the checkpoint carries its own, and the corpus is tokenized with it."""
+    """No tokenizer is trained: the checkpoint carries its own, and the corpus is tokenized with it."""
     root, cache = tmp_path / "run", ["--data.cache_dir", str(tmp_path / "cache")]
-    code = run_cli(*args(corpus, root, *cache, "--trainer.callbacks+=tests.helpers.SignalAt",
+    code = run_cli(*args(corpus, root, *cache, "--trainer.callbacks+=tests.support.callbacks.SignalAt",
                          "--trainer.callbacks.step", "13", "--trainer.callbacks.signum", str(int(signal.SIGTERM))))
     assert code == 143, capsys.readouterr().err
     shutil.rmtree(tmp_path / "cache")
@@ -89,7 +90,7 @@ def test_a_resume_after_the_cache_is_lost_tokenizes_with_the_checkpoints_tokeniz
 
 def test_signal_during_validation_cuts_it_short_then_resumes_exactly(corpus, tmp_path, capsys, uninterrupted):
     root = tmp_path / "val"
-    code = run_cli(*args(corpus, root, "--trainer.callbacks+=tests.helpers.SignalDuringValidation",
+    code = run_cli(*args(corpus, root, "--trainer.callbacks+=tests.support.callbacks.SignalDuringValidation",
                          "--trainer.callbacks.step", "20"))
     assert code == 143, capsys.readouterr().err
     # validation runs at batch 10 of each 17-batch epoch: the first at or after step 20 is at step 27
@@ -108,7 +109,7 @@ def test_ckpt_path_last_without_checkpoint_starts_fresh(corpus, tmp_path, uninte
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
     root = tmp_path / "nan"
     code = run_cli(*args(corpus, root, "--checkpoint.every_n_train_steps", "5",
-                         "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "8"))
+                         "--trainer.callbacks+=tests.support.callbacks.NanAt", "--trainer.callbacks.step", "8"))
     err = capsys.readouterr().err
     assert code == 3, err
     assert "the loss became nan at step 8" in err and "last good checkpoint kept: " in err
@@ -122,7 +123,7 @@ def test_nan_step_can_be_skipped_but_poisoned_weights_are_never_saved(corpus, tm
     # NaN weights as the best checkpoint: the run stops there instead (exit 3), nothing saved from them
     root = tmp_path / "skip"
     code = run_cli(*args(corpus, root, "--model.skip_nonfinite", "true", "--checkpoint.every_n_train_steps", "5",
-                         "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "8"))
+                         "--trainer.callbacks+=tests.support.callbacks.NanAt", "--trainer.callbacks.step", "8"))
     out, err = capsys.readouterr()
     assert code == 3, err
     assert "skipping step 8" in out and "the weights hold NaN/inf at step 10" in err
@@ -162,7 +163,7 @@ def test_checkpoints_are_loaded_without_unpickling_code(tmp_path, monkeypatch):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "mlm_lightning": Evil(str(mark))}, path)
     # torch >= 2.6 loads weights-only by default; this makes a call that leaves it unset unpickle anything, as
-    # older torch (which the package allows) does: only an explicit weights_only=True refuses the file now
+    # older torch (which the package allows) does: only an explicit weights_only=True refuses the file then
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(MLMError, match="cannot be read as plain data"):
         load_checkpoint(str(path))

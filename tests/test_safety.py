@@ -1,4 +1,4 @@
-"""Safety (issue: nothing destroyed, checkpoints are data, interrupts lose nothing, odd settings are right)."""
+"""Safety: nothing is destroyed, checkpoints are data, interrupts lose nothing, odd settings are right."""
 
 import glob
 import os
@@ -15,21 +15,15 @@ from mlm_lightning.errors import MLMError
 from mlm_lightning.export import MANIFEST
 from mlm_lightning.model.checkpoint import load_checkpoint
 from mlm_lightning.training.checkpointing import MLMCheckpoint
-from tests.helpers import assert_resumed_at, error_line, run_cli, run_steps, state
-from tests.helpers import fit_args as fit
-from tests.helpers import metric as metrics
+from tests.support.cli import error_line, run_cli
+from tests.support.cli import fit_args as fit
+from tests.support.runs import assert_resumed_at, run_steps, state
+from tests.support.runs import metric as metrics
 
 
 def same_weights(a, b):
     wa, wb = state(a)["state_dict"], state(b)["state_dict"]
     return wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-
-
-@pytest.fixture(scope="module")
-def run(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    assert run_cli(*fit(corpus, root, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")) == 0
-    return root
 
 
 # -- 1. export never removes what it did not write ------------------------------------------------------
@@ -142,10 +136,11 @@ def test_sigterm_during_a_long_validation_saves_within_seconds_and_resume_reruns
 ):
     root = tmp_path / "val"
     step = sorted(metrics(straight, "val/loss"))[1]  # the second validation, each of ~6 batches
-    code = run_cli(*fit(corpus, root, *VAL, "--trainer.callbacks+=tests.helpers.SlowValidation",
+    code = run_cli(*fit(corpus, root, *VAL, "--trainer.callbacks+=tests.support.callbacks.SlowValidation",
                         "--trainer.callbacks.after_step", "15", "--trainer.callbacks.seconds", "2.5",
                         # 2.5 s a batch from then on: the signal comes after the first, with ~12 s of validation left
-                        "--trainer.callbacks+=tests.helpers.SignalDuringValidation", "--trainer.callbacks.step", "15"))
+                        "--trainer.callbacks+=tests.support.callbacks.SignalDuringValidation",
+                        "--trainer.callbacks.step", "15"))
     assert code == 143, capsys.readouterr().err
     assert state(root)["global_step"] == step + 1  # (metrics.csv logs a validation at global step - 1)
     assert step not in run_steps(root, "val/loss")[0]  # that validation was cut short: it never logged its end
@@ -169,7 +164,8 @@ def accumulated(corpus, tmp_path_factory):
 def test_interrupt_inside_an_accumulation_window_then_resume_is_exact(corpus, tmp_path, capsys, accumulated):
     root = tmp_path / "acc-int"
     code = run_cli(*fit(corpus, root, *VAL, "--trainer.accumulate_grad_batches", "2",
-                        "--trainer.callbacks+=tests.helpers.SignalAtBatch", "--trainer.callbacks.batch", "15"))
+                        "--trainer.callbacks+=tests.support.callbacks.SignalAtBatch",
+                        "--trainer.callbacks.batch", "15"))
     assert code == 143, capsys.readouterr().err
     assert state(root)["global_step"] == 8  # batch 15 is mid-window: saved after batch 16, step 8
     assert run_cli(*fit(corpus, root, *VAL, "--trainer.accumulate_grad_batches", "2", "--ckpt_path", "last")) == 0
@@ -194,7 +190,7 @@ def test_no_periodic_checkpoint_at_step_0_and_none_inside_a_window(corpus, tmp_p
 
 def test_a_second_ctrl_c_exits_130_at_once(corpus, tmp_path, capsys):
     code = run_cli(*fit(corpus, tmp_path / "cc", "--trainer.max_steps", "30",
-                        "--trainer.callbacks+=tests.helpers.SignalAtBatch", "--trainer.callbacks.batch", "5",
+                        "--trainer.callbacks+=tests.support.callbacks.SignalAtBatch", "--trainer.callbacks.batch", "5",
                         "--trainer.callbacks.signum", str(int(signal.SIGINT)), "--trainer.callbacks.times", "2"))
     err = capsys.readouterr().err
     assert code == 130, err
@@ -205,7 +201,7 @@ def test_a_second_ctrl_c_exits_130_at_once(corpus, tmp_path, capsys):
 
 def test_a_single_ctrl_c_saves_then_exits_130(corpus, tmp_path, capsys):
     code = run_cli(*fit(corpus, tmp_path / "c1", "--trainer.max_steps", "30",
-                        "--trainer.callbacks+=tests.helpers.SignalAtBatch", "--trainer.callbacks.batch", "5",
+                        "--trainer.callbacks+=tests.support.callbacks.SignalAtBatch", "--trainer.callbacks.batch", "5",
                         "--trainer.callbacks.signum", str(int(signal.SIGINT))))
     assert code == 130 and "saved" in capsys.readouterr().err
     assert state(tmp_path / "c1")["global_step"] == 5
@@ -252,7 +248,7 @@ def test_best_checkpoint_is_scored_by_its_own_validation(corpus, tmp_path):
 
 
 def test_packed_training_batches_have_one_static_shape(corpus, tmp_path):
-    """(issue 10: torch.compile compiles once) every packed training batch is batch_size x max_length."""
+    """Every packed training batch is batch_size x max_length, so torch.compile compiles once."""
     from mlm_lightning.data import MLMDataModule
 
     dm = MLMDataModule(train_files=corpus, cache_dir=str(tmp_path / "c"), vocab_size=300, max_length=32,
@@ -284,7 +280,7 @@ def test_paths_in_a_checkpoints_callback_state_outside_the_run_are_dropped(tmp_p
     assert cb.best_model_path == cb.kth_best_model_path == cb.last_model_path == ""
 
 
-# -- every file a command writes gets the umask's permissions (issue 31) ----------------------------------------
+# -- every file a command writes gets the umask's permissions ---------------------------------------------------
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_every_file_the_commands_write_gets_the_umasks_permissions(corpus, tmp_path, mask):
     root, cache = tmp_path / "run", tmp_path / "cache"

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-from tests.helpers import column, error_line, fit_args, metric, run_cli
-from tests.helpers import metric_rows as metrics
+from tests.support.cli import error_line, fit_args, run_cli
+from tests.support.runs import column, metric
+from tests.support.runs import metric_rows as metrics
 
 
 @pytest.fixture(scope="module")

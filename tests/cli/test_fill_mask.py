@@ -8,7 +8,9 @@ from transformers import pipeline
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
-from tests.helpers import TINY_DATA, TINY_MODEL, error_line, run_cli, sentences, tiny_model
+from tests.support.cli import TINY_DATA, TINY_MODEL, error_line, run_cli
+from tests.support.models import tiny_model
+from tests.support.text import sentences
 
 
 @pytest.fixture(scope="module")

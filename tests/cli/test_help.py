@@ -9,7 +9,8 @@ import pytest
 
 from mlm_lightning.cli import options
 from mlm_lightning.cli.main import LIGHTNING_COMMANDS, build_parser
-from tests.helpers import ROOT, error_line, run_cli
+from tests.support import ROOT
+from tests.support.cli import error_line, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +114,3 @@ def test_a_cache_file_that_is_not_ours_is_ignored(tmp_path, monkeypatch, capsys)
     assert options.load("fit") is None
     assert run_cli("fit", "--help") == 0 and "--model.learning_rate" in capsys.readouterr().out
     assert options.load("fit")["options"] != ["--only"]  # replaced by the real parser's
-
-
-def test_the_rank_is_read_as_lightning_reads_it(monkeypatch):
-    from lightning.fabric.utilities.rank_zero import _get_rank
-
-    from mlm_lightning.cli.rank import process_rank
-
-    for env in ({}, {"LOCAL_RANK": "1"}, {"RANK": "3", "LOCAL_RANK": "1"}, {"SLURM_PROCID": "2", "LOCAL_RANK": "0"}):
-        for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-            monkeypatch.delenv(key, raising=False)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        assert process_rank() == (_get_rank() or 0), env

@@ -7,7 +7,8 @@ from importlib import resources
 import yaml
 
 from mlm_lightning.cli.defaults import DEMO_CONFIG, demo_recipe
-from tests.helpers import ROOT, run_cli
+from tests.support import ROOT
+from tests.support.cli import run_cli
 
 SECTIONS = ("trainer", "model", "data", "seed_everything")
 

@@ -9,7 +9,8 @@ import pytest
 
 from mlm_lightning.data import MLMDataModule, offline
 from mlm_lightning.errors import MLMError
-from tests.helpers import TINY_MODEL, error_line, metric, run_cli
+from tests.support.cli import TINY_MODEL, error_line, run_cli
+from tests.support.runs import metric
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # a sentence of a standard-library docstring (shutil.copyfileobj's), not of the language reference

@@ -10,7 +10,7 @@ import zstandard
 
 from mlm_lightning.data import corpus
 from mlm_lightning.errors import MLMError
-from tests.helpers import sentences
+from tests.support.text import sentences
 
 COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
             ".zst": lambda b: zstandard.ZstdCompressor().compress(b)}

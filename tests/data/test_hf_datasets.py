@@ -14,7 +14,9 @@ from mlm_lightning.data import corpus
 from mlm_lightning.data.cache import TokenStream
 from mlm_lightning.data.module import MLMDataModule
 from mlm_lightning.errors import MLMError
-from tests.helpers import TINY_DATA, TINY_MODEL, error_line, metric, run_cli, save_to_disk, sentences
+from tests.support.cli import TINY_DATA, TINY_MODEL, error_line, run_cli
+from tests.support.runs import metric
+from tests.support.text import save_to_disk, sentences
 
 
 def test_save_to_disk_dir_as_train_files(tmp_path):

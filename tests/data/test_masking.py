@@ -7,7 +7,7 @@ import torch
 from mlm_lightning.data.masking import MaskingCollator
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import train_wordpiece
-from tests.helpers import sentences
+from tests.support.text import sentences
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def test_same_seed_same_masks_new_epoch_new_masks(tokenizer):
 
 @pytest.mark.parametrize("words", [1, 2, 3])
 def test_masked_share_is_mlm_probability_on_short_lines(tokenizer, words):
-    # each token independently: a 1-token line is masked with p, not always (the old "at least one
-    # prediction per example" rule gave 100% / ~51% / ~35% here)
+    # each token independently: a 1-token line is masked with p, not always (an "at least one prediction per
+    # example" rule would give 100% / ~51% / ~35% here)
     n = 6000 // words
     batch = MaskingCollator(tokenizer)(examples(tokenizer, n, lengths=[words + 2]))
     share = (batch["labels"] != -100).sum().item() / (n * words)

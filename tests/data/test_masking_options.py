@@ -5,7 +5,7 @@ import random
 import torch
 
 from mlm_lightning.data import MLMDataModule
-from tests.helpers import bpe_tokenizer
+from tests.support.models import bpe_tokenizer
 
 WORDS = ["masking", "tokenizer", "boundaries", "lightning", "pieces", "whole", "words", "stay", "together",
          "model", "learns", "context", "from", "neighbours", "and", "the", "a", "of"]

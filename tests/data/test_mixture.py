@@ -9,7 +9,9 @@ from mlm_lightning.data import mixture
 from mlm_lightning.data.module import MLMDataModule
 from mlm_lightning.data.sampling import BatchPlan, MixturePlan
 from mlm_lightning.errors import MLMError
-from tests.helpers import fit_args, metric_rows, run_cli, sentences
+from tests.support.cli import fit_args, run_cli
+from tests.support.runs import metric_rows
+from tests.support.text import sentences
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +175,8 @@ def test_interrupted_mixture_fit_resumes_exactly(sources, tmp_path, capsys):
                                  *extra))
 
     assert fit(tmp_path / "straight") == 0
-    code = fit(tmp_path / "run", "--trainer.callbacks+=tests.helpers.SignalAt", "--trainer.callbacks.step", "5")
+    code = fit(tmp_path / "run", "--trainer.callbacks+=tests.support.callbacks.SignalAt",
+               "--trainer.callbacks.step", "5")
     assert code == 128 + signal.SIGTERM, capsys.readouterr().err
     assert fit(tmp_path / "run", "--ckpt_path", "last") == 0
     a, b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -20,7 +20,8 @@ from mlm_lightning.data import module as data_module
 from mlm_lightning.data import remote as store
 from mlm_lightning.data.cache import TokenStream
 from mlm_lightning.data.module import MLMDataModule
-from tests.helpers import fit_args, free_port, run_cli, save_to_disk, sentences, two_nodes
+from tests.support.cli import fit_args, free_port, run_cli, two_nodes
+from tests.support.text import save_to_disk, sentences
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")

@@ -14,7 +14,8 @@ from mlm_lightning.data import MLMDataModule, corpus, seeds, shards
 from mlm_lightning.data.cache import TokenStream, build_cache
 from mlm_lightning.data.sampling import BatchPlan, ResumableDataLoader
 from mlm_lightning.data.tokenizer import sample_texts, train_wordpiece
-from tests.helpers import bpe_tokenizer, sentences
+from tests.support.models import bpe_tokenizer
+from tests.support.text import sentences
 
 WORDS = ["river", "unbelievable", "catastrophe", "don't", "state-of-the-art", "x", "3.14", "naïve", "Übermensch"]
 
@@ -31,7 +32,8 @@ def tok(tmp_path_factory):
 
 
 def reference(texts, tok, sep):
-    """The old in-memory tokenization: each non-empty line's ids followed by [SEP]; word starts from word_ids."""
+    """The in-memory tokenization the shards equal: each non-empty line's ids followed by [SEP]; word starts from
+    word_ids."""
     enc = tok(texts, add_special_tokens=False)
     ids, starts, offsets = [], [], [0]
     for i, line in enumerate(enc["input_ids"]):

@@ -1,4 +1,4 @@
-"""Training a tokenizer is repeatable (issue 31): the same texts and settings give a byte-identical tokenizer.json
+"""Training a tokenizer is repeatable: the same texts and settings give a byte-identical tokenizer.json
 in any process, with any number of threads."""
 
 import hashlib
@@ -8,14 +8,15 @@ import subprocess
 import sys
 
 from mlm_lightning.data.tokenizer import SampledTexts, train_tokenizer
-from tests.helpers import ROOT, sentences
+from tests.support import ROOT
+from tests.support.text import sentences
 
-# sentences(600): every call of the unfixed WordPiece trainer gave another tokenizer.json on it (ties between merges
-# of equal counts were broken by ids given in a randomly seeded HashMap's order)
+# sentences(600) has merges of equal counts: a WordPiece trainer that breaks their ties by ids given in a randomly
+# seeded HashMap's order gives another tokenizer.json on every call
 TRAIN = """
 import hashlib, sys
 from mlm_lightning.data.tokenizer import SampledTexts, train_tokenizer
-from tests.helpers import sentences
+from tests.support.text import sentences
 for kind in ("bert", "roberta"):
     out = f"{sys.argv[1]}/{kind}"
     train_tokenizer(kind, sentences(600), out, 300, 64)

@@ -15,7 +15,7 @@ from mlm_lightning.data.masking import MaskingCollator, check_masking, expected_
 from mlm_lightning.data.seeds import mask_seed
 from mlm_lightning.data.tokenizer import train_wordpiece
 from mlm_lightning.errors import MLMError
-from tests.helpers import bpe_tokenizer
+from tests.support.models import bpe_tokenizer
 
 SYLLABLES = ["ka", "lo", "mi", "tre", "spo", "ven", "dar", "qui", "bel", "nox", "ur", "esh"]
 

@@ -4,7 +4,7 @@ import csv
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+from tests.support import ROOT
 
 
 def script(*args: str) -> subprocess.CompletedProcess:

@@ -7,7 +7,9 @@ import random
 
 import pytest
 
-from tests.helpers import error_line, fit_args, run_cli, sentences, tiny_model
+from tests.support.cli import error_line, fit_args, run_cli
+from tests.support.models import tiny_model
+from tests.support.text import sentences
 
 
 @pytest.fixture(scope="module")

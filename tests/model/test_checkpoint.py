@@ -8,7 +8,7 @@ import torch
 
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_checkpoint
-from tests.helpers import fit_args, run_cli
+from tests.support.cli import fit_args, run_cli
 
 
 @pytest.fixture(scope="module")

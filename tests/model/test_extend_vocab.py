@@ -12,7 +12,10 @@ from mlm_lightning.data import MLMDataModule
 from mlm_lightning.data.tokenizer import load_tokenizer, train_tokenizer
 from mlm_lightning.export import save_hf
 from mlm_lightning.model import MLMModule, arch
-from tests.helpers import TINY, assert_resumed_at, error_line, run_cli, sentences, tiny_model
+from tests.support.cli import error_line, run_cli
+from tests.support.models import TINY, tiny_model
+from tests.support.runs import assert_resumed_at
+from tests.support.text import sentences
 
 # made of the letters of `sentences`, so every family's small vocabulary cuts them into pieces (no [UNK])
 WORDS = ["floribund", "sedimentology"]
@@ -169,7 +172,7 @@ def test_interrupt_then_resume_with_an_extended_vocabulary_is_exact(bert_dir, do
     steps = ["--trainer.max_steps", "8", "--model.learning_rate", "1e-3", "--model.head_learning_rate", "1e-2"]
     straight, root = tmp_path / "straight", tmp_path / "run"
     assert run_cli(*fit(bert_dir, domain, straight, *steps)) == 0
-    code = run_cli(*fit(bert_dir, domain, root, *steps, "--trainer.callbacks+=tests.helpers.SignalAt",
+    code = run_cli(*fit(bert_dir, domain, root, *steps, "--trainer.callbacks+=tests.support.callbacks.SignalAt",
                         "--trainer.callbacks.step", "4", "--trainer.callbacks.signum", str(int(signal.SIGTERM))))
     assert code == 143
     assert run_cli(*fit(bert_dir, domain, root, *steps, "--ckpt_path", "last")) == 0

@@ -16,22 +16,16 @@ from mlm_lightning.model import arch
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
 from mlm_lightning.serve.app import FillRequest, make_work
-from tests.helpers import (
-    assert_same_candidates,
-    family_export,
-    family_tokenizer,
-    fit_args,
-    metric,
-    module,
-    run_cli,
-    sentences,
-    state,
-)
+from tests.support.cli import fit_args, run_cli
+from tests.support.models import family_export, family_tokenizer, module
+from tests.support.runs import metric, state
+from tests.support.server import assert_same_candidates
+from tests.support.text import sentences
 
 SCRATCH = list(arch.SCRATCH)
 
 
-def test_the_table_covers_the_issue():
+def test_six_families_train_from_scratch_and_two_more_load_pretrained():
     assert set(SCRATCH) == {"bert", "roberta", "distilbert", "albert", "electra", "modernbert"}
     assert {"xlm-roberta", "camembert"} <= set(arch.FAMILIES)
 

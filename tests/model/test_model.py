@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from mlm_lightning.data.masking import MaskingCollator
 from mlm_lightning.data.seeds import mask_seed
-from tests.helpers import module, sentences
+from tests.support.models import module
+from tests.support.text import sentences
 
 
 def batch_of(tokenizer, n=8, seed=0, padded=True):

@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 
 from mlm_lightning.data.masking import MaskingCollator
 from mlm_lightning.data.seeds import mask_seed
-from tests.helpers import module, sentences
+from tests.support.models import module
+from tests.support.text import sentences
 
 
 def unk_batch(tokenizer, n=4):

@@ -15,7 +15,8 @@ from mlm_lightning.errors import MLMError
 from mlm_lightning.model import MLMModule
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.score import Scorer
-from tests.helpers import error_line, family_export, family_tokenizer, module, run_cli
+from tests.support.cli import error_line, run_cli
+from tests.support.models import family_export, family_tokenizer, module
 
 # "elephant" and "unbelievable" are not in the tiny vocabularies: several pieces each (what word_l2r is about)
 TEXTS = ["the elephant sees a ball .", "my friend calls", "unbelievable dogs ."]
@@ -94,7 +95,7 @@ def test_a_sentencepiece_tokenizer_groups_its_pieces_into_words(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaTokenizerFast
 
-    from tests.helpers import sentences
+    from tests.support.text import sentences
 
     backend = Tokenizer(models.Unigram())
     backend.pre_tokenizer = pre_tokenizers.Metaspace()

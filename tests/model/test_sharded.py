@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.checkpoint import load_checkpoint
-from tests.helpers import TINY_DATA, TINY_MODEL, error_line, free_port, run_cli, write_sharded_checkpoint
+from tests.support.cli import TINY_DATA, TINY_MODEL, error_line, free_port, run_cli
+from tests.support.models import write_sharded_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import torch
 
 from mlm_lightning.model import arch
-from tests.helpers import module
+from tests.support.models import module
 
 
 def batch(rows: int, length: int, seed: int, padded: bool = False) -> dict:

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from mlm_lightning.serve.app import BadRequest, parse_request, parse_score_request
-from tests.helpers import Server, family_export, post, run_cli
+from tests.support.cli import run_cli
+from tests.support.models import family_export
+from tests.support.server import Server, post
 
 MAX_INPUTS = 4
 TEXTS = ["the elephant sees a ball .", "my friend calls", "a bird"]

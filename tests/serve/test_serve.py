@@ -14,7 +14,10 @@ from transformers import pipeline
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
 from mlm_lightning.serve.app import FillRequest, make_work
-from tests.helpers import Server, assert_same_answer, get, post, run_cli, sentences, tiny_model
+from tests.support.cli import run_cli
+from tests.support.models import tiny_model
+from tests.support.server import Server, assert_same_answer, get, post
+from tests.support.text import sentences
 
 MAX_INPUTS = 8
 

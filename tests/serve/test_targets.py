@@ -9,7 +9,9 @@ from transformers import pipeline
 from mlm_lightning.model.checkpoint import load_model
 from mlm_lightning.model.fill_mask import FillMasker
 from mlm_lightning.serve.app import BadRequest, FillRequest, make_work, parse_request
-from tests.helpers import Server, assert_same_candidates, family_export, module, post, run_cli
+from tests.support.cli import run_cli
+from tests.support.models import family_export, module
+from tests.support.server import Server, assert_same_candidates, post
 
 
 @pytest.fixture(scope="module", params=["bert", "roberta"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mlm_lightning.training.checkpointing import AsyncAtomicCheckpointIO, AtomicCheckpointIO
-from tests.helpers import fit_args, run_cli, state
+from tests.support.cli import fit_args, run_cli
+from tests.support.runs import state
 
 
 def test_a_background_save_holds_the_state_of_its_call_and_is_renamed_into_place(tmp_path, monkeypatch):

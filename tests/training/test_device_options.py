@@ -13,7 +13,7 @@ from mlm_lightning.training.checkpointing import (
     MLMCheckpoint,
     checkpoint_io,
 )
-from tests.helpers import TINY
+from tests.support.models import TINY
 from tests.training.weighting import ROWS_A, batch, one_step, tokenizer
 
 

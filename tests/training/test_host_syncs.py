@@ -4,14 +4,15 @@ import collections
 import os
 
 from mlm_lightning.training.checkpointing import AtomicCheckpointIO
-from tests.helpers import CountHostSyncs, fit_args, run_cli
+from tests.support.callbacks import CountHostSyncs
+from tests.support.cli import fit_args, run_cli
 
 
 def test_no_host_sync_inside_training_steps_between_log_steps(corpus, tmp_path):
     CountHostSyncs.calls.clear()
     code = run_cli(*fit_args(corpus, tmp_path, "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "10",
                              "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "true",
-                             "--trainer.callbacks+=tests.helpers.CountHostSyncs"))
+                             "--trainer.callbacks+=tests.support.callbacks.CountHostSyncs"))
     assert code == 0
     calls = CountHostSyncs.calls
     between = [c for c in calls if (c[0] + 1) % 10]

@@ -8,7 +8,8 @@ import torch
 
 from mlm_lightning.model.module import MLMModule
 from mlm_lightning.training import signals
-from tests.helpers import fit_args, metric, run_cli, state
+from tests.support.cli import fit_args, run_cli
+from tests.support.runs import metric, state
 
 
 def args(corpus, root, *extra):
@@ -16,8 +17,8 @@ def args(corpus, root, *extra):
 
 
 def test_a_transient_nan_step_is_skipped_and_the_run_goes_on(corpus, tmp_path, capsys):
-    code = run_cli(*args(corpus, tmp_path, "--trainer.callbacks+=tests.helpers.NanOnce", "--trainer.callbacks.step",
-                         "6", "--trainer.val_check_interval", "7"))
+    code = run_cli(*args(corpus, tmp_path, "--trainer.callbacks+=tests.support.callbacks.NanOnce",
+                         "--trainer.callbacks.step", "6", "--trainer.val_check_interval", "7"))
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "skipping step 6" in out
@@ -33,7 +34,7 @@ def test_a_transient_nan_step_is_skipped_and_the_run_goes_on(corpus, tmp_path, c
 def test_a_run_that_keeps_skipping_stops_with_exit_3(corpus, tmp_path, capsys):
     handler = signal.getsignal(signal.SIGINT)
     code = run_cli(*args(corpus, tmp_path, "--model.skip_nonfinite_limit", "3", "--trainer.limit_val_batches", "0",
-                         "--trainer.callbacks+=tests.helpers.NanAt", "--trainer.callbacks.step", "8"))
+                         "--trainer.callbacks+=tests.support.callbacks.NanAt", "--trainer.callbacks.step", "8"))
     err = capsys.readouterr().err
     assert code == 3, err
     assert "3 optimizer steps in a row had a non-finite loss" in err
@@ -44,7 +45,7 @@ def test_a_run_that_keeps_skipping_stops_with_exit_3(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("fused", [False, True])
 def test_skipping_on_the_device_leaves_weights_and_optimizer_state_untouched(tokenizer, fused):
     """The GPU path: fused AdamW skips the step on the device (`found_inf`), no host sync; CPU fused AdamW too."""
-    from tests.helpers import module
+    from tests.support.models import module
 
     m = module(tokenizer, skip_nonfinite=True)
     params = [p for p in m.model.parameters()]

@@ -14,7 +14,8 @@ import torch
 from mlm_lightning.errors import MLMError
 from mlm_lightning.training import rundir
 from mlm_lightning.training.rundir import LOCK_NAME, own_run_dir, release_run_dirs
-from tests.helpers import ROOT, cli, error_line, fit_args, run_cli
+from tests.support import ROOT
+from tests.support.cli import cli, error_line, fit_args, run_cli
 
 HOLD = "import sys; from mlm_lightning.training.rundir import own_run_dir; own_run_dir(sys.argv[1]); print('held', flush=True); sys.stdin.read()"  # noqa: E501
 

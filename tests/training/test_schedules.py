@@ -1,4 +1,4 @@
-"""Learning-rate schedules (issue 18): the formulas against transformers' own, a time-bounded run that follows its
+"""Learning-rate schedules: the formulas against transformers' own, a time-bounded run that follows its
 clock, and an exact resume in the middle of a WSD decay."""
 
 import math
@@ -14,7 +14,8 @@ from transformers import (
 
 from mlm_lightning.errors import MLMError
 from mlm_lightning.training.schedules import RunSchedule, lr_factor
-from tests.helpers import error_lines, fit_args, metric, read_jsonl, run_cli, state
+from tests.support.cli import error_lines, fit_args, run_cli
+from tests.support.runs import metric, read_jsonl, state
 
 STEPS, WARMUP = 100, 10
 
@@ -107,7 +108,8 @@ def test_a_max_time_only_fit_ends_with_a_checkpoint_and_follows_the_clock(corpus
     root, log = tmp_path / "timed", tmp_path / "lr.jsonl"
     code = run_cli(*fit_args(corpus, root, "--trainer.max_time", "00:00:00:06", "--model.schedule", "wsd",
                              "--model.decay_share", "0.5", "--model.warmup_steps", "0.1",
-                             "--trainer.callbacks+=tests.helpers.RecordLR", "--trainer.callbacks.path", str(log)))
+                             "--trainer.callbacks+=tests.support.callbacks.RecordLR",
+                             "--trainer.callbacks.path", str(log)))
     err = capsys.readouterr().err
     assert code == 0, err
     assert (root / "checkpoints" / "last.ckpt").exists() and "Traceback" not in err
@@ -127,8 +129,8 @@ def test_a_max_time_only_fit_ends_with_a_checkpoint_and_follows_the_clock(corpus
 def test_a_time_bounded_resume_continues_the_clock(corpus, tmp_path, capsys):
     root, log = tmp_path / "timed", tmp_path / "lr.jsonl"
     timed = ["--trainer.max_time", "00:00:00:10", "--model.schedule", "wsd", "--model.decay_share", "0.5",
-             "--trainer.callbacks+=tests.helpers.RecordLR", "--trainer.callbacks.path", str(log)]
-    code = run_cli(*fit_args(corpus, root, *timed, "--trainer.callbacks+=tests.helpers.SignalAt",
+             "--trainer.callbacks+=tests.support.callbacks.RecordLR", "--trainer.callbacks.path", str(log)]
+    code = run_cli(*fit_args(corpus, root, *timed, "--trainer.callbacks+=tests.support.callbacks.SignalAt",
                              "--trainer.callbacks.step", "3"))  # (early: a loaded machine takes seconds a step)
     assert code == 143, capsys.readouterr().err
     stopped = state(root)["callbacks"]["Timer"]["time_elapsed"]["train"]
@@ -151,7 +153,7 @@ def test_wsd_resume_in_the_middle_of_the_decay_is_exact(corpus, tmp_path, capsys
     assert [lr[s] for s in range(2, 12)] == [pytest.approx(1e-3)] * 10  # constant after the warmup
     decay = [lr[s] for s in range(12, 24)]
     assert falling(decay) and decay[-1] > 1e-4  # ... then decays to 0.1 of it
-    code = run_cli(*fit_args(corpus, resumed, *WSD, "--trainer.callbacks+=tests.helpers.SignalAt",
+    code = run_cli(*fit_args(corpus, resumed, *WSD, "--trainer.callbacks+=tests.support.callbacks.SignalAt",
                              "--trainer.callbacks.step", "17"))
     assert code == 143, capsys.readouterr().err
     assert state(resumed)["global_step"] == 17

@@ -10,7 +10,7 @@ from torch.distributed.fsdp import MixedPrecision
 from mlm_lightning.errors import MLMError
 from mlm_lightning.model.arch import layer_classes
 from mlm_lightning.training.setup import EncoderLayerPolicy, RunSetup
-from tests.helpers import module
+from tests.support.models import module
 
 
 class Root(torch.nn.Module):

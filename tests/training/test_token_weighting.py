@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from mlm_lightning.model import MLMModule
-from tests.helpers import ROOT
+from tests.support import ROOT
 from tests.training.weighting import ROWS_A, ROWS_B, batch, one_step, tokenizer
 
 
@@ -83,7 +83,7 @@ def test_clipping_a_fused_optimizer_steps_as_the_unfused_one(tok, precision):
 def test_a_skipped_nonfinite_step_with_a_fused_optimizer_under_fp16_leaves_the_weights(tok):
     """16-mixed + fused AdamW + skip_nonfinite: the step with a NaN loss is skipped through the GradScaler (its
     gradients made NaN on the device), not by dropping the gradients, which the scaler's inf check needs."""
-    from tests.helpers import NanAt
+    from tests.support.callbacks import NanAt
 
     batches = [[batch(ROWS_A + ROWS_B, tok.mask_token_id)]]
     before, _, _ = one_step(batches, tok, max_epochs=0)

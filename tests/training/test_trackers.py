@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 
 from mlm_lightning.training.plot import read_metrics, with_csv_log
-from tests.helpers import fit_args, run_cli
+from tests.support.cli import fit_args, run_cli
 
 SECRET = "s3cr3t-" + "x" * 33  # 40 characters, as a W&B key
 FIT = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2"]

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlm_lightning.model import MLMModule
-from tests.helpers import TINY, sentences
+from tests.support.models import TINY
+from tests.support.text import sentences
 
 # rows of token ids and the columns masked in each: micro-batch A masks 2 tokens, B masks 11 (and is longer)
 ROWS_A = [([5, 17, 23, 42, 8], [1]), ([9, 31, 44, 12], [2])]
