@@ -41,6 +41,12 @@ def fresh_cache(tmp_path, monkeypatch):
     return cache
 
 
+def untouched(cache) -> bool:
+    """Nothing tokenized or trained in `cache`: it holds at most the CLI's option cache (`cli/`, written by any
+    command's parse, data of no run)."""
+    return not cache.exists() or all(p.name == "cli" for p in cache.iterdir())
+
+
 def one_line(capsys, code: int, *words: str) -> str:
     err = capsys.readouterr().err
     lines = error_lines(err)
@@ -82,7 +88,7 @@ def test_a_damaged_checkpoint_is_one_line_before_any_work(run, corpus, masked, t
     way = f"the newest intact checkpoint beside it is {str(good)!r}"
     line = one_line(capsys, code, repr(str(broken)), DAMAGES[how], way)
     assert line.endswith(str(good))  # the way on: that checkpoint, with the command's own option
-    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())  # nothing tokenized or trained
+    assert untouched(fresh_cache)  # nothing tokenized or trained
     assert not (tmp_path / "e").exists() and not (tmp_path / "run").exists()
 
 
@@ -95,7 +101,7 @@ def test_a_damaged_last_ckpt_points_to_the_newest_intact_one(run, corpus, tmp_pa
     best = next(p for p in (root / "checkpoints").iterdir() if p.name.startswith("best-"))
     code = run_cli(*fit_args(corpus, root, "--trainer.max_steps", "6", "--ckpt_path", "last"))
     one_line(capsys, code, repr(str(last)), DAMAGES[how], f"--ckpt_path {best}")
-    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
+    assert untouched(fresh_cache)
 
 
 def test_a_weights_only_checkpoint_cannot_resume_a_fit(run, corpus, tmp_path, capsys):
@@ -307,7 +313,7 @@ def test_an_incomplete_model_dir_is_refused(run, corpus, masked, tmp_path, capsy
     shutil.copytree(run / "export", model, ignore=lambda d, names: [n for n in names if not keep(n)])
     code = run_cli(*MODEL_COMMANDS[command](str(model), corpus, masked, tmp_path))
     one_line(capsys, code, f"{str(model)!r} is incomplete", missing)
-    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
+    assert untouched(fresh_cache)
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +340,7 @@ def test_a_model_dir_whose_tokenizer_outgrows_its_embeddings_is_refused(misfit, 
                                                                         fresh_cache, command):
     code = run_cli(*MODEL_COMMANDS[command](misfit, corpus, masked, tmp_path))
     one_line(capsys, code, repr(misfit), *MISFIT)
-    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())  # refused before tokenizing
+    assert untouched(fresh_cache)  # refused before tokenizing
     assert not (tmp_path / "run").exists()
 
 
@@ -518,7 +524,7 @@ def test_fill_mask_with_stdin_closed_or_a_reader_gone_in_a_real_shell(run, tmp_p
 def test_max_steps_0_is_refused_before_anything_is_written(corpus, tmp_path, capsys, fresh_cache):
     code = run_cli(*fit_args(corpus, tmp_path / "r", "--trainer.max_steps", "0"))
     one_line(capsys, code, "--trainer.max_steps 0 trains nothing", "give a positive number")
-    assert not (tmp_path / "r").exists() and not fresh_cache.exists()
+    assert not (tmp_path / "r").exists() and untouched(fresh_cache)
 
 
 @pytest.mark.parametrize("budget", [("--trainer.max_steps", "4"), ("--trainer.max_epochs", "1")])
