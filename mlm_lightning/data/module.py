@@ -90,10 +90,12 @@ class MLMDataset(Dataset):
 
 
 class MLMDataModule(RecordsGivenArguments, L.LightningDataModule):
-    """Text for masked-language modeling: files, dirs, globs or URLs (txt, jsonl, csv, parquet; compressed too),
-    a weighted mixture, a Hugging Face dataset by name, or the offline default corpus; tokenized once into a
-    memory-mapped cache, masked afresh every epoch. Used with `MLMModule`, it takes what the model brings (a
-    pretrained model's own tokenizer and length, a new model's tokenizer kind) for the options it was not given.
+    """The text a model trains on, tokenized once and masked afresh every epoch.
+
+    Files, dirs, globs or URLs (txt, jsonl, csv, parquet; compressed too), a weighted mixture, a Hugging Face
+    dataset by name, or the offline default corpus, tokenized into a memory-mapped cache. Used with `MLMModule`, it
+    takes what the model brings (a pretrained model's own tokenizer and length, a new model's tokenizer kind) for
+    the options it was not given.
 
     Example::
 

@@ -36,8 +36,10 @@ log = logging.getLogger("mlm_lightning")
 
 
 class MLMModule(RecordsGivenArguments, L.LightningModule):
-    """A masked-language model (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, ModernBERT; pretrained: also XLM-R and
-    CamemBERT) trained with Lightning; the weights stay a plain transformers `*ForMaskedLM` (`module.model`).
+    """The masked-language model, trained with Lightning.
+
+    BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA or ModernBERT (pretrained: also XLM-R and CamemBERT); the weights
+    stay a plain transformers `*ForMaskedLM` (`module.model`).
 
     Example::
 
