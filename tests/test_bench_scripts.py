@@ -26,6 +26,7 @@ def test_a_users_output_dir_is_refused_and_kept(tmp_path, command):
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_the_sweeps_baseline_corpus_holds_no_line_of_the_split_it_is_scored_on(tmp_path):
     """pydoc's topics repeat each other's text, so dropping the held-out topics alone leaves split lines in."""
     import importlib.util

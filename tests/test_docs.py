@@ -63,6 +63,7 @@ def test_the_docs_tell_no_history():
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None,
                     reason="mkdocs and mkdocs-material are not installed (pip install -e '.[docs]')")
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_the_docs_site_builds_strictly_with_a_generated_cli_reference(tmp_path):
     site = tmp_path / "site"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_MKDOCS_2_WARNING": "1"}

@@ -40,6 +40,7 @@ def workers_left() -> list[str]:
     return [line for line in out.splitlines() if script in line and "--worker" in line]
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_preflight_names_a_missing_module_in_one_line_and_runs_nothing(tmp_path):
     shim = tmp_path / "shim" / "jsonargparse"  # on PYTHONPATH before site-packages: as if it were not installed
     shim.mkdir(parents=True)
@@ -55,6 +56,7 @@ def test_preflight_names_a_missing_module_in_one_line_and_runs_nothing(tmp_path)
     assert (out / "gpu_check_summary.txt").read_text().strip() == last.removeprefix("gpu_check: ")
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_a_stage_past_its_budget_is_cut_the_next_is_skipped_and_the_summary_comes(tmp_path):
     done = run_check("--stages", "sync,families", "--budgets", "sync=3", "--deadline", "40",
                      env={"OUT": str(tmp_path)})
@@ -68,6 +70,7 @@ def test_a_stage_past_its_budget_is_cut_the_next_is_skipped_and_the_summary_come
     assert not workers_left()
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_sigterm_from_the_hard_limit_still_prints_the_summary(tmp_path):
     start = time.monotonic()
     done = run_check("--stages", "sync,families", "--deadline", "300", env={"OUT": str(tmp_path),

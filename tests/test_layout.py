@@ -51,6 +51,7 @@ def imported_by(package: str) -> set[str]:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 @pytest.mark.parametrize("package", ["data", "model", "training"])
 def test_the_core_never_imports_the_cli_or_the_server(package):
     modules = imported_by(package)
@@ -60,6 +61,7 @@ def test_the_core_never_imports_the_cli_or_the_server(package):
     assert not {m for m in modules if m.split(".")[0] in ("fastapi", "uvicorn", "starlette")}
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_the_data_path_never_imports_the_model():
     modules = imported_by("data")
     assert "mlm_lightning.data.module" in modules
@@ -174,6 +176,7 @@ print(len(names), added)
 """
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_importing_the_package_leaves_the_warning_filters_alone():
     out = subprocess.run([sys.executable, "-c", WARNINGS_PROBE], capture_output=True, text=True, check=True)
     count, added = out.stdout.strip().splitlines()[-1].split(" ", 1)

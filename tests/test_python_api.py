@@ -140,6 +140,7 @@ def test_a_notebook_interrupt_saves_last_ckpt_and_the_resume_is_exact(corpus, tm
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_a_script_without_a_main_guard_tokenizes_in_worker_processes_and_finishes(corpus, tmp_path):
     """Spawned tokenizing workers import the parent's `__main__`: an unguarded script would fit again in each."""
     script = tmp_path / "train.py"

@@ -131,6 +131,7 @@ def straight(corpus, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_sigterm_during_a_long_validation_saves_within_seconds_and_resume_reruns_it(
     corpus, tmp_path, capsys, straight
 ):
@@ -161,6 +162,7 @@ def accumulated(corpus, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_interrupt_inside_an_accumulation_window_then_resume_is_exact(corpus, tmp_path, capsys, accumulated):
     root = tmp_path / "acc-int"
     code = run_cli(*fit(corpus, root, *VAL, "--trainer.accumulate_grad_batches", "2",

@@ -96,6 +96,7 @@ print(json.dumps(seen), file=sys.stderr)
 """
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_help_and_a_bad_option_need_neither_torch_nor_lightning_once_cached(tmp_path):
     first = _cli(tmp_path, MAIN.format(args=["fit", "--help"]))  # builds the cache: the real parser
     assert first == {"code": None, "lightning": True, "torch": True}

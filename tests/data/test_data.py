@@ -95,6 +95,7 @@ def test_changed_corpus_is_tokenized_again(write, tmp_path):
     assert len(make(path, tmp_path, line_by_line=True).datasets["train"]) > n1
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_default_corpus_offline(tmp_path):
     dm = MLMDataModule(cache_dir=str(tmp_path / "cache"), vocab_size=500)
     dm.prepare_data()

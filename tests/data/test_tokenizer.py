@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mlm_lightning.data.tokenizer import SampledTexts, train_tokenizer
 from tests.support import ROOT
 from tests.support.text import sentences
@@ -24,6 +26,7 @@ for kind in ("bert", "roberta"):
 """
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_the_same_texts_give_the_same_tokenizer_in_every_process_and_thread_count(tmp_path):
     runs = []
     for i, threads in enumerate(["1", "2", None]):

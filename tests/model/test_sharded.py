@@ -25,6 +25,7 @@ def checkpoints(corpus, tmp_path_factory):
     return full, sharded
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_export_from_a_sharded_checkpoint_equals_the_full_one(checkpoints, tmp_path):
     full, sharded = checkpoints
     shards = sorted(n for n in os.listdir(sharded) if n.endswith(".distcp"))

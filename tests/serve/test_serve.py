@@ -210,6 +210,7 @@ def test_sigterm_stops_the_server_and_nothing_was_written(model, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_batch_size_wait_and_a_request_in_flight_at_sigterm(model, tmp_path):
     """--max_batch_size caps a batch, --max_wait_ms is how long a lone request waits for company, and a request
     in flight when SIGTERM comes is still answered before the server exits."""

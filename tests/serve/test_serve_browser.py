@@ -70,6 +70,7 @@ def candidates(driver) -> list[list[str]]:
     )
 
 
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_type_a_sentence_and_see_predictions(server, browser, shots):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

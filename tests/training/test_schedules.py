@@ -104,6 +104,7 @@ def test_bad_schedule_options_are_refused():
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # (over 5 s: the default suite stays quick; CI runs it)
 def test_a_max_time_only_fit_ends_with_a_checkpoint_and_follows_the_clock(corpus, tmp_path, capsys):
     root, log = tmp_path / "timed", tmp_path / "lr.jsonl"
     code = run_cli(*fit_args(corpus, root, "--trainer.max_time", "00:00:00:06", "--model.schedule", "wsd",
