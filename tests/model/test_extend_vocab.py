@@ -116,10 +116,12 @@ def fit(model_dir, corpus, root, *extra, n: int = 2):
             "--trainer.log_every_n_steps", "1", "--model.warmup_steps", "0", *extra]
 
 
-def test_new_rows_train_at_the_head_rate_and_the_rest_at_the_encoders(bert_dir, domain, tmp_path):
+@pytest.mark.parametrize("fused", ["false", "true"])  # (true: the GPU's default, fused AdamW, run on the CPU)
+def test_new_rows_train_at_the_head_rate_and_the_rest_at_the_encoders(bert_dir, domain, tmp_path, fused):
     root = tmp_path / "run"
     assert run_cli(*fit(bert_dir, domain, root, "--trainer.max_steps", "1", "--model.learning_rate", "1e-9",
-                        "--model.head_learning_rate", "0.1", "--model.schedule", "constant")) == 0
+                        "--model.head_learning_rate", "0.1", "--model.schedule", "constant",
+                        "--model.fused_optimizer", fused)) == 0
     state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     after = state["state_dict"]["model.bert.embeddings.word_embeddings.weight"]
     bias = state["state_dict"]["model.cls.predictions.bias"]
